@@ -1,0 +1,4 @@
+"""`python -m llmcycle` is the `llmcycle` command."""
+from llmcycle.cli import entry
+
+entry()

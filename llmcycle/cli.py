@@ -1,0 +1,239 @@
+"""The `llmcycle` command line. Subcommands import their stage lazily, so `--help` stays fast.
+
+Exit status: 0 success, 2 a user error (one line naming the file, key or run at fault), 1 an internal
+error (a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from llmcycle.errors import UserError
+
+app = typer.Typer(help="llmcycle: the generative-AI project lifecycle in one tool.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+runs_app = typer.Typer(help="List, show and compare recorded runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+ProjectOpt = typer.Option(Path("llmcycle.yaml"), "-p", "--project", help="Project file (or its folder).")
+SetOpt = typer.Option(None, "--set", help="Override a key: --set pretrain.tiny.lr=2e-4 (repeatable).")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+
+
+def emit_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _project(path: Path, overrides: Optional[List[str]]):
+    from llmcycle.config import load_project
+
+    return load_project(path, overrides or [])
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")):
+    _state["debug"] = debug
+
+
+@app.command()
+def init(directory: Path = typer.Argument(..., help="Folder for the new project."),
+         task: str = typer.Option("summarization", "--task",
+                                  help="summarization | qa | classification | generation"),
+         force: bool = typer.Option(False, "--force", help="Overwrite an existing llmcycle.yaml."),
+         as_json: bool = JsonOpt):
+    """Write a fully commented llmcycle.yaml for a task."""
+    from llmcycle import templates
+    from llmcycle.config import PROJECT_FILE, TASKS, load_project
+    from llmcycle.errors import suggest
+    from llmcycle.store import atomic_write_text
+
+    if task not in TASKS:
+        raise UserError(f"--task: unknown task '{task}'{suggest(task, TASKS)} (tasks: {', '.join(TASKS)})")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / PROJECT_FILE
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists (use --force to overwrite it)")
+    atomic_write_text(path, templates.render(task, directory.resolve().name or "project"))
+    load_project(path)  # the template must validate; a failure here is our bug
+    if as_json:
+        emit_json({"project_file": str(path), "task": task})
+    else:
+        out.print(f"wrote {path} (task: {task}); edit it, then run `llmcycle scope -p {path}`")
+
+
+@app.command()
+def scope(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Print the use case, data statistics and a compute plan for every planned stage."""
+    from llmcycle import lifecycle
+    from llmcycle.scope import render
+
+    proj = _project(project, overrides)
+    outcome = lifecycle.execute(proj, "scope", "plan", force=True)
+    if as_json:
+        emit_json({"run_id": outcome.run_id, **outcome.summary})
+    else:
+        render(outcome.summary, out)
+        out.print(f"[dim]recorded as run {outcome.run_id}[/]")
+
+
+@app.command()
+def pretrain(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+             variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
+             resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run."),
+             force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
+             as_json: bool = JsonOpt):
+    """Train a tokenizer and a T5- or GPT-style model from scratch on the project's corpus."""
+    from llmcycle import lifecycle
+
+    proj = _project(project, overrides)
+    names = variant or list(lifecycle.variants(proj, "pretrain"))
+    if not names:
+        raise UserError(f"{proj.path}: no pretrain variants configured (add a `pretrain:` section)")
+    outcomes = [lifecycle.execute(proj, "pretrain", name, force=force, resume=resume,
+                                  progress=not as_json) for name in names]
+    _report_outcomes(outcomes, as_json)
+
+
+@app.command("run")
+def run_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+            only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this stage (repeatable)."),
+            start: Optional[str] = typer.Option(None, "--from", help="Start at this stage."),
+            force: bool = typer.Option(False, "--force", help="Re-run stages even when unchanged."),
+            as_json: bool = JsonOpt):
+    """Carry the project through every configured stage in lifecycle order."""
+    from llmcycle import lifecycle
+
+    proj = _project(project, overrides)
+
+    def show(o):
+        if not as_json:
+            colour = {"completed": "green", "skipped": "dim"}.get(o.status, "red")
+            out.print(f"[{colour}]{o.status:9}[/] {o.stage}.{o.variant} -> {o.run_id}")
+
+    outcomes = lifecycle.run_all(proj, only=only, start=start, force=force, progress=not as_json,
+                                 on_outcome=show)
+    if as_json:
+        emit_json({"project": str(proj.path), "runs": [o.to_dict() for o in outcomes]})
+    elif not outcomes:
+        out.print("nothing to run: no stage is configured in " + str(proj.path))
+    else:
+        out.print(f"runs recorded in {proj.store().root}; compare them with `llmcycle runs compare`")
+
+
+def _report_outcomes(outcomes, as_json: bool) -> None:
+    if as_json:
+        emit_json([o.to_dict() for o in outcomes])
+        return
+    for o in outcomes:
+        out.print(f"{o.status}: {o.stage}.{o.variant} -> run {o.run_id}")
+        for key in ("model_dir", "final_loss", "useful_tokens_per_s", "wall_s", "parameters"):
+            if key in o.summary:
+                out.print(f"  {key}: {o.summary[key]}")
+
+
+# -- runs -----------------------------------------------------------------------------------------
+@runs_app.command("list")
+def runs_list(project: Path = ProjectOpt, stage: Optional[str] = typer.Option(None, "--stage"),
+              status: Optional[str] = typer.Option(None, "--status"), as_json: bool = JsonOpt):
+    """List runs, oldest first."""
+    from llmcycle.runs_view import list_table
+
+    store = _store(project)
+    runs = store.list(stage=stage, status=status)
+    if as_json:
+        emit_json([r.to_dict() for r in runs])
+    elif not runs:
+        out.print(f"no runs in {store.root}")
+    else:
+        out.print(list_table(runs))
+
+
+@runs_app.command("show")
+def runs_show(run: str = typer.Argument(..., help="Run id, id prefix, latest, or STAGE/VARIANT."),
+              project: Path = ProjectOpt, as_json: bool = JsonOpt):
+    """Show one run: its record, config, summary and last metrics."""
+    from llmcycle.runs_view import show
+
+    rec = _store(project).get(run)
+    data = {**rec.to_dict(), **rec.meta, "config": rec.config, "summary": rec.summary(),
+            "metrics_logged": len(rec.metrics())}
+    if as_json:
+        emit_json(data)
+    else:
+        show(rec, out)
+
+
+@runs_app.command("compare")
+def runs_compare(runs: Optional[List[str]] = typer.Argument(None, help="Runs to compare (default: all completed)."),
+                 project: Path = ProjectOpt, as_json: bool = JsonOpt):
+    """Compare runs side by side: one row per run, one column per summary figure."""
+    from llmcycle.runs_view import compare_rows, compare_table
+
+    store = _store(project)
+    records = [store.get(r) for r in runs] if runs else store.list(status="completed")
+    rows = compare_rows(records)
+    if as_json:
+        emit_json(rows)
+    elif not rows:
+        out.print(f"no completed runs in {store.root}")
+    else:
+        out.print(compare_table(rows))
+
+
+def _store(project: Path):
+    from llmcycle.store import RunStore
+
+    folder = project if project.is_dir() else project.parent
+    if not project.exists():
+        raise UserError(f"project file not found: {project} (pass -p PATH)")
+    return RunStore.for_project(folder)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def _sigterm(signum, frame):
+    # Turn SIGTERM into the same path as Ctrl-C so the run store marks the run incomplete.
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    signal.signal(signal.SIGTERM, _sigterm)
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, standalone_mode=False, prog_name="llmcycle")
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        return 130
+    except UserError as exc:
+        if debug:
+            err.print_exception()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the one place internal errors become a line
+        if debug:
+            err.print_exception()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Commented `llmcycle.yaml` templates written by `llmcycle init DIR --task TASK`."""
+from __future__ import annotations
+
+# Per task: the use case, the data fields, the headline metric and a model that suits it.
+TASK_DEFAULTS = {
+    "summarization": dict(use_case="Summarize a dialogue in one or two sentences.",
+                          input="dialogue", target="summary", metric="rougeL", threshold=0.35,
+                          model="google/flan-t5-base", arch="t5"),
+    "qa": dict(use_case="Answer a question from the given context.", input="question",
+               target="answer", metric="f1", threshold=0.6, model="google/flan-t5-base", arch="t5"),
+    "classification": dict(use_case="Label each text with one of a fixed set of classes.",
+                           input="text", target="label", metric="macro_f1", threshold=0.8,
+                           model="google/flan-t5-base", arch="t5"),
+    "generation": dict(use_case="Continue or answer a prompt in free text.", input="prompt",
+                       target="response", metric="rougeL", threshold=0.3,
+                       model="HuggingFaceTB/SmolLM2-135M-Instruct", arch="gpt"),
+}
+
+TEMPLATE = """\
+# llmcycle project file: one file drives the whole lifecycle
+#   scope -> select or pretrain a model -> adapt and align -> evaluate -> optimize -> deploy -> augment
+# Every section is optional. `llmcycle run` carries the project through each configured stage;
+# each variant of a stage becomes a run in ./runs, compared side by side with `llmcycle runs compare`.
+# Any key can be overridden on the command line with its dotted path, e.g.
+#   llmcycle run --set pretrain.tiny.lr=5e-4 --set data.seed=1
+
+project:
+  name: {name}                 # a name for the use case
+  task: {task}                 # summarization | qa | classification | generation
+
+scope:
+  use_case: "{use_case}"
+  success_metric: {metric}          # the headline metric that decides success
+  success_threshold: {threshold}       # value of the metric that counts as success
+  latency_budget_ms: 500           # p95 latency a deployment may take
+  size_budget_mb: 1000             # largest model size on disk allowed
+  throughput_tflops: 1.0           # sustained training TFLOP/s to plan time with (CPU core ~0.05)
+  tune_epochs: 3                   # epochs assumed when planning fine-tuning
+  lora_r: 8                        # LoRA rank assumed when planning LoRA memory
+
+data:
+  train: data/train.jsonl          # JSONL, CSV, Parquet, a save_to_disk folder, or hf:NAME[:CONFIG][:SPLIT]
+  # eval: data/eval.jsonl          # without it, a seeded split of train is held out for evaluation
+  input: {input}                # field with the model input
+  target: {target}                # field with the reference; a list of fields = several references
+  eval_fraction: 0.1               # share of train held out when no eval file is given
+  seed: 42                         # seed of that split
+
+model:
+  name: {model}   # a Hub id, a local folder, or run:pretrain/VARIANT (a model pretrained here)
+  dtype: auto                      # auto | float32 | bfloat16 | float16
+  device: auto                     # auto | cpu | cuda | mps
+  # context_window: 512            # override the context window the model's config states
+
+# Train your own base model from scratch instead of selecting one: uncomment, then point
+# model.name at run:pretrain/tiny. Each named entry is a variant and becomes its own run.
+# pretrain:
+#   tiny:
+#     architecture: {arch}               # t5 (encoder-decoder) | gpt (decoder-only)
+#     size: tiny                   # tiny | small (t5-small / gpt2 sized) | base; or set dims below
+#     # d_model: 128               # explicit dimensions override the preset
+#     # n_layers: 2
+#     # n_heads: 4
+#     # d_ff: 512
+#     vocab_size: 4000             # tokenizer vocabulary trained on the project's data
+#     seq_len: 256                 # tokens per training sequence
+#     packing: true                # pack documents into full sequences: no compute spent on padding
+#     batch_size: 16
+#     lr: 1e-3
+#     warmup_steps: 50
+#     max_steps: 500               # or epochs: 1
+#     checkpoint_every: 100        # resume with `llmcycle pretrain --resume`
+#     seed: 0
+"""
+
+
+def render(task: str, name: str) -> str:
+    d = TASK_DEFAULTS[task]
+    return TEMPLATE.format(task=task, name=name, **d)
