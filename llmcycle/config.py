@@ -172,6 +172,7 @@ def _describe(err: dict) -> str:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
               "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
+        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
         expected = f"a value {op} {bound}"
     elif kind == "literal_error":
         expected = "one of " + str(ctx.get("expected", ""))

@@ -13,7 +13,7 @@ def _when(ts: float | None) -> str:
 def list_table(runs) -> Table:
     table = Table(title="runs")
     for col in ("id", "stage", "variant", "status", "parent", "created", "duration"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "id")  # ids must stay copy-pasteable
     colours = {"completed": "green", "failed": "red", "incomplete": "yellow", "running": "cyan"}
     for r in runs:
         duration = f"{r.finished - r.created:.1f} s" if r.finished else ""
@@ -78,7 +78,8 @@ def compare_table(rows: list[dict]) -> Table:
         keys += [k for k in row if k not in keys]
     table = Table(title="runs side by side")
     for key in keys:
-        table.add_column(key, justify="left" if key in ("id", "stage", "variant", "status") else "right")
+        table.add_column(key, justify="left" if key in ("id", "stage", "variant", "status") else "right",
+                         no_wrap=key == "id")
     for row in rows:
         table.add_row(*(_fmt(row.get(k, "")) for k in keys))
     return table

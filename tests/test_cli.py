@@ -1,0 +1,137 @@
+"""The CLI end to end: help, init, exit codes, one-line errors, --json, `run` skipping unchanged stages."""
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny import make_t5
+
+from llmcycle.cli import main
+
+COMMANDS = [[], ["init"], ["scope"], ["pretrain"], ["run"], ["runs"], ["runs", "list"],
+            ["runs", "show"], ["runs", "compare"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_on_every_command(cmd, capsys):
+    assert main(cmd + ["--help"]) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+def cli(*args, cwd=None):
+    """Run the real console entry point in a subprocess: exit code, stdout, stderr."""
+    proc = subprocess.run([sys.executable, "-m", "llmcycle", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def project(tmp_path, extra=""):
+    model = make_t5(tmp_path / "model")
+    rows = [{"text": f"sentence number {i} about cats", "label": f"cats {i}"} for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "llmcycle.yaml").write_text(f"""project: {{name: cli, task: summarization}}
+scope: {{use_case: testing the cli}}
+data: {{train: train.jsonl, input: text, target: label}}
+model: {{name: {model}}}
+{extra}""")
+    return tmp_path / "llmcycle.yaml"
+
+
+def test_init_writes_a_project_that_validates_and_refuses_to_overwrite(tmp_path):
+    code, out, _ = cli("init", str(tmp_path / "p"), "--task", "qa", "--json")
+    assert code == 0 and json.loads(out)["task"] == "qa"
+    assert (tmp_path / "p" / "llmcycle.yaml").exists()
+    before = (tmp_path / "p" / "llmcycle.yaml").read_text()
+    code, _, err = cli("init", str(tmp_path / "p"))
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "p" / "llmcycle.yaml").read_text() == before
+    code, _, err = cli("init", str(tmp_path / "q"), "--task", "sumarization")
+    assert code == 2 and "did you mean 'summarization'" in err
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    path = project(tmp_path)
+    cases = [
+        (["scope", "-p", str(tmp_path / "missing.yaml")], "project file not found"),
+        (["scope", "-p", str(path), "--set", "data.inptu=x"], "unknown key 'data.inptu'"),
+        (["scope", "-p", str(path), "--set", "scope.throughput_tflops=fast"], "expected a number"),
+        (["scope", "-p", str(path), "--set", "data.train=nope.jsonl"], "nope.jsonl"),
+        (["runs", "show", "nope", "-p", str(path)], "not found"),
+        (["run", "-p", str(path), "--only", "pretrian"], "did you mean 'pretrain'"),
+        (["pretrain", "-p", str(path)], "no pretrain variants"),
+    ]
+    for args, needle in cases:
+        code, _, err = cli(*args)
+        assert code == 2, (args, err)
+        assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert "Traceback" not in err
+
+
+def test_empty_dataset_and_missing_targets(tmp_path):
+    path = project(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    code, _, err = cli("scope", "-p", str(path), "--set", "data.train=empty.jsonl")
+    assert code == 2 and "no records" in err
+    (tmp_path / "partial.jsonl").write_text('{"text": "a", "label": "b"}\n{"text": "c"}\n')
+    code, _, err = cli("scope", "-p", str(path), "--set", "data.train=partial.jsonl")
+    assert code == 2 and "partial.jsonl:2" in err and "label" in err
+
+
+def test_model_folder_without_tokenizer(tmp_path):
+    path = project(tmp_path)
+    bare = make_t5(tmp_path / "bare", tokenizer=False)
+    code, _, err = cli("scope", "-p", str(path), "--set", f"model.name={bare}")
+    assert code == 2 and "no tokenizer" in err and str(bare) in err
+
+
+def test_internal_error_is_exit_1_with_traceback_only_in_debug(tmp_path, monkeypatch, capsys):
+    import llmcycle.lifecycle as lifecycle
+
+    path = project(tmp_path)
+
+    def boom(*a, **k):
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(lifecycle, "execute", boom)
+    assert main(["scope", "-p", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: unexpected" in err and "Traceback" not in err
+    assert main(["--debug", "scope", "-p", str(path)]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_scope_json_and_runs_commands(tmp_path):
+    path = project(tmp_path)
+    code, out, _ = cli("scope", "-p", str(path), "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["model"]["kind"] == "seq2seq" and plan["data"]["train"] == 18
+    code, out, _ = cli("runs", "list", "-p", str(path), "--json")
+    runs = json.loads(out)
+    assert [r["stage"] for r in runs] == ["scope"] and runs[0]["status"] == "completed"
+    code, out, _ = cli("runs", "show", runs[0]["id"], "-p", str(path), "--json")
+    shown = json.loads(out)
+    assert shown["summary"]["model"]["parameters"] == plan["model"]["parameters"]
+    assert "versions" in shown and "config" in shown
+    code, out, _ = cli("runs", "compare", "-p", str(path), "--json")
+    assert json.loads(out)[0]["id"] == runs[0]["id"]
+    code, out, _ = cli("runs", "list", "-p", str(path))
+    assert code == 0 and runs[0]["id"][:20] in out
+
+
+def test_run_skips_unchanged_and_reruns_on_change_or_force(tmp_path):
+    path = project(tmp_path)
+    first = json.loads(cli("run", "-p", str(path), "--json")[1])["runs"]
+    assert [(r["stage"], r["status"]) for r in first] == [("scope", "completed")]
+    second = json.loads(cli("run", "-p", str(path), "--json")[1])["runs"]
+    assert second[0]["status"] == "skipped" and second[0]["run_id"] == first[0]["run_id"]
+    forced = json.loads(cli("run", "-p", str(path), "--force", "--json")[1])["runs"]
+    assert forced[0]["status"] == "completed" and forced[0]["run_id"] != first[0]["run_id"]
+    # changing the data changes the content hash
+    with open(tmp_path / "train.jsonl", "a") as fh:
+        fh.write(json.dumps({"text": "one more", "label": "more"}) + "\n")
+    changed = json.loads(cli("run", "-p", str(path), "--json")[1])["runs"]
+    assert changed[0]["status"] == "completed"
+    # --from a later stage skips scope entirely
+    later = json.loads(cli("run", "-p", str(path), "--from", "pretrain", "--json")[1])["runs"]
+    assert later == []

@@ -1,0 +1,109 @@
+"""Scope planner: every figure checked against values computed by hand."""
+import json
+
+import pytest
+from tiny import make_gpt2, make_t5
+
+from llmcycle import scope
+from llmcycle.config import load_project
+
+
+def test_rules_of_thumb_by_hand():
+    assert scope.serve_memory(1_000_000) == {"fp32": 4e6, "bf16": 2e6, "int8": 1e6, "int4": 5e5}
+    assert scope.train_memory(1_000_000) == 20e6  # 20 bytes per parameter with Adam in fp32
+    # LoRA: 1M frozen at 4 bytes + 10k trainable at 20 bytes
+    assert scope.train_memory(1_010_000, 10_000) == 1_000_000 * 4 + 10_000 * 20
+    assert scope.train_flops(1_000_000, 2_000_000) == 1.2e13  # 6 * N * D
+    assert scope.train_seconds(1.2e13, 1.0) == pytest.approx(12.0)
+    assert scope.train_seconds(1.2e13, 0.5) == pytest.approx(24.0)
+    assert scope.compute_optimal_tokens(60_000_000) == 1.2e9  # 20 tokens per parameter
+
+
+def test_percentiles_nearest_rank():
+    stats = scope.percentiles(list(range(1, 101)))
+    assert stats == {"count": 100, "mean": 50.5, "max": 100, "p50": 50, "p90": 90, "p95": 95, "p99": 99}
+    assert scope.percentiles([7]) == {"count": 1, "mean": 7.0, "max": 7, "p50": 7, "p90": 7, "p95": 7, "p99": 7}
+    assert scope.percentiles([]) == {"count": 0}
+
+
+def test_lora_parameter_count_matches_hand_count(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(make_t5(tmp_path / "t5"))
+    c = model.config
+    # q and v in 6 attention blocks (2 encoder self, 2 decoder self, 2 decoder cross)
+    inner = c.num_heads * c.d_kv
+    assert scope.lora_parameters(model, ["q", "v"], r=4) == 6 * 2 * 4 * (c.d_model + inner)
+
+
+def _project(tmp_path, model_dir, window=None, extra=""):
+    rows = [{"dialogue": "the cat sat on the mat " * k, "summary": "a cat sat"} for k in range(1, 11)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = f"""
+project: {{name: t, task: summarization}}
+scope: {{use_case: test, throughput_tflops: 2.0, tune_epochs: 2, lora_r: 4}}
+data: {{train: train.jsonl, input: dialogue, target: summary, eval_size: 2, seed: 1}}
+model: {{name: {model_dir}{', context_window: ' + str(window) if window else ''}}}
+{extra}"""
+    (tmp_path / "llmcycle.yaml").write_text(text)
+    return load_project(tmp_path / "llmcycle.yaml")
+
+
+def test_plan_figures_for_a_selected_model(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model_dir = make_t5(tmp_path / "t5")
+    project = _project(tmp_path, model_dir, window=20)
+    plan = scope.build_plan(project)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    assert plan["model"]["parameters"] == params
+    assert plan["model"]["context_window"] == 20
+    assert plan["data"]["train"] == 8 and plan["data"]["eval"] == 2
+
+    from llmcycle.data import load_splits
+
+    train = load_splits(project.config.data, tmp_path).train
+    lengths = [len(tok(e.input)["input_ids"]) for e in train]
+    target_tokens = sum(len(tok(t)["input_ids"]) for e in train for t in e.targets)
+    stats = plan["data"]["token_stats"]["train"]
+    assert stats["input"]["tokens"] == sum(lengths) and stats["input"]["max"] == max(lengths)
+    assert stats["overflow_count"] == sum(n > 20 for n in lengths)
+    assert stats["overflow_share"] == round(stats["overflow_count"] / len(lengths), 4)
+
+    tune = plan["stages"][0]
+    tokens = int((sum(lengths) + target_tokens) * 2)  # two epochs
+    assert tune["train_tokens"] == tokens
+    assert tune["train_flops"] == 6 * params * tokens
+    assert tune["train_seconds"] == pytest.approx(6 * params * tokens / 2e12)
+    assert tune["serve_memory_bytes"]["bf16"] == 2 * params
+    lora = scope.lora_parameters(model, ["q", "v"], 4)
+    assert tune["lora_parameters"] == lora
+    assert tune["train_memory_bytes"] == {"full_adam_fp32": 20 * params,
+                                          "lora_adam_fp32": 4 * params + 20 * lora}
+
+
+def test_plan_for_pretraining_uses_chinchilla(tmp_path):
+    model_dir = make_gpt2(tmp_path / "gpt")
+    extra = """pretrain:
+  small:
+    architecture: gpt
+    d_model: 32
+    n_layers: 2
+    n_heads: 2
+    vocab_size: 500
+    seq_len: 64
+    batch_size: 4
+    max_steps: 10
+"""
+    plan = scope.build_plan(_project(tmp_path, model_dir, extra=extra))
+    pre = [s for s in plan["stages"] if s["stage"] == "pretrain.small"][0]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=500, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    params = sum(p.numel() for p in ref.parameters())
+    assert pre["parameters"] == params
+    assert pre["train_tokens"] == 10 * 4 * 64
+    assert pre["compute_optimal_tokens"] == 20 * params
+    assert pre["tokens_vs_optimal"] == round(10 * 4 * 64 / (20 * params), 4)

@@ -1,0 +1,94 @@
+"""Tiny models and tokenizers built in code, so tests need neither the network nor a model cache.
+
+The tokenizer is byte-level BPE: it encodes any text (no unknown tokens) and decodes it back exactly, so
+tests of training, generation and evaluation can round-trip arbitrary strings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "summarize: the cat sat on the mat and looked at the dog",
+    "translate English to German: the house is wonderful",
+    "a tiny model for tests learns nothing useful but runs fast",
+    "question: what is two plus two? answer: four",
+    "Hello, world! 0123456789 .,;:!?'\"()[]{}-_/\\@#$%^&*+=<>|~`",
+]
+PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
+
+
+def make_tokenizer(dir, kind: str = "seq2seq", texts=None, vocab_size: int = 320):
+    """Train a byte-level BPE tokenizer and save it to `dir` (created); returns the folder.
+
+    seq2seq: T5-style, pad id 0, eos id 1, eos appended to every encoded text.
+    causal: GPT-2-style, eos (= bos) and unk but deliberately no pad token, like real GPT-2.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind not in ("seq2seq", "causal"):
+        raise ValueError(f"kind must be seq2seq or causal, not {kind!r}")
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    specials = [PAD, EOS, UNK] if kind == "seq2seq" else [EOS, UNK]
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts or CORPUS), trainer=trainer)
+    if kind == "seq2seq":
+        eos_id = tok.token_to_id(EOS)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, eos_id)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=UNK)
+    fast.save_pretrained(str(dir))
+    return dir
+
+
+def _vocab(dir) -> tuple[int, int | None, int]:
+    """(vocab size, pad id or None, eos id) of the tokenizer saved in `dir`."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(dir) / "tokenizer.json"))
+    return tok.get_vocab_size(with_added_tokens=True), tok.token_to_id(PAD), tok.token_to_id(EOS)
+
+
+def make_t5(dir, tokenizer: bool = True, seed: int = 0):
+    """A T5 with d_model 16 and 2+2 layers (a few thousand parameters) saved to `dir`; returns the folder."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    dir = Path(dir)
+    make_tokenizer(dir, "seq2seq")
+    size, pad, eos = _vocab(dir)
+    if not tokenizer:
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (dir / f).unlink(missing_ok=True)
+    config = T5Config(vocab_size=size, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                      dropout_rate=0.0, pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(str(dir))
+    return dir
+
+
+def make_gpt2(dir, tokenizer: bool = True, seed: int = 0, n_positions: int = 128):
+    """A GPT-2 with n_embd 16 and 2 layers saved to `dir`; returns the folder."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dir = Path(dir)
+    make_tokenizer(dir, "causal")
+    size, _, eos = _vocab(dir)
+    if not tokenizer:
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (dir / f).unlink(missing_ok=True)
+    config = GPT2Config(vocab_size=size, n_embd=16, n_layer=2, n_head=2, n_positions=n_positions,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(config).save_pretrained(str(dir))
+    return dir
