@@ -22,7 +22,8 @@ app = typer.Typer(help="llmcycle: the generative-AI project lifecycle in one too
 runs_app = typer.Typer(help="List, show and compare recorded runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
-out = Console()
+# Piped output (CI logs, `| less`) gets a wide page instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 _state = {"debug": False}
 

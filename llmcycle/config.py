@@ -23,8 +23,6 @@ from llmcycle.scope import ScopeConfig
 
 PROJECT_FILE = "llmcycle.yaml"
 TASKS = ("summarization", "qa", "classification", "generation")
-# Lifecycle order; `llmcycle run` walks the stages that exist in this order.
-STAGES = ("scope", "pretrain")
 
 
 class ProjectInfo(Section):

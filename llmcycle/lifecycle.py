@@ -77,6 +77,10 @@ def content_hash(project, stage: str, variant: str, config: dict) -> str:
               "data": _data_identity(project), "llmcycle": llmcycle.__version__}
     if stage == "scope":
         inputs["model"] = _model_identity(project)
+    if config.get("corpus"):  # extra pretraining text files count as inputs too
+        from llmcycle.data import fingerprint
+
+        inputs["corpus"] = [fingerprint(path, project.dir) for path in config["corpus"]]
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

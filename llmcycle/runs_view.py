@@ -65,7 +65,7 @@ def compare_rows(records) -> list[dict]:
     rows = []
     for r in records:
         row = {"id": r.id, "stage": r.stage, "variant": r.variant, "status": r.status}
-        for key, value in flatten(r.summary(), depth=1).items():
+        for key, value in r.summary().items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 row[key] = value
         rows.append(row)

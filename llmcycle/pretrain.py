@@ -1,0 +1,481 @@
+"""Pretraining from scratch: train a tokenizer, then a small T5-style (encoder-decoder, span
+corruption) or GPT-style (decoder-only, next-token) model on the project's texts.
+
+Run it with `llmcycle pretrain` or as a stage of the pipeline, `llmcycle run --only pretrain`;
+settings come from the `pretrain:` section of llmcycle.yaml (PretrainConfig below). From Python:
+
+    summary = train(PretrainConfig(max_steps=200), texts, Path("runs/x/pretrain"))
+
+Outputs under the work dir: tokenizer/ (trained once, reused on resume), checkpoints/step-N/
+(the last two, written atomically, used by resume=True) and model/, a normal Hugging Face folder
+that AutoModelForSeq2SeqLM / AutoModelForCausalLM and AutoTokenizer load directly.
+
+Data preparation (tokenizer training, packing, span corruption) lives in llmcycle/pretrain_data.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import Field, model_validator
+
+from .configbase import Section
+from .errors import UserError
+
+# Dims per (architecture, size). t5 small/base are the published t5-small/t5-base shapes, gpt
+# small/base are gpt2/gpt2-medium; tiny is for smoke tests and CPU experiments.
+PRESETS: dict[str, dict[str, dict[str, int]]] = {
+    "t5": {
+        "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
+        "small": {"d_model": 512, "n_layers": 6, "n_heads": 8, "d_ff": 2048},
+        "base": {"d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072},
+    },
+    "gpt": {
+        "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
+        "small": {"d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072},
+        "base": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "d_ff": 4096},
+    },
+}
+# Fields that do not change the trained weights: they may differ when resuming.
+NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every"}
+KEEP_CHECKPOINTS = 2
+COMPLETE_MARKER = "COMPLETE"
+
+
+class PretrainConfig(Section):
+    """The `pretrain:` section of llmcycle.yaml."""
+
+    architecture: Literal["t5", "gpt"] = Field(
+        "t5", description="t5: encoder-decoder trained with span corruption; gpt: decoder-only next-token prediction")
+    size: Literal["tiny", "small", "base"] = Field(
+        "tiny", description="preset dims: tiny (d_model 64, 2 layers), small (t5-small / gpt2), base (t5-base / gpt2-medium)")
+    d_model: int | None = Field(None, ge=1, description="hidden size; overrides the preset")
+    n_layers: int | None = Field(None, ge=1, description="layers (t5: in encoder and in decoder each); overrides the preset")
+    n_heads: int | None = Field(None, ge=1, description="attention heads; overrides the preset")
+    d_ff: int | None = Field(None, ge=1, description="feed-forward inner size; overrides the preset")
+    vocab_size: int = Field(4000, ge=100, description="tokenizer vocabulary size to train (may end up smaller on tiny corpora)")
+    seq_len: int = Field(256, ge=16, description="tokens per example (t5: encoder input length)")
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on matrices (not on biases and norms)")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps before cosine decay")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train (set this or epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the data, may be fractional (set this or max_steps)")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 turns clipping off")
+    checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N steps (and at the end)")
+    log_every: int = Field(10, ge=1, description="report metrics every N steps")
+    packing: bool = Field(True, description="pack documents into full blocks (no padding) instead of one padded example per document")
+    noise_density: float = Field(0.15, gt=0, lt=1, description="t5 span corruption: fraction of tokens masked")
+    mean_span_length: float = Field(3.0, ge=1, description="t5 span corruption: mean length of a masked span")
+    seed: int = Field(0, description="seed for initialisation, data order, span corruption and dropout")
+    corpus: list[str] | None = Field(
+        None, description="extra text files (.txt: one document per line; .jsonl: a 'text' field), relative to the "
+        "project dir, used in addition to the project's training texts")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of pretrain.max_steps or pretrain.epochs (how long to train)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ model
+def preset_dims(cfg: PretrainConfig) -> dict[str, int]:
+    """The model shape: the preset for (architecture, size) with explicit d_model/n_layers/n_heads/
+    d_ff taking precedence. d_kv (t5 per-head size) is d_model // n_heads, as in all T5 presets."""
+    dims = dict(PRESETS[cfg.architecture][cfg.size])
+    for key in ("d_model", "n_layers", "n_heads", "d_ff"):
+        if getattr(cfg, key) is not None:
+            dims[key] = getattr(cfg, key)
+    if cfg.architecture == "gpt":
+        if cfg.d_model is not None and cfg.d_ff is None:
+            dims["d_ff"] = 4 * dims["d_model"]  # GPT-2's rule when only the width is overridden
+        if dims["d_model"] % dims["n_heads"]:
+            raise UserError(f"pretrain: d_model {dims['d_model']} must be divisible by n_heads {dims['n_heads']} for gpt")
+    else:
+        dims["d_kv"] = max(1, dims["d_model"] // dims["n_heads"])
+    return dims
+
+
+def _model_config(cfg: PretrainConfig, vocab_size: int, pad_id: int, eos_id: int, bos_id: int | None):
+    from transformers import GPT2Config, T5Config
+
+    d = preset_dims(cfg)
+    if cfg.architecture == "t5":
+        # T5 starts decoding from the pad token; other settings are T5Config defaults (relu FFN,
+        # tied input/output embeddings), i.e. the original t5-small/base architecture.
+        return T5Config(
+            vocab_size=vocab_size, d_model=d["d_model"], d_kv=d["d_kv"], d_ff=d["d_ff"],
+            num_layers=d["n_layers"], num_decoder_layers=d["n_layers"], num_heads=d["n_heads"],
+            pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
+        )
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=d["d_model"], n_layer=d["n_layers"],
+        n_head=d["n_heads"], n_inner=d["d_ff"], bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+    )
+
+
+def build_model_config(cfg: PretrainConfig, tokenizer):
+    """A transformers T5Config / GPT2Config for `cfg` whose vocabulary and special ids match `tokenizer`."""
+    return _model_config(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+
+
+def _model_class(arch: str):
+    from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration if arch == "t5" else GPT2LMHeadModel
+
+
+def count_parameters(cfg: PretrainConfig, vocab_size: int | None = None) -> int:
+    """Parameters of the model `cfg` describes (tied weights counted once), built on the meta device
+    so that even the base presets cost no memory or time."""
+    import torch
+
+    config = _model_config(cfg, vocab_size or cfg.vocab_size, 0, 1, 1)
+    with torch.device("meta"):
+        model = _model_class(cfg.architecture)(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _relevant(cfg: PretrainConfig) -> dict:
+    return {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
+
+
+@contextlib.contextmanager
+def _quiet_saves():
+    """save_pretrained draws its own 'Writing model shards' bar; keep stderr to our one bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
+                out.append((int(p.name[5:]), p))
+    return sorted(out)
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoints/step-<step>/ atomically: everything goes into a temp dir next to it, is
+    fsynced, gets a completion marker, and is renamed into place, so a crash at any moment leaves
+    either no step-N dir or a whole one. Older checkpoints beyond the last KEEP_CHECKPOINTS go."""
+    import numpy as np
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with _quiet_saves():
+        model.save_pretrained(str(tmp / "model"))  # safetensors
+    np_state = np.random.get_state()
+    torch.save({
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_python": random.getstate(),
+        # numpy's state holds an ndarray; store it as a list so torch.load(weights_only=True) reads it
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "rng_torch": torch.get_rng_state(),
+    }, tmp / "trainer_state.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+    _fsync_tree(tmp)
+    if final.exists():  # only when re-saving a step already on disk
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for _, old in _step_dirs(root)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest step-N dir, or None. A newest dir without its marker means it was not written by
+    save_checkpoint's rename (tampering, a copy, a broken disk) and is reported, not skipped."""
+    dirs = _step_dirs(root)
+    if not dirs:
+        return None
+    path = dirs[-1][1]
+    if not (path / COMPLETE_MARKER).is_file():
+        raise UserError(f"corrupt checkpoint {path}: no {COMPLETE_MARKER} marker (delete it to resume from an older one)")
+    return path
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"corrupt checkpoint {path}: {exc}") from None
+
+
+def _load_checkpoint(path: Path, cfg: PretrainConfig):
+    """(model, trainer state) from a checkpoint; any failure -> UserError naming the directory."""
+    import torch
+
+    try:
+        model = _model_class(cfg.architecture).from_pretrained(str(path / "model"), dtype=torch.float32)
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+        missing = {"optimizer", "scheduler", "rng_python", "rng_numpy", "rng_torch"} - set(trainer_state)
+        if missing:
+            raise ValueError(f"trainer_state.pt lacks {sorted(missing)}")
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"corrupt checkpoint {path}: {reason}") from None
+    return model, trainer_state
+
+
+def _check_same_run(path: Path, state: dict, cfg: PretrainConfig, data_hash: str) -> None:
+    old, new = state.get("config", {}), _relevant(cfg)
+    diffs = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if state.get("data_hash") != data_hash:
+        diffs.append(f"training texts: {state.get('data_hash')} → {data_hash} (content hash)")
+    if diffs:
+        raise UserError(
+            f"cannot resume from {path}: training settings differ from the checkpoint's: " + "; ".join(diffs)
+            + " (restore them, or start a fresh run without resume)"
+        )
+
+
+# --------------------------------------------------------------------------------------- training
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to the peak lr over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _progress_bar(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class StepRate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.2f} step/s" if task.speed else "- step/s")
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), StepRate(),
+        TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}  tok/s {task.fields[tps]}"),
+        console=Console(stderr=True), disable=not enabled,
+    )
+
+
+def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool = False,
+          log: Callable[[dict], None] | None = None, progress: bool = True,
+          project_dir: Path | None = None, tokenizer=None) -> dict:
+    """Train tokenizer + model in `work_dir` and return a summary (see module docstring).
+
+    texts: the documents to train on (the project's training texts); files in cfg.corpus, resolved
+    against project_dir (default: the current directory), are added to them. resume=True continues
+    from the newest checkpoint so the result equals an uninterrupted run with the same settings.
+    tokenizer: use this already-trained tokenizer instead of training one (e.g. to share one across
+    runs); it is saved to work_dir/tokenizer like a trained one. Ignored when resuming."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from .pretrain_data import PretrainDataset, batch_token_counts, load_corpus, train_tokenizer
+
+    t_start = time.perf_counter()
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.corpus:
+        texts = load_corpus(cfg.corpus, Path(project_dir or Path.cwd())) + list(texts)
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise UserError("pretrain: no training texts (the project's training data and pretrain.corpus are empty)")
+    data_hash = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+    ckpt_root, tok_dir = work_dir / "checkpoints", work_dir / "tokenizer"
+
+    ckpt = latest_checkpoint(ckpt_root) if resume else None
+    state: dict = {}
+    if ckpt is not None:
+        state = _read_state(ckpt)
+        _check_same_run(ckpt, state, cfg, data_hash)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"cannot resume: tokenizer in {tok_dir} does not load ({exc})") from None
+    else:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with an older one's checkpoints
+        if tokenizer is None:
+            tokenizer = train_tokenizer(texts, cfg, tok_dir)
+        else:
+            tokenizer.save_pretrained(str(tok_dir))
+    for stale in ckpt_root.glob(".tmp-*") if ckpt_root.is_dir() else []:  # saves cut short by a crash
+        shutil.rmtree(stale, ignore_errors=True)
+    data = PretrainDataset(cfg, tokenizer, texts)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if ckpt is not None:
+        model, trainer_state = _load_checkpoint(ckpt, cfg)
+    else:
+        model, trainer_state = _model_class(cfg.architecture)(build_model_config(cfg, tokenizer)), None
+    if cfg.architecture == "gpt":
+        model.loss_type = "ForCausalLM"  # GPT2LMHeadModel leaves it unset and warns on first use
+    model.train()  # from_pretrained returns eval mode; dropout must match the uninterrupted run
+
+    # no weight decay on biases and norm scales (1-d), the usual AdamW practice
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total_steps))
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        random.setstate(_tuplify(trainer_state["rng_python"]))
+        np_state = trainer_state["rng_numpy"]
+        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+        torch.set_rng_state(trainer_state["rng_torch"])
+
+    step = state.get("step", 0)
+    epoch, position = state.get("epoch", 0), state.get("position", 0)
+    tokens_seen, useful_seen = state.get("tokens_seen", 0), state.get("useful_tokens", 0)
+    window: list[float] = list(state.get("loss_window", []))  # losses since the last log line
+    last_loss = state.get("last_loss")
+    n_params = sum(p.numel() for p in model.parameters())
+    sess_tokens = sess_useful = 0
+    step_time = 0.0  # time in training steps only (not tokenizer training or checkpoint I/O)
+    win_tokens = win_useful = 0
+    win_time = 0.0
+
+    def checkpoint_state() -> dict:
+        return {"step": step, "epoch": epoch, "position": position, "config_hash": _hash(_relevant(cfg)),
+                "config": _relevant(cfg), "data_hash": data_hash, "tokens_seen": tokens_seen,
+                "useful_tokens": useful_seen, "loss_window": window, "last_loss": last_loss,
+                "total_steps": total_steps}
+
+    with _progress_bar(progress) as bar:
+        task = bar.add_task(f"pretrain {cfg.architecture}", total=total_steps, completed=step, loss="-", tps="-")
+        order_epoch, order = None, None
+        while step < total_steps:
+            if order_epoch != epoch:  # data order is a function of (seed, epoch): replayable on resume
+                order_epoch, order = epoch, data.order(epoch)
+            t0 = time.perf_counter()
+            batch = data.batch(order[position * cfg.batch_size:(position + 1) * cfg.batch_size], epoch)
+            loss = model(**batch).loss
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            useful, total = batch_token_counts(batch, cfg.architecture)
+            step, position = step + 1, position + 1
+            tokens_seen, useful_seen = tokens_seen + total, useful_seen + useful
+            sess_tokens, sess_useful, step_time = sess_tokens + total, sess_useful + useful, step_time + dt
+            win_tokens, win_useful, win_time = win_tokens + total, win_useful + useful, win_time + dt
+            window.append(float(loss.detach()))
+            if position == batches_per_epoch:  # the saved position is where the *next* step starts
+                epoch, position = epoch + 1, 0
+            if step % cfg.log_every == 0 or step == total_steps:
+                last_loss = sum(window) / len(window)
+                metrics = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
+                           "tokens_per_s": win_tokens / win_time, "useful_tokens_per_s": win_useful / win_time,
+                           "tokens": tokens_seen, "useful_tokens": useful_seen}
+                bar.update(task, loss=f"{last_loss:.3f}", tps=f"{win_tokens / win_time:,.0f}")
+                window, win_tokens, win_useful, win_time = [], 0, 0, 0.0
+                if log is not None:
+                    log(metrics)
+            bar.update(task, completed=step)
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, checkpoint_state())
+
+    model_dir = work_dir / "model"
+    tmp = work_dir / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_saves():
+        model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    _fsync_tree(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+    return {
+        "architecture": cfg.architecture, "dims": preset_dims(cfg), "vocab_size": len(tokenizer),
+        "parameters": n_params, "steps": step, "total_steps": total_steps, "examples": len(data),
+        "tokens_seen": tokens_seen, "useful_tokens": useful_seen,
+        "padding_fraction": 1 - useful_seen / tokens_seen if tokens_seen else 0.0,
+        "final_loss": last_loss,
+        "tokens_per_s": sess_tokens / step_time if step_time else None,
+        "useful_tokens_per_s": sess_useful / step_time if step_time else None,
+        "wall_s": time.perf_counter() - t_start, "model_dir": str(model_dir),
+        "resumed_from": str(ckpt) if ckpt is not None else None,
+    }
+
+
+def _tuplify(x):
+    """random.setstate needs tuples; torch.load hands the saved tuples back as tuples or lists."""
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def planned_model_config(cfg: PretrainConfig):
+    """The model config `cfg` will produce, before any tokenizer exists (for `llmcycle scope`)."""
+    return _model_config(cfg, cfg.vocab_size, 0, 1, 1)
+
+
+def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
+    """Stage entry point: pretrain `pretrain.<variant>` on the project's training texts.
+
+    Only the train split is used, so the eval split stays unseen by the model that is evaluated on it.
+    The model lands in the run's artifacts/model, where `model: run:pretrain/<variant>` finds it.
+    """
+    from llmcycle.data import corpus_texts, load_splits
+
+    cfg = project.config.pretrain[variant]
+    texts: list[str] = []
+    if project.config.data is not None and project.config.data.train:
+        texts = corpus_texts(load_splits(project.config.data, project.dir, require_target=False).train)
+    summary = train(cfg, texts, run.artifacts, resume=resume, log=run.log, progress=progress,
+                    project_dir=project.dir)
+    run.finish(summary)
+    return summary
