@@ -208,7 +208,15 @@ def _sigterm(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    import os
+
     signal.signal(signal.SIGTERM, _sigterm)
+    # Our own rich progress bars report long work; the libraries' tqdm bars and info logs
+    # (e.g. "Loading weights") would only clutter the output and the one-line errors.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:

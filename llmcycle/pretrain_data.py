@@ -56,12 +56,12 @@ def load_corpus(paths: list[str], project_dir: Path) -> list[str]:
 def train_tokenizer(texts: list[str], cfg, out_dir: Path | None = None):
     """Train a tokenizer on `texts` and return it as a transformers PreTrainedTokenizerFast.
 
-    We use the `tokenizers` library rather than sentencepiece's trainer because it trains in-process
-    from Python strings (no temp corpus file, no extra dependency) and directly yields a fast
-    tokenizer that AutoTokenizer.from_pretrained loads back without any conversion step.
+    The result is always a `tokenizers` fast tokenizer, which AutoTokenizer.from_pretrained loads back
+    without any conversion step.
 
-    t5:  Unigram model + Metaspace pre-tokenizer (what sentencepiece does), <pad>=0 </s>=1 <unk>=2,
-         sentinels <extra_id_0..99> for span corruption, a post-processor appending </s>.
+    t5:  a Unigram model trained by sentencepiece (deterministic), run by `tokenizers` with a Metaspace
+         pre-tokenizer as sentencepiece does; <pad>=0 </s>=1 <unk>=2, sentinels <extra_id_0..99> for
+         span corruption, a post-processor appending </s>.
     gpt: byte-level BPE (GPT-2 style, never produces <unk>), <|endoftext|> as bos and eos, plus <pad>.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -71,19 +71,19 @@ def train_tokenizer(texts: list[str], cfg, out_dir: Path | None = None):
     if not texts:
         raise UserError("cannot train a tokenizer: the pretraining corpus is empty")
     if cfg.architecture == "t5":
-        tok = Tokenizer(models.Unigram())
         # Nmt maps control whitespace (newlines, tabs) to spaces as sentencepiece's nmt_nfkc rule does.
-        tok.normalizer = normalizers.Sequence(
+        normalizer = normalizers.Sequence(
             [normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]
         )
+        # The pieces come from sentencepiece's trainer: tokenizers' UnigramTrainer gives a different
+        # vocabulary in every process (hash-map order), which would make pretraining unrepeatable.
+        pieces = _sentencepiece_pieces([normalizer.normalize_str(t) for t in texts],
+                                       cfg.vocab_size - len(SENTINELS))
+        tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+        tok.normalizer = normalizer
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-        specials = T5_SPECIALS + SENTINELS
-        trainer = trainers.UnigramTrainer(
-            vocab_size=max(cfg.vocab_size, len(specials) + 1), special_tokens=specials,
-            unk_token="<unk>", show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer)
+        tok.add_special_tokens(T5_SPECIALS + SENTINELS)
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
         )
@@ -108,6 +108,23 @@ def train_tokenizer(texts: list[str], cfg, out_dir: Path | None = None):
     if out_dir is not None:
         wrapped.save_pretrained(str(out_dir))
     return wrapped
+
+
+def _sentencepiece_pieces(texts: list[str], vocab_size: int) -> list[tuple[str, float]]:
+    """(piece, log-probability) pairs of a Unigram model trained by sentencepiece, deterministically.
+    Ids 0, 1, 2 are <pad>, </s>, <unk>, as in T5."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=max(vocab_size, 8),
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        hard_vocab_limit=False,  # a small corpus may not support the requested size: use what it has
+        max_sentence_length=1 << 16, num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
 
 
 def sentinel_ids(tokenizer) -> list[int]:

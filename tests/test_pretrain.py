@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,7 +73,9 @@ def test_t5_tokenizer_round_trip_and_reload(tmp_path):
 
     tok = train_tokenizer(corpus(), tiny(), tmp_path / "tok")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
-    assert tok.convert_tokens_to_ids("<extra_id_0>") == 3 and len(sentinel_ids(tok)) == 100
+    # sentinels sit after the learned pieces, as in T5's vocabulary
+    first = tok.convert_tokens_to_ids("<extra_id_0>")
+    assert first > 2 and sentinel_ids(tok) == list(range(first, first + 100)) and len(tok) == first + 100
     text = "the cat sat on the roof and looked at the dog ."
     ids = tok(text)["input_ids"]
     assert ids[-1] == tok.eos_token_id  # post-processor appends </s>
@@ -80,7 +83,19 @@ def test_t5_tokenizer_round_trip_and_reload(tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert again(text)["input_ids"] == ids
     assert again.model_max_length == 32 and again.pad_token == "<pad>"
-    assert again.convert_ids_to_tokens(3) == "<extra_id_0>"
+    assert again.convert_ids_to_tokens(first) == "<extra_id_0>"
+
+
+def test_t5_tokenizer_is_the_same_in_every_process(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, %r); from test_pretrain import corpus, tiny;"
+            "from llmcycle.pretrain_data import train_tokenizer;"
+            "print(train_tokenizer(corpus(), tiny()).backend_tokenizer.to_str())") % str(Path(__file__).parent)
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(outs) == 1
 
 
 def test_gpt_tokenizer_round_trip_and_reload(tmp_path):
