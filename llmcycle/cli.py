@@ -106,6 +106,51 @@ def pretrain(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt
     _report_outcomes(outcomes, as_json)
 
 
+@app.command("eval")
+def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
+                                                  "Hub id (default: the project's model)."),
+             data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file instead of the eval split."),
+             limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples."),
+             project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Evaluate any model with the project's prompt and record a run with per-example outputs."""
+    from llmcycle import harness
+    from llmcycle.evaluate import evaluate_model
+    from llmcycle.runs_view import compare
+
+    proj = _project(project, overrides)
+    ref = model or (proj.config.model.name if proj.config.model else None)
+    if ref is None:
+        raise UserError(f"{proj.path}: no model to evaluate: pass --model or add a `model:` section")
+    _, parent = harness.resolve(ref, proj)
+    variant = Path(ref.removeprefix("run:")).name or "model"
+    store = proj.store()
+    config = {"model": ref, "data": data, "limit": limit,
+              "evaluate": proj.config.evaluate.model_dump() if proj.config.evaluate else None}
+    with store.start("eval", variant, config, parent=parent, project_dir=proj.dir) as run:
+        summary = evaluate_model(proj, run, model, data_file=data, limit=limit, progress=not as_json)
+    if as_json:
+        emit_json({"run_id": run.id, **summary})
+    else:
+        compare([store.get(run.id)], out, n_examples=min(3, summary["n_examples"]))
+        out.print(f"[dim]recorded as run {run.id}[/]")
+
+
+@app.command()
+def prompt(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+           force: bool = typer.Option(False, "--force", help="Re-run variants even when unchanged."),
+           as_json: bool = JsonOpt):
+    """Sweep prompt templates x shots x shot selection x generation configs; compare side by side."""
+    from llmcycle import lifecycle
+
+    proj = _project(project, overrides)
+    names = list(lifecycle.variants(proj, "prompt"))
+    if not names:
+        raise UserError(f"{proj.path}: no prompt sweep configured (add a `prompt:` section)")
+    outcomes = [lifecycle.execute(proj, "prompt", name, force=force, progress=not as_json)
+                for name in names]
+    _report_outcomes(outcomes, as_json, proj)
+
+
 @app.command("run")
 def run_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
             only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this stage (repeatable)."),
@@ -129,10 +174,11 @@ def run_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
     elif not outcomes:
         out.print("nothing to run: no stage is configured in " + str(proj.path))
     else:
+        _compare_evaluated(outcomes, proj)
         out.print(f"runs recorded in {proj.store().root}; compare them with `llmcycle runs compare`")
 
 
-def _report_outcomes(outcomes, as_json: bool) -> None:
+def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
     if as_json:
         emit_json([o.to_dict() for o in outcomes])
         return
@@ -141,6 +187,18 @@ def _report_outcomes(outcomes, as_json: bool) -> None:
         for key in ("model_dir", "final_loss", "useful_tokens_per_s", "wall_s", "parameters"):
             if key in o.summary:
                 out.print(f"  {key}: {o.summary[key]}")
+    _compare_evaluated(outcomes, proj)
+
+
+def _compare_evaluated(outcomes, proj) -> None:
+    """Side-by-side table of the runs just made (or reused) that evaluated something."""
+    from llmcycle.runs_view import compare
+
+    evaluated = [o for o in outcomes if "headline" in o.summary]
+    if proj is not None and evaluated:
+        store = proj.store()
+        shown = proj.config.evaluate.show_examples if proj.config.evaluate else 3
+        compare([store.get(o.run_id) for o in evaluated], out, shown)
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -177,19 +235,20 @@ def runs_show(run: str = typer.Argument(..., help="Run id, id prefix, latest, or
 
 @runs_app.command("compare")
 def runs_compare(runs: Optional[List[str]] = typer.Argument(None, help="Runs to compare (default: all completed)."),
-                 project: Path = ProjectOpt, as_json: bool = JsonOpt):
-    """Compare runs side by side: one row per run, one column per summary figure."""
-    from llmcycle.runs_view import compare_rows, compare_table
+                 project: Path = ProjectOpt, stage: Optional[str] = typer.Option(None, "--stage"),
+                 examples: int = typer.Option(3, "--examples", min=0, help="Examples shown side by side."),
+                 as_json: bool = JsonOpt):
+    """Compare runs side by side: metrics (with confidence intervals, best marked) and outputs."""
+    from llmcycle.runs_view import compare, compare_rows, side_by_side
 
     store = _store(project)
-    records = [store.get(r) for r in runs] if runs else store.list(status="completed")
-    rows = compare_rows(records)
+    records = [store.get(r) for r in runs] if runs else store.list(stage=stage, status="completed")
     if as_json:
-        emit_json(rows)
-    elif not rows:
+        emit_json({"runs": compare_rows(records), "examples": side_by_side(records, examples)})
+    elif not records:
         out.print(f"no completed runs in {store.root}")
     else:
-        out.print(compare_table(rows))
+        compare(records, out, examples)
 
 
 def _store(project: Path):

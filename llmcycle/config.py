@@ -17,8 +17,10 @@ from pydantic import Field, ValidationError
 from llmcycle.configbase import Section
 from llmcycle.data import DataConfig
 from llmcycle.errors import UserError, suggest
+from llmcycle.evaluate import EvaluateConfig
 from llmcycle.models import ModelConfig
 from llmcycle.pretrain import PretrainConfig
+from llmcycle.prompt import PromptConfig
 from llmcycle.scope import ScopeConfig
 
 PROJECT_FILE = "llmcycle.yaml"
@@ -37,6 +39,8 @@ class ProjectConfig(Section):
     data: DataConfig | None = None
     model: ModelConfig | None = None
     pretrain: dict[str, PretrainConfig] = Field(default_factory=dict)
+    evaluate: EvaluateConfig | None = None
+    prompt: PromptConfig | None = None
 
 
 class Project:

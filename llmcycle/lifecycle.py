@@ -15,7 +15,10 @@ import llmcycle
 from llmcycle.errors import UserError, suggest
 
 # The lifecycle's order. Stages not built yet are absent, not stubbed.
-STAGES = ("scope", "pretrain")
+STAGES = ("scope", "pretrain", "prompt")
+# Stages that evaluate the project's model: its identity is one of their inputs, and the run that
+# produced it (if any) is their parent.
+USES_MODEL = ("scope", "prompt")
 
 
 @dataclass
@@ -39,6 +42,10 @@ def variants(project, stage: str) -> dict[str, dict]:
         if cfg.scope is None and cfg.data is None and cfg.model is None:
             return {}
         return {"plan": {"scope": cfg.scope.model_dump() if cfg.scope else None}}
+    if stage == "prompt":
+        from llmcycle.prompt import variant_grid
+
+        return variant_grid(project)
     section = getattr(cfg, stage)
     return {name: v.model_dump() for name, v in section.items()}
 
@@ -68,15 +75,27 @@ def _model_identity(project) -> dict:
             out["resolved"] = project.store().get(model.name[4:]).id
         except UserError:
             out["resolved"] = None
+    elif (project.dir / model.name).exists():
+        from llmcycle.data import fingerprint
+
+        out["resolved"] = fingerprint(model.name, project.dir)  # a local folder: by content
     return out
+
+
+def model_parent(project) -> str | None:
+    """The run that produced the project's model, when it is `run:...`."""
+    identity = _model_identity(project)
+    return identity.get("resolved") if project.config.model.name.startswith("run:") else None
 
 
 def content_hash(project, stage: str, variant: str, config: dict) -> str:
     """Identity of a stage variant's work: its config, the data it reads and the code version."""
     inputs = {"stage": stage, "variant": variant, "config": config, "task": project.config.project.task,
               "data": _data_identity(project), "llmcycle": llmcycle.__version__}
-    if stage == "scope":
+    if stage in USES_MODEL:
         inputs["model"] = _model_identity(project)
+    if stage == "prompt":
+        inputs["evaluate"] = project.config.evaluate.model_dump() if project.config.evaluate else None
     if config.get("corpus"):  # extra pretraining text files count as inputs too
         from llmcycle.data import fingerprint
 
@@ -113,8 +132,9 @@ def execute(project, stage: str, variant: str, *, force: bool = False, resume: b
                             f"in {store.root}")
         resume_ref = unfinished.id
     module = _stage_module(stage)
-    with store.start(stage, variant, config, content_hash=digest, resume_ref=resume_ref,
-                     project_dir=project.dir) as run:
+    parent = model_parent(project) if stage in USES_MODEL and project.config.model else None
+    with store.start(stage, variant, config, parent=parent, content_hash=digest,
+                     resume_ref=resume_ref, project_dir=project.dir) as run:
         summary = module.run(project, variant, run, resume=resume, progress=progress)
     return Outcome(stage, variant, "completed", run.id, summary)
 

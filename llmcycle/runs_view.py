@@ -60,34 +60,131 @@ def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:
     return out
 
 
+# Columns of the comparison, in this order when present; other scalar figures follow in --json only.
+COMPARE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match", "f1",
+                "accuracy", "macro_f1", "perplexity", "len_words_mean", "stopped_share",
+                "prompts_lost_shots", "examples_per_s", "final_loss", "parameters",
+                "useful_tokens_per_s", "wall_s")
+# Short column titles keep the table readable in a terminal; --json keeps the full names.
+SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_shots": "lost shots",
+         "examples_per_s": "ex/s", "perplexity": "ppl", "useful_tokens_per_s": "useful tok/s",
+         "final_loss": "loss", "parameters": "params", "rougeLsum": "rougeLs"}
+
+
 def compare_rows(records) -> list[dict]:
     """One row per run: identity plus every scalar figure in its summary."""
     rows = []
     for r in records:
         row = {"id": r.id, "stage": r.stage, "variant": r.variant, "status": r.status}
         for key, value in r.summary().items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if key == "headline" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
                 row[key] = value
         rows.append(row)
     return rows
 
 
+def best_by_metric(rows: list[dict]) -> dict[str, float]:
+    """For each metric with a known direction, the best value among the rows."""
+    from llmcycle.metrics import higher_is_better
+
+    best = {}
+    for key in COMPARE_KEYS + ("headline_value",):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if len(values) < 2:
+            continue
+        try:
+            direction = higher_is_better(key if key != "headline_value" else rows[0].get("headline", ""))
+        except Exception:  # noqa: BLE001 - not a metric (timing, counts): nothing to mark
+            direction = None
+        if key in ("examples_per_s", "useful_tokens_per_s"):
+            direction = True
+        if direction is not None:
+            best[key] = max(values) if direction else min(values)
+    return best
+
+
 def compare_table(rows: list[dict]) -> Table:
-    keys = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    table = Table(title="runs side by side")
+    """Runs x metrics; the headline with its 95% bootstrap interval; the best value per column bold *."""
+    best = best_by_metric(rows)
+    keys = [k for k in COMPARE_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    has_headline = any(r.get("headline") for r in rows)
+    table = Table(title="runs side by side (* best)")
+    table.add_column("run", no_wrap=True)
+    stages = len({r["stage"] for r in rows}) > 1
+    if stages:
+        table.add_column("stage")
+    if has_headline:
+        names = sorted({r["headline"] for r in rows if r.get("headline")})
+        table.add_column(f"{'/'.join(names)} [95% CI]", justify="right", no_wrap=True)
     for key in keys:
-        table.add_column(key, justify="left" if key in ("id", "stage", "variant", "status") else "right",
-                         no_wrap=key == "id")
+        table.add_column(SHORT.get(key, key), justify="right")
     for row in rows:
-        table.add_row(*(_fmt(row.get(k, "")) for k in keys))
+        cells = [f"{row['variant']} ({row['id'][-4:]})"] + ([row["stage"]] if stages else [])
+        if has_headline:
+            value = row.get("headline_value")
+            cell = ""
+            if isinstance(value, (int, float)):
+                cell = f"{value:.3f}"
+                if row.get("headline_ci_low") is not None:
+                    cell += f" [{row['headline_ci_low']:.3f}, {row['headline_ci_high']:.3f}]"
+                cell = _mark(cell, value, best.get("headline_value"))
+            cells.append(cell)
+        for key in keys:
+            value = row.get(key)
+            cells.append(_mark(_fmt(value), value, best.get(key)) if value is not None else "")
+        table.add_row(*cells)
     return table
+
+
+def _mark(text: str, value, best) -> str:
+    return f"[bold green]{text} *[/]" if best is not None and value == best else text
+
+
+def side_by_side(records, n: int = 3) -> list[dict]:
+    """The first n evaluated examples with each run's output, aligned by example index."""
+    from llmcycle.harness import read_predictions
+
+    outputs = {}  # run label -> {example index: prediction row}
+    for r in records:
+        preds = read_predictions(r.dir)
+        if preds:
+            outputs[f"{r.variant} ({r.id[-4:]})"] = {p["index"]: p for p in preds}
+    if not outputs:
+        return []
+    common = sorted(set.intersection(*(set(p) for p in outputs.values())))[:n]
+    examples = []
+    for idx in common:
+        first = next(iter(outputs.values()))[idx]
+        examples.append({"index": idx, "where": first["where"], "input": first["input"],
+                         "references": first["references"],
+                         "outputs": {label: rows[idx]["prediction"] for label, rows in outputs.items()}})
+    return examples
+
+
+def print_side_by_side(examples: list[dict], console, width: int = 400) -> None:
+    for ex in examples:
+        table = Table(title=f"example {ex['index']} ({ex['where']})", show_header=False, expand=True)
+        table.add_column("", style="bold", no_wrap=True)
+        table.add_column("")
+        text = ex["input"]
+        table.add_row("input", text if len(text) <= width else text[:width] + " …")
+        for i, ref in enumerate(ex["references"]):
+            table.add_row("reference" + (f" {i + 1}" if len(ex["references"]) > 1 else ""), ref)
+        for label, output in ex["outputs"].items():
+            table.add_row(label, output or "[dim](empty)[/]")
+        console.print(table)
+
+
+def compare(records, console, n_examples: int = 3) -> None:
+    """The whole comparison: the metrics table, then examples side by side."""
+    rows = compare_rows(records)
+    console.print(compare_table(rows))
+    print_side_by_side(side_by_side(records, n_examples), console)
 
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
     if isinstance(value, (list, tuple)) and len(str(value)) > 60:
         return f"[{len(value)} items]"
     return str(value)
