@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -110,7 +109,7 @@ def pretrain(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model)."),
              data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file instead of the eval split."),
-             limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples."),
+             limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
              project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Evaluate any model with the project's prompt and record a run with per-example outputs."""
     from llmcycle import harness
@@ -281,12 +280,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         app(args=args, standalone_mode=False, prog_name="llmcycle")
         return 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:  # --help, or a command's explicit exit
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        return 130
+    except typer.TyperException as exc:  # usage errors: bad option values, missing arguments
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
         err.print("interrupted")
         return 130
     except UserError as exc:

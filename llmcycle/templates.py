@@ -52,6 +52,29 @@ model:
   device: auto                     # auto | cpu | cuda | mps
   # context_window: 512            # override the context window the model's config states
 
+evaluate:                          # how every evaluation prompts and generates
+  template: "{template}"
+  generation:
+    max_new_tokens: 64             # most tokens generated per example
+    batch_size: 16                 # prompts per batch (sorted by length, so little padding)
+    # num_beams: 1                 # beam search when > 1
+    # repetition_penalty: 1.0
+  # limit: 500                     # evaluate on the first N eval examples only
+  perplexity: true                 # also the perplexity of the references
+  show_examples: 3                 # examples shown side by side in comparisons
+
+prompt:                            # the prompt-first baseline: do we even need to fine-tune?
+  templates:                       # every template x shots x selection x generation is one run
+    default: "{template}"
+  shots: [0, 1, 3]                 # zero-, one- and few-shot
+  selection: [first, similar]      # first | random (seeded) | similar (sentence embedding)
+  shot_format: "{{prompt}} {{target}}"  # how a solved example is written into the prompt
+  on_overflow: drop_shots          # drop_shots (counted in the run) | refuse; text is never cut
+  generation:
+    greedy: {{max_new_tokens: 64}}
+    sampled: {{do_sample: true, temperature: 0.7, top_k: 50, top_p: 0.95, max_new_tokens: 64}}
+  limit: 200
+
 # Train your own base model from scratch instead of selecting one: uncomment, then point
 # model.name at run:pretrain/tiny. Each named entry is a variant and becomes its own run.
 # pretrain:
@@ -75,5 +98,9 @@ model:
 
 
 def render(task: str, name: str) -> str:
+    from llmcycle.prompts import DEFAULT_TEMPLATES
+
     d = TASK_DEFAULTS[task]
-    return TEMPLATE.format(task=task, name=name, **d)
+    # the prompt goes into a double-quoted YAML string (newlines escaped), naming the input field
+    prompt = DEFAULT_TEMPLATES[task].replace("\n", "\\n").replace("{input}", "{" + d["input"] + "}")
+    return TEMPLATE.format(task=task, name=name, template=prompt, **d)

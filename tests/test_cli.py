@@ -8,7 +8,7 @@ from tiny import make_t5
 
 from llmcycle.cli import main
 
-COMMANDS = [[], ["init"], ["scope"], ["pretrain"], ["run"], ["runs"], ["runs", "list"],
+COMMANDS = [[], ["init"], ["scope"], ["pretrain"], ["eval"], ["prompt"], ["run"], ["runs"], ["runs", "list"],
             ["runs", "show"], ["runs", "compare"]]
 
 
@@ -114,7 +114,7 @@ def test_scope_json_and_runs_commands(tmp_path):
     assert shown["summary"]["model"]["parameters"] == plan["model"]["parameters"]
     assert "versions" in shown and "config" in shown
     code, out, _ = cli("runs", "compare", "-p", str(path), "--json")
-    assert json.loads(out)[0]["id"] == runs[0]["id"]
+    assert json.loads(out)["runs"][0]["id"] == runs[0]["id"]
     code, out, _ = cli("runs", "list", "-p", str(path))
     assert code == 0 and runs[0]["id"][:20] in out
 

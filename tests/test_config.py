@@ -119,3 +119,12 @@ def test_init_templates_validate_and_are_commented(tmp_path, task):
     head, block = text.split("# pretrain:")
     uncommented = head + "pretrain:" + "\n".join(line.replace("# ", "", 1) for line in block.splitlines())
     assert load_project(write(tmp_path, uncommented)).config.pretrain
+
+
+def test_every_example_project_validates():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*/llmcycle.yaml"))
+    assert len(examples) >= 2
+    for path in examples:
+        assert load_project(path).config.project.name

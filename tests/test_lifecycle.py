@@ -53,9 +53,9 @@ def cli(*args, cwd=None, check=True):
 
 
 def test_stage_selection():
-    assert plan_stages() == ["scope", "pretrain"]
+    assert plan_stages() == ["scope", "pretrain", "prompt"]
     assert plan_stages(only=["pretrain"]) == ["pretrain"]
-    assert plan_stages(start="pretrain") == ["pretrain"]
+    assert plan_stages(start="pretrain") == ["pretrain", "prompt"]
     with pytest.raises(UserError, match="did you mean 'scope'"):
         plan_stages(only=["scoep"])
 

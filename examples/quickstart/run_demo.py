@@ -23,10 +23,9 @@ def main() -> None:
     start = time.time()
     if not (HERE / "data" / "train.jsonl").exists():
         subprocess.run([sys.executable, "make_data.py"], cwd=HERE, check=True)
-    llmcycle("run")                      # every configured stage, in lifecycle order
+    llmcycle("run")                      # every configured stage, in lifecycle order, compared at the end
     llmcycle("scope")                    # the plan again, now with the pretrained model's tokenizer
     llmcycle("runs", "list")
-    llmcycle("runs", "compare")
     print(f"\ndemo finished in {time.time() - start:.0f} s")
     print(f"results: {HERE / 'runs'} (one folder per run; `llmcycle runs show RUN` in {HERE})")
 
