@@ -121,7 +121,13 @@ class Generator:
     # -- preparing inputs ---------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt, never truncated."""
-        ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        from .prompts import encode_prompt, uses_chat_template
+
+        if uses_chat_template(self.tokenizer, self.kind):
+            # chat models get the prompt as a user turn, exactly as fine-tuning formats it
+            ids = [encode_prompt(self.tokenizer, p, self.kind) for p in prompts]
+        else:
+            ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
         out = []
         for i, row in enumerate(ids):
             if not row and self.kind == "causal":

@@ -96,8 +96,10 @@ def generation_budget(loaded: LoadedModel, max_new_tokens: int) -> int:
 
 
 def count_tokens(loaded: LoadedModel):
-    tok = loaded.tokenizer
-    return lambda text: len(tok(text, add_special_tokens=True)["input_ids"])
+    """Token count of a prompt as the model will see it (chat template included)."""
+    from llmcycle.prompts import encode_prompt
+
+    return lambda text: len(encode_prompt(loaded.tokenizer, text, loaded.kind))
 
 
 def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_cfg, *,

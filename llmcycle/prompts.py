@@ -60,6 +60,20 @@ def build_prompt(template: str, example, shots=(), shot_format: str = "{prompt} 
     return separator.join(parts + [render(template, example)])
 
 
+def uses_chat_template(tokenizer, kind: str) -> bool:
+    """Chat models (a causal model whose tokenizer has a chat template) get their prompt as a user turn."""
+    return kind == "causal" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer, prompt: str, kind: str) -> list[int]:
+    """Token ids of a prompt exactly as the model sees it at inference (chat template when it has one)."""
+    if uses_chat_template(tokenizer, kind):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its specials
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
 # -- choosing shots -------------------------------------------------------------------------------
 def select_shots(method: str, k: int, pool, queries, *, seed: int = 0, embedder=None) -> list[list[int]]:
     """For each query, the indices into `pool` of its k shots, furthest from the query first.
