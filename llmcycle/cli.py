@@ -105,6 +105,31 @@ def pretrain(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt
     _report_outcomes(outcomes, as_json)
 
 
+@app.command()
+def tune(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+         variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
+         resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run."),
+         merge: bool = typer.Option(False, "--merge", help="Also save adapters merged into the base."),
+         force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
+         as_json: bool = JsonOpt):
+    """Fine-tune the project's model: full, LoRA, prompt tuning or QLoRA; every variant evaluated.
+
+    Several processes: torchrun --nproc_per_node N -m llmcycle tune ...
+    """
+    from llmcycle import lifecycle
+
+    proj = _project(project, overrides)
+    names = variant or list(lifecycle.variants(proj, "tune"))
+    if not names:
+        raise UserError(f"{proj.path}: no tune variants configured (add a `tune:` section)")
+    if merge:
+        proj = _project(project, (overrides or []) + [f"tune.{n}.merge=true" for n in names])
+    outcomes = [lifecycle.execute(proj, "tune", name, force=force, resume=resume,
+                                  progress=not as_json) for name in names]
+    if lifecycle.is_main_process():
+        _report_outcomes(outcomes, as_json, proj)
+
+
 @app.command("eval")
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model)."),

@@ -22,6 +22,7 @@ from llmcycle.models import ModelConfig
 from llmcycle.pretrain import PretrainConfig
 from llmcycle.prompt import PromptConfig
 from llmcycle.scope import ScopeConfig
+from llmcycle.tune import TuneConfig
 
 PROJECT_FILE = "llmcycle.yaml"
 TASKS = ("summarization", "qa", "classification", "generation")
@@ -41,6 +42,7 @@ class ProjectConfig(Section):
     pretrain: dict[str, PretrainConfig] = Field(default_factory=dict)
     evaluate: EvaluateConfig | None = None
     prompt: PromptConfig | None = None
+    tune: dict[str, TuneConfig] = Field(default_factory=dict)
 
 
 class Project:

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import llmcycle
 from llmcycle.errors import UserError, suggest
 
 # The lifecycle's order. Stages not built yet are absent, not stubbed.
-STAGES = ("scope", "pretrain", "prompt")
+STAGES = ("scope", "pretrain", "prompt", "tune")
 # Stages that evaluate the project's model: its identity is one of their inputs, and the run that
 # produced it (if any) is their parent.
-USES_MODEL = ("scope", "prompt")
+USES_MODEL = ("scope", "prompt", "tune")
 
 
 @dataclass
@@ -64,28 +66,39 @@ def _data_identity(project) -> dict:
     return out
 
 
-def _model_identity(project) -> dict:
-    """A model reference by value: a run reference resolves to the run it currently points at."""
+def _model_identity(project, name: str | None = None) -> dict:
+    """A model reference by value: a run reference resolves to the run it currently points at, a
+    local folder to a fingerprint of its files. `name` overrides the project's model name."""
     model = project.config.model
-    if model is None:
+    if model is None and name is None:
         return {}
-    out = model.model_dump()
-    if model.name.startswith("run:"):
+    out = model.model_dump() if model is not None else {}
+    name = name or model.name
+    out["name"] = name
+    if name.startswith("run:"):
         try:
-            out["resolved"] = project.store().get(model.name[4:]).id
+            out["resolved"] = project.store().get(name[4:]).id
         except UserError:
             out["resolved"] = None
-    elif (project.dir / model.name).exists():
+    elif (project.dir / name).exists():
         from llmcycle.data import fingerprint
 
-        out["resolved"] = fingerprint(model.name, project.dir)  # a local folder: by content
+        out["resolved"] = fingerprint(name, project.dir)  # a local folder: by content
     return out
 
 
-def model_parent(project) -> str | None:
-    """The run that produced the project's model, when it is `run:...`."""
-    identity = _model_identity(project)
-    return identity.get("resolved") if project.config.model.name.startswith("run:") else None
+def _stage_model_name(project, stage: str, config: dict) -> str | None:
+    """The model a stage variant works on: its own `base` if it names one, else the project's."""
+    if config.get("base"):
+        return config["base"]
+    return project.config.model.name if project.config.model else None
+
+
+def model_parent(project, name: str | None) -> str | None:
+    """The run that produced the model, when it is referenced as `run:...`."""
+    if not name or not name.startswith("run:"):
+        return None
+    return _model_identity(project, name).get("resolved")
 
 
 def content_hash(project, stage: str, variant: str, config: dict) -> str:
@@ -93,8 +106,8 @@ def content_hash(project, stage: str, variant: str, config: dict) -> str:
     inputs = {"stage": stage, "variant": variant, "config": config, "task": project.config.project.task,
               "data": _data_identity(project), "llmcycle": llmcycle.__version__}
     if stage in USES_MODEL:
-        inputs["model"] = _model_identity(project)
-    if stage == "prompt":
+        inputs["model"] = _model_identity(project, _stage_model_name(project, stage, config))
+    if stage in ("prompt", "tune"):
         inputs["evaluate"] = project.config.evaluate.model_dump() if project.config.evaluate else None
     if config.get("corpus"):  # extra pretraining text files count as inputs too
         from llmcycle.data import fingerprint
@@ -110,9 +123,88 @@ def _stage_module(stage: str):
     return importlib.import_module(f"llmcycle.{stage}")
 
 
+# -- several processes (torchrun) ---------------------------------------------------------------
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain single process: the one that writes the run store."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _share_from_main(value):
+    """Rank 0's value on every rank (the run folder, the skip decision), so all ranks agree."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class FollowerRun:
+    """What a non-zero rank holds instead of a Run: the same folder (to read checkpoints from),
+    but it never writes the run's records — rank 0 does."""
+
+    def __init__(self, run_id: str, run_dir: str):
+        self.id, self.dir = run_id, Path(run_dir)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.dir / "artifacts"
+
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        pass
+
+
 def execute(project, stage: str, variant: str, *, force: bool = False, resume: bool = False,
             progress: bool = True) -> Outcome:
     """Run one variant of one stage, unless an identical completed run exists (and not forced)."""
+    if _distributed():
+        return _execute_distributed(project, stage, variant, force=force, resume=resume,
+                                    progress=progress)
+    return _execute(project, stage, variant, force=force, resume=resume, progress=progress)
+
+
+def _execute_distributed(project, stage, variant, *, force, resume, progress) -> Outcome:
+    """Under torchrun: rank 0 records the run as usual; the others run the same stage code against
+    rank 0's run folder without writing to the store. Rank 0 tells them which folder, or that the
+    variant was skipped, or that it failed before starting (so nobody waits forever)."""
+    if is_main_process():
+        announced = []
+
+        def announce(run) -> None:
+            announced.append(True)
+            _share_from_main(("run", run.id, str(run.dir)))
+
+        try:
+            outcome = _execute(project, stage, variant, force=force, resume=resume,
+                               progress=progress, on_start=announce)
+        except BaseException as exc:
+            if not announced:
+                _share_from_main(("error", f"{type(exc).__name__}: {exc}", None))
+            raise
+        if not announced:
+            _share_from_main(("skipped", outcome.run_id, None))
+        return outcome
+    kind, value, run_dir = _share_from_main(None)
+    if kind == "error":
+        raise UserError(f"rank 0 stopped before {stage}.{variant} started: {value}")
+    if kind == "skipped":
+        return Outcome(stage, variant, "skipped", value, {})
+    module = _stage_module(stage)
+    summary = module.run(project, variant, FollowerRun(value, run_dir), resume=resume, progress=False)
+    return Outcome(stage, variant, "completed", value, summary)
+
+
+def _execute(project, stage: str, variant: str, *, force: bool, resume: bool, progress: bool,
+             on_start=None) -> Outcome:
     store = project.store()
     config = variants(project, stage).get(variant)
     if config is None:
@@ -132,9 +224,11 @@ def execute(project, stage: str, variant: str, *, force: bool = False, resume: b
                             f"in {store.root}")
         resume_ref = unfinished.id
     module = _stage_module(stage)
-    parent = model_parent(project) if stage in USES_MODEL and project.config.model else None
+    parent = model_parent(project, _stage_model_name(project, stage, config)) if stage in USES_MODEL else None
     with store.start(stage, variant, config, parent=parent, content_hash=digest,
                      resume_ref=resume_ref, project_dir=project.dir) as run:
+        if on_start:
+            on_start(run)
         summary = module.run(project, variant, run, resume=resume, progress=progress)
     return Outcome(stage, variant, "completed", run.id, summary)
 

@@ -105,10 +105,26 @@ def _check_folder(path: str, needs_tokenizer: bool) -> None:
                         f"spiece.model or vocab files); save one there with tokenizer.save_pretrained({folder})")
 
 
+def adapter_base(path: str) -> str | None:
+    """For a folder of PEFT adapters (LoRA, prompt tuning), the base model they apply to; else None."""
+    import json
+
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"adapter folder {path}: adapter_config.json is unreadable: {e}") from None
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
-    """The transformers config of a model folder or Hub id."""
+    """The transformers config of a model folder or Hub id (for adapters, their base model's)."""
     from transformers import AutoConfig
 
+    base = adapter_base(name_or_path)
+    if base is not None:
+        return load_config(base, trust_remote_code)
     _check_folder(name_or_path, needs_tokenizer=False)
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -175,7 +191,12 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer): the model in eval mode on the device, and its tokenizer."""
+    """(model, tokenizer): the model in eval mode on the device, and its tokenizer. A folder of PEFT
+    adapters loads its base model with the adapters applied (unmerged)."""
+    if adapter_base(name_or_path) is not None:
+        from llmcycle.tune import load_trained
+
+        return load_trained(name_or_path, dtype=dtype, device=device)
     config = load_config(name_or_path, trust_remote_code)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     dev = resolve_device(device)

@@ -172,15 +172,44 @@ def build_plan(project) -> dict:
             train_tokens = plan["data"]["token_stats"]["train"]
             per_epoch = sum(train_tokens.get(f, {}).get("tokens", 0) for f in ("input", "target"))
             targets = DEFAULT_LORA_TARGETS.get(model_config.model_type, ["q", "v"])
-            lora = lora_parameters(meta, targets, scope.lora_r)
-            tune = _model_plan("fine-tune", params, int(per_epoch * scope.tune_epochs), scope,
-                               lora=lora, pretrain=False)
-            tune["lora_targets"] = targets
-            tune["epochs"] = scope.tune_epochs
-            plan["stages"].append(tune)
+            if not cfg.tune:  # nothing configured yet: plan a generic fine-tune
+                lora = lora_parameters(meta, targets, scope.lora_r)
+                tune = _model_plan("fine-tune", params, int(per_epoch * scope.tune_epochs), scope,
+                                   lora=lora, pretrain=False)
+                tune.update(lora_targets=targets, epochs=scope.tune_epochs)
+                plan["stages"].append(tune)
+            for variant, tcfg in cfg.tune.items():
+                plan["stages"].append(_tune_plan(variant, tcfg, meta, params, per_epoch,
+                                                 train_tokens, targets, scope))
 
     for variant, pcfg in cfg.pretrain.items():
         plan["stages"].append(_pretrain_plan(variant, pcfg, splits, tokenizer, scope))
+    return plan
+
+
+def _tune_plan(variant, tcfg, meta, params, per_epoch, train_stats, default_targets, scope) -> dict:
+    """A configured fine-tuning variant: its trainable parameters set its training memory."""
+    if tcfg.max_steps and not tcfg.epochs:
+        # tokens per example (input + target) times the examples the steps will see
+        per_example = per_epoch / max(1, train_stats.get("input", {}).get("count", 1))
+        tokens = int(tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum * per_example)
+    else:
+        tokens = int(per_epoch * (tcfg.epochs or 1))
+    if tcfg.method == "lora":
+        trainable = lora_parameters(meta, tcfg.target_modules or default_targets, tcfg.r)
+        total = params + trainable
+    elif tcfg.method == "prompt_tuning":
+        # peft learns one soft prompt per transformer stack: two for encoder-decoder models
+        stacks = 2 if getattr(meta.config, "is_encoder_decoder", False) else 1
+        trainable = tcfg.num_virtual_tokens * stacks * meta.get_input_embeddings().weight.shape[1]
+        total = params + trainable
+    else:
+        trainable = total = params
+    plan = _model_plan(f"tune.{variant}", params, tokens, scope, lora=None, pretrain=False)
+    # FLOPs: the forward and backward passes run through the whole model whatever is trained
+    plan["train_memory_bytes"] = {f"{tcfg.method}_adam_fp32": train_memory(total, trainable)}
+    plan.update(method=tcfg.method, trainable_parameters=trainable,
+                trainable_pct=round(100 * trainable / total, 4))
     return plan
 
 

@@ -292,7 +292,7 @@ class RunStore:
         path = rec.artifacts / "model"
         if rec.status != "completed":
             raise UserError(f"run {rec.id} is {rec.status}; only a completed run's model can be used")
-        if not (path / "config.json").exists():
+        if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise UserError(f"run {rec.id} ({rec.stage}) has no model folder at {path}")
         return path
 

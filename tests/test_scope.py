@@ -107,3 +107,26 @@ def test_plan_for_pretraining_uses_chinchilla(tmp_path):
     assert pre["train_tokens"] == 10 * 4 * 64
     assert pre["compute_optimal_tokens"] == 20 * params
     assert pre["tokens_vs_optimal"] == round(10 * 4 * 64 / (20 * params), 4)
+
+
+def test_plan_rows_for_configured_tune_variants(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model_dir = make_t5(tmp_path / "t5")
+    extra = """tune:
+  lora: {method: lora, r: 4, max_steps: 10, batch_size: 2}
+  full: {method: full, epochs: 1}
+  soft: {method: prompt_tuning, num_virtual_tokens: 5, epochs: 1}
+"""
+    plan = scope.build_plan(_project(tmp_path, model_dir, extra=extra))
+    rows = {s["stage"]: s for s in plan["stages"]}
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    params = sum(p.numel() for p in model.parameters())
+    lora = scope.lora_parameters(model, ["q", "v"], 4)
+    assert rows["tune.lora"]["trainable_parameters"] == lora
+    assert rows["tune.lora"]["train_memory_bytes"] == {"lora_adam_fp32": 4 * params + 20 * lora}
+    assert rows["tune.full"]["trainable_parameters"] == params
+    assert rows["tune.full"]["train_memory_bytes"] == {"full_adam_fp32": 20 * params}
+    # two soft prompts (encoder and decoder) of 5 tokens x d_model
+    assert rows["tune.soft"]["trainable_parameters"] == 2 * 5 * model.config.d_model
+    assert "fine-tune" not in rows

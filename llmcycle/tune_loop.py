@@ -1,0 +1,383 @@
+"""The fine-tuning loop behind `llmcycle tune` (llmcycle/tune.py): written out, not hidden in a Trainer.
+
+One optimizer step takes `grad_accum` consecutive micro-batches of `batch_size` examples from the
+epoch's length-grouped order (a function of seed and epoch only, so --resume replays it exactly).
+Under torchrun / accelerate launch every process takes its rows of each micro-batch (rows[rank::world]);
+each process's summed token loss is divided by the token count of the whole step (known to every
+process, which holds all features), so the all-reduced gradient is exactly that of the token-weighted
+mean over the global batch: the result does not depend on the number of processes. The logged loss is
+that same global mean (one all_reduce of the summed loss). Only rank 0 writes checkpoints and logs.
+
+Checkpoints (pretrain's atomic step-N folders with a COMPLETE marker, the last two kept, plus best/)
+hold the trainable weights (the adapter, or the whole model for full), optimizer, scheduler, RNG
+states, the position in the data, the best validation score so far and the config and data hashes;
+resuming with different training settings is refused with the differences listed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+from .pretrain import (COMPLETE_MARKER, _fsync_dir, _fsync_tree, _progress_bar, _quiet_saves, _read_state,
+                       _tuplify, latest_checkpoint, save_checkpoint)
+
+# Fields that do not change the trained weights: they may differ when resuming.
+NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge"}
+BEST = "best"
+
+
+@dataclass
+class Trained:
+    model: object  # unwrapped (no DDP), in train mode
+    tokenizer: object
+    kind: str
+    window: int  # prompt + answer tokens the model can take (minus virtual tokens for prompt tuning)
+    device: object
+    is_main: bool
+    summary: dict
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then linear or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sum_loss(model, batch: dict, kind: str):
+    """(summed token cross-entropy over the labels, number of scored tokens), in float32."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    if kind == "causal":
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt tuning puts the virtual tokens first: the text's logits are the last ones
+        logits, targets = logits[:, -labels.shape[1]:-1], labels[:, 1:]  # position t predicts t + 1
+    else:
+        logits, targets = model(**batch).logits, labels  # the model shifts labels into decoder inputs
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def scored_tokens(feature: dict, kind: str) -> int:
+    labels = feature["labels"][1:] if kind == "causal" else feature["labels"]
+    return sum(1 for t in labels if t != -100)
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Validation must not move the random streams training draws from (dropout, data), so a run that
+    validates and resumes ends exactly where an uninterrupted one does."""
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fmt(v) -> str:
+    return json.dumps(v) if isinstance(v, (str, list, dict)) else str(v)
+
+
+def check_same_run(path: Path, state: dict, config: dict, data_hash: str, base: str) -> None:
+    old = state.get("config", {})
+    diffs = [f"{k}: {_fmt(old.get(k))} → {_fmt(config.get(k))}"
+             for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+    if state.get("base") != base:
+        diffs.append(f"base: {state.get('base')} → {base}")
+    if state.get("data_hash") != data_hash:
+        diffs.append(f"training data: {state.get('data_hash')} → {data_hash} (hash of the encoded examples)")
+    if diffs:
+        raise UserError(f"cannot resume from {path}: training settings differ from the checkpoint's: "
+                        + "; ".join(diffs) + " (restore them, or start a fresh run without --resume)")
+
+
+def save_best(root: Path, model, state: dict) -> Path:
+    """checkpoints/best/, replaced atomically: the new folder is complete before it takes the name."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final, old = root / f".tmp-best-{os.getpid()}", root / BEST, root / ".old-best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_saves():
+        model.save_pretrained(str(tmp / "model"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / COMPLETE_MARKER).write_text(f"{state['step']}\n")
+    _fsync_tree(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_weights(model, path: Path, method: str, cfg_dtype):
+    """The checkpoint's trainable weights into `model` (adapter) or a model loaded from it (full)."""
+    try:
+        if method == "full":
+            from .models import auto_class
+
+            return auto_class(model.config).from_pretrained(str(path / "model"), dtype=cfg_dtype)
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_peft_weights(str(path / "model")))
+        if result.unexpected_keys:
+            raise ValueError(f"unexpected adapter weights {result.unexpected_keys[:3]}")
+        return model
+    except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"corrupt checkpoint {path}: {reason}") from None
+
+
+def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_dir: Path, *,
+        resume: bool = False, log: Callable[[dict], None] | None = None, progress: bool = True,
+        task: str = "summarization", gen_cfg=None, dtype: str = "auto", device: str = "auto",
+        context_window: int | None = None, trust_remote_code: bool = False) -> Trained:
+    """Fine-tune the model at `base_path` as `cfg` says; checkpoints go under work_dir/checkpoints."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from . import harness
+    from .generation import GenerationConfig, Generator
+    from .models import context_window as window_of, model_kind
+    from .prompts import build_prompt, encode_prompt
+    from .tune import load_base, parameter_counts, wrap
+    from .tune_data import collate, encode_examples, length_grouped_batches, padded_tokens, useful_tokens
+
+    t_start = time.perf_counter()
+    gen_cfg = gen_cfg or GenerationConfig()
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    bf16 = not on_cpu and torch.cuda.is_bf16_supported()
+    accel = Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 else "no")
+    rank, world, main = accel.process_index, accel.num_processes, accel.is_main_process
+    if cfg.batch_size < world:
+        raise UserError(f"tune: batch_size {cfg.batch_size} is smaller than the {world} processes sharing "
+                        "each batch; raise batch_size")
+
+    model, tok = load_base(base_path, cfg, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    kind = model_kind(model.config)
+    window = window_of(model.config, tok, context_window)
+    if cfg.method == "prompt_tuning":
+        window -= cfg.num_virtual_tokens  # the soft prompt occupies positions too
+    enc = encode_examples(train_examples, [build_prompt(template, ex) for ex in train_examples], tok, kind,
+                          window, on_overflow=cfg.on_overflow)
+    features = enc.features
+    if not features:
+        raise UserError(f"tune: all {len(train_examples)} training examples are longer than the context "
+                        f"window of {window} tokens and were skipped; nothing is left to train on")
+    # The validation sample: the first eval_samples eval examples that fit for scoring and generating.
+    room = gen_cfg.max_new_tokens if kind == "causal" else 0
+    sample = eval_examples[:cfg.eval_samples]
+    val_prompts_all = [build_prompt(template, ex) for ex in sample]
+    val = encode_examples(sample, val_prompts_all, tok, kind, window, on_overflow="skip").features
+    val = [f for f in val if len(encode_prompt(tok, val_prompts_all[f["index"]], kind)) + room <= window]
+    if cfg.eval_every and not val:
+        raise UserError(f"tune: none of the first {len(sample)} eval examples fits the context window of "
+                        f"{window} tokens with room to generate {room}; validation has nothing to score")
+    data_hash = _hash([[f["input_ids"], f["labels"]] for f in features + val])
+    relevant = {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
+
+    ckpt_root = Path(work_dir) / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_root) if resume else None
+    state: dict = {}
+    if ckpt is not None:
+        state = _read_state(ckpt)
+        check_same_run(ckpt, state, relevant, data_hash, base_path)
+    elif main:
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with older checkpoints
+    if main and ckpt_root.is_dir():
+        for stale in ckpt_root.glob(".tmp-*"):  # saves cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
+        if not (ckpt_root / BEST).exists() and (ckpt_root / ".old-best").exists():
+            os.replace(ckpt_root / ".old-best", ckpt_root / BEST)  # a crash between save_best's renames
+    accel.wait_for_everyone()
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # before wrapping: LoRA A and the soft prompt are drawn from it
+    model = wrap(cfg, model, kind)
+    if ckpt is not None:
+        model = _load_weights(model, ckpt, cfg.method, torch.float32)
+    if cfg.method == "prompt_tuning":  # peft accepts some models it cannot run; find out now
+        try:
+            model.eval()
+            with torch.no_grad():
+                sum_loss(model, collate(features[:1], tok.pad_token_id), kind)
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"tune: prompt tuning does not work with model type "
+                            f"'{getattr(model.config, 'model_type', '?')}': {str(exc).splitlines()[0]}") from None
+    model.train()
+    trainable, total = parameter_counts(model)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    n_batches = len(length_grouped_batches([len(f["input_ids"]) for f in features], cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs else cfg.max_steps
+    total_steps = max(1, min(total_steps, cfg.max_steps or total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
+    model, optimizer = accel.prepare(model, optimizer)
+    if ckpt is not None:
+        trainer_state = _load_trainer_state(ckpt)
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        random.setstate(_tuplify(trainer_state["rng_python"]))
+        np_state = trainer_state["rng_numpy"]
+        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+        torch.set_rng_state(trainer_state["rng_torch"])
+    inner = accel.unwrap_model(model)
+
+    def validate() -> dict:
+        """Token-weighted loss and the task's headline metric (through the harness) on the sample."""
+        inner.eval()
+        with rng_preserved(), torch.no_grad():
+            nll, n = 0.0, 0
+            for i in range(0, len(val), cfg.batch_size):
+                batch = {k: v.to(accel.device) for k, v in collate(val[i:i + cfg.batch_size], tok.pad_token_id).items()}
+                s, c = sum_loss(inner, batch, kind)
+                nll, n = nll + float(s), n + c
+            loaded = harness.LoadedModel("validation", base_path, inner, tok, Generator(inner, tok, window))
+            summary, _ = harness.evaluate(loaded, [val_prompts_all[f["index"]] for f in val],
+                                          [sample[f["index"]] for f in val], task, gen_cfg,
+                                          perplexity=False, progress=False)
+        inner.train()
+        return {"val_loss": nll / max(n, 1), "headline": summary["headline"],
+                "headline_value": summary["headline_value"]}
+
+    step, epoch, position = state.get("step", 0), state.get("epoch", 0), state.get("position", 0)
+    best, best_step, bad = state.get("best"), state.get("best_step"), state.get("bad_evals", 0)
+    stopped_early = state.get("stopped_early", False)
+    window_losses: list[float] = list(state.get("loss_window", []))
+    last_loss = state.get("last_loss")
+    sess_tokens = sess_useful = 0
+    step_time = 0.0
+    win_tokens, win_time = 0, 0.0
+
+    def checkpoint_state() -> dict:
+        return {"step": step, "epoch": epoch, "position": position, "config": relevant, "base": base_path,
+                "config_hash": _hash(relevant), "data_hash": data_hash, "best": best, "best_step": best_step,
+                "bad_evals": bad, "stopped_early": stopped_early, "loss_window": window_losses,
+                "last_loss": last_loss, "total_steps": total_steps}
+
+    with _progress_bar(progress and main) as bar:
+        task_id = bar.add_task(f"tune {cfg.method}", total=total_steps, completed=step, loss="-", tps="-")
+        order_epoch, batches = None, []
+        while step < total_steps and not stopped_early:
+            if order_epoch != epoch:
+                lengths = [len(f["input_ids"]) for f in features]
+                order_epoch = epoch
+                batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
+            t0 = time.perf_counter()
+            micro = batches[position:position + cfg.grad_accum]
+            n_scored = sum(scored_tokens(features[i], kind) for b in micro for i in b)  # the whole step's
+            local = torch.zeros(2, dtype=torch.float64)  # summed loss, padded tokens: this process's share
+            for j, rows in enumerate(micro):
+                mine, weight = rows[rank::world], 1.0
+                if not mine:  # a short last batch: join the gradient all-reduce with a zero-weight row
+                    mine, weight = rows[:1], 0.0
+                batch = {k: v.to(accel.device) for k, v in collate([features[i] for i in mine], tok.pad_token_id).items()}
+                sync = accel.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    s, _ = sum_loss(model, batch, kind)
+                    # DDP averages gradients over processes; times world, the sum over them remains
+                    accel.backward(s * (weight * world / max(n_scored, 1)))
+                local += torch.tensor([float(s.detach()) * weight, padded_tokens(batch, kind) * weight], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(local)
+            if cfg.grad_clip > 0:
+                accel.clip_grad_norm_(params, cfg.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            useful = useful_tokens([features[i] for b in micro for i in b], kind)
+            step, position = step + 1, position + len(micro)
+            if position >= n_batches:  # the saved position is where the *next* step starts
+                epoch, position = epoch + 1, 0
+            sess_tokens, sess_useful, step_time = sess_tokens + int(local[1]), sess_useful + useful, step_time + dt
+            win_tokens, win_time = win_tokens + int(local[1]), win_time + dt
+            window_losses.append(float(local[0]) / max(n_scored, 1))
+            if step % cfg.log_every == 0 or step == total_steps:
+                last_loss = sum(window_losses) / len(window_losses)
+                bar.update(task_id, loss=f"{last_loss:.4f}", tps=f"{win_tokens / win_time:,.0f}")
+                if main and log is not None:
+                    log({"step": step, "epoch": round(epoch + position / n_batches, 4), "loss": last_loss,
+                         "lr": lr, "tokens_per_s": win_tokens / win_time})
+                window_losses, win_tokens, win_time = [], 0, 0.0
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                result = [validate() if main else None]
+                if world > 1:  # every process must agree on early stopping
+                    dist.broadcast_object_list(result, src=0)
+                result = result[0]
+                if best is None or result["headline_value"] > best:
+                    best, best_step, bad = result["headline_value"], step, 0
+                    if main:
+                        save_best(ckpt_root, inner, checkpoint_state())
+                else:
+                    bad += 1
+                stopped_early = bool(cfg.early_stopping_patience and bad >= cfg.early_stopping_patience)
+                if main and log is not None:
+                    log({"step": step, "val_loss": result["val_loss"], "headline": result["headline"],
+                         result["headline"]: result["headline_value"]})
+            bar.update(task_id, completed=step)
+            if main and (step % cfg.checkpoint_every == 0 or step == total_steps or stopped_early):
+                if window_losses:  # the loss of steps since the last log line
+                    last_loss = sum(window_losses) / len(window_losses)
+                save_checkpoint(ckpt_root, step, inner, optimizer, scheduler, checkpoint_state())
+    accel.wait_for_everyone()
+    if window_losses:
+        last_loss = sum(window_losses) / len(window_losses)
+    summary = {
+        "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
+        "train_examples": len(features), "skipped_overlong": len(enc.skipped), "skipped": enc.skipped[:10],
+        "steps": step, "total_steps": total_steps, "epochs_done": round(step / steps_per_epoch, 4),
+        "final_train_loss": last_loss, "best_step": best_step, "best_headline": best,
+        "stopped_early": stopped_early, "stopped_at": step if stopped_early else None,
+        "train_wall_s": round(time.perf_counter() - t_start, 3),
+        "tokens_per_s": sess_tokens / step_time if step_time else None,
+        "useful_tokens_per_s": sess_useful / step_time if step_time else None,
+        "world_size": world, "resumed_from": str(ckpt) if ckpt is not None else None,
+    }
+    return Trained(inner, tok, kind, window, accel.device, main, summary)
+
+
+def _load_trainer_state(path: Path) -> dict:
+    """The checkpoint's trainer_state.pt (optimizer, scheduler, RNG), or a UserError naming it."""
+    import torch
+
+    try:
+        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
+        missing = {"optimizer", "scheduler", "rng_python", "rng_numpy", "rng_torch"} - set(trainer_state)
+        if missing:
+            raise ValueError(f"trainer_state.pt lacks {sorted(missing)}")
+    except Exception as exc:  # noqa: BLE001
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"corrupt checkpoint {path}: {reason}") from None
+    return trainer_state

@@ -1,0 +1,74 @@
+"""Data-parallel fine-tuning: `torchrun --nproc_per_node 2` on CPU (gloo) gives both processes the same
+weights after every step, and the same losses and weights as one process over the same global batches.
+
+Why compare with one process rather than only with the mean of the two ranks' shard losses: tune_loop
+divides each process's summed token loss by the token count of the whole global batch, so the logged
+loss (an all_reduce of the sums) and the gradient (DDP's mean over processes, times the world size)
+are by construction those of one process over the same batch; only the order of float additions
+differs. Losses agree to ~1e-7. Weights agree to ~1e-5, not bit for bit: Adam divides each gradient by
+its running RMS, which turns last-bit differences of near-zero gradients into small step differences.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DRIVER = """
+import json, os, sys
+from pathlib import Path
+import torch
+from llmcycle.data import Example
+from llmcycle.tune import TuneConfig
+from llmcycle.tune_loop import fit
+
+out, base = Path(sys.argv[1]), sys.argv[2]
+rank = int(os.environ.get("RANK", 0))
+words = ["red", "blue", "green", "grey", "cat", "dog", "sun", "sea", "sky"]
+# 9 examples in batches of 4: the last batch has one row, so one process joins with a zero-weight row
+examples = [Example(f"{w} is number {i} " + "x " * (i % 4), [w], {}, f"row {i}") for i, w in enumerate(words)]
+logged = []
+cfg = TuneConfig(method=sys.argv[3], max_steps=6, lr=1e-2, batch_size=4, grad_accum=2, log_every=1,
+                 dropout=0.0, checkpoint_every=100)
+trained = fit(cfg, base, examples, examples[:2], "{input} ->", out / f"work-{os.environ.get('WORLD_SIZE', 1)}",
+              log=logged.append, progress=False)
+tag = f"w{trained.summary['world_size']}-r{rank}"
+trainable = {k: v.detach().clone() for k, v in trained.model.named_parameters() if v.requires_grad}
+torch.save(trainable, out / f"params-{tag}.pt")
+(out / f"log-{tag}.json").write_text(json.dumps(logged))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path, method):
+    import torch
+
+    from tiny import make_gpt2
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    base = make_gpt2(tmp_path / "base")
+    (tmp_path / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(tmp_path / "driver.py"), str(tmp_path), str(base), method]
+    ddp = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *args], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    r0, r1, single = (torch.load(tmp_path / f"params-{t}.pt") for t in ("w2-r0", "w2-r1", "w1-r0"))
+    assert r0.keys() == r1.keys() == single.keys() and r0
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name  # DDP keeps the processes identical
+        assert torch.allclose(r0[name], single[name], atol=1e-4), name
+    logs = {t: json.loads((tmp_path / f"log-{t}.json").read_text()) for t in ("w2-r0", "w2-r1", "w1-r0")}
+    assert logs["w2-r1"] == []  # only rank 0 logs
+    assert [r["step"] for r in logs["w2-r0"]] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(logs["w2-r0"], logs["w1-r0"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["epoch"] == b["epoch"]
