@@ -300,6 +300,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # Deprecation notices from the libraries are for their developers, not for our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:

@@ -227,7 +227,7 @@ def load_trained(path, dtype: str = "auto", device: str = "auto", trust_remote_c
     return model, tokenizer
 
 
-def save_model(model, tokenizer, dest: Path, meta: dict | None = None, merge: bool = False) -> Path:
+def save_model(model, tokenizer, dest: Path, meta: dict | None = None) -> Path:
     """Write the trained model (the adapter, or the whole model for full) to `dest` atomically."""
     from .pretrain import _fsync_tree, _quiet_saves
 

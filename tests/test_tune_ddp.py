@@ -72,3 +72,25 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, method):
     assert [r["step"] for r in logs["w2-r0"]] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(logs["w2-r0"], logs["w1-r0"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["epoch"] == b["epoch"]
+
+
+@pytest.mark.slow
+def test_torchrun_through_the_cli_records_one_run(tmp_path):
+    """`torchrun -m llmcycle tune`: rank 0 records one run; the other rank trains without writing."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_evaluate import make_project
+
+    path = make_project(tmp_path, extra="tune:\n  lora: {method: lora, r: 4, lr: 1e-3, batch_size: 4, "
+                                         "max_steps: 4, checkpoint_every: 2}\n")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmcycle", "tune",
+                           "-p", str(path), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome = json.loads(proc.stdout)[0]
+    assert outcome["status"] == "completed" and outcome["summary"]["world_size"] == 2
+    runs = json.loads(subprocess.run([sys.executable, "-m", "llmcycle", "runs", "list", "-p", str(path), "--json"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert [(r["stage"], r["status"]) for r in runs] == [("tune", "completed")]
+    assert (tmp_path / "runs" / runs[0]["id"] / "artifacts/model/adapter_config.json").exists()

@@ -1,0 +1,339 @@
+"""Fine-tuning (llmcycle/tune.py, tune_loop.py) on tiny models: formatting, what each method trains,
+learning, bad input, validation and early stopping, kill -9 + resume, merging."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmcycle.config import load_project
+from llmcycle.data import Example
+from llmcycle.errors import UserError
+from llmcycle.tune import TuneConfig, load_base, load_trained, wrap
+from llmcycle.tune_loop import fit
+from tiny import make_gpt2, make_t5
+
+WORDS = ["red", "blue", "green", "grey", "cat", "dog"]
+
+
+def examples(n=24, offset=0):
+    """A learnable task: the answer is the first word of the input."""
+    return [Example(f"{WORDS[i % 6]} is here number {i}", [WORDS[i % 6]], {}, f"row {i}")
+            for i in range(offset, offset + n)]
+
+
+def make_project(root: Path, arch="t5", tune: dict | None = None, n=36, extra="") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "base" / "config.json").exists():
+        (make_t5 if arch == "t5" else make_gpt2)(root / "base")
+    rows = [{"text": e.input, "summary": e.targets[0]} for e in examples(n)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tune = tune or {"v": {"max_steps": 20}}
+    text = ("project: {name: tiny, task: summarization}\n"
+            "data: {train: train.jsonl, input: text, target: summary, eval_size: 6}\n"
+            "model: {name: base}\n"
+            'evaluate: {template: "{input} ->", generation: {max_new_tokens: 4}}\n' + extra)
+    (root / "llmcycle.yaml").write_text(text + "tune: " + json.dumps(tune) + "\n")
+    return root / "llmcycle.yaml"
+
+
+def project(path: Path, overrides=None):
+    return load_project(path, overrides)
+
+
+def execute(path: Path, variant="v", **kw):
+    from llmcycle import lifecycle
+
+    return lifecycle.execute(project(path), "tune", variant, progress=False, **kw)
+
+
+def train(tmp_path, arch, steps=8, **cfg):
+    """fit() straight on the tiny base; returns (trained, the base folder)."""
+    base = tmp_path / "base"
+    if not (base / "config.json").exists():
+        (make_t5 if arch == "t5" else make_gpt2)(base)
+    cfg = TuneConfig(**{"max_steps": steps, "lr": 1e-2, "batch_size": 4, **cfg})
+    return fit(cfg, str(base), examples(), examples(4, 100), "{input} ->", tmp_path / "work", progress=False), base
+
+
+# -- formatting --------------------------------------------------------------------------------
+def test_causal_labels_mask_the_prompt_end_with_eos_and_padding_is_ignored(tmp_path):
+    from llmcycle.generation import Generator
+    from llmcycle.models import load_model
+    from llmcycle.tune_data import IGNORE, collate, encode_examples
+
+    model, tok = load_model(str(make_gpt2(tmp_path / "g")))
+    exs = examples(2)
+    prompts = [f"{e.input} ->" for e in exs]
+    feats = encode_examples(exs, prompts, tok, "causal", 128).features
+    gen_ids = Generator(model, tok).encode(prompts)
+    for f, p_ids in zip(feats, gen_ids):
+        n = len(p_ids)
+        assert f["input_ids"][:n] == p_ids  # what training sees is what inference sends
+        assert f["labels"][:n] == [IGNORE] * n
+        assert f["labels"][n:] == f["input_ids"][n:] and f["labels"][-1] == tok.eos_token_id
+    feats[1]["input_ids"] = feats[1]["input_ids"] + [5, 6]  # make the rows differ in length
+    feats[1]["labels"] = feats[1]["labels"] + [5, 6]
+    batch = collate(feats, tok.pad_token_id)
+    short = len(feats[0]["input_ids"])
+    assert (batch["labels"][0, short:] == IGNORE).all() and (batch["attention_mask"][0, short:] == 0).all()
+
+
+def test_seq2seq_labels_end_with_eos_and_prompt_matches_generation(tmp_path):
+    from llmcycle.generation import Generator
+    from llmcycle.models import load_model
+    from llmcycle.tune_data import encode_examples
+
+    model, tok = load_model(str(make_t5(tmp_path / "t")))
+    exs = examples(3)
+    prompts = [f"{e.input} ->" for e in exs]
+    feats = encode_examples(exs, prompts, tok, "seq2seq", 512).features
+    assert [f["input_ids"] for f in feats] == Generator(model, tok).encode(prompts)
+    for f, e in zip(feats, exs):
+        assert f["labels"][-1] == tok.eos_token_id
+        assert tok.decode(f["labels"], skip_special_tokens=True) == e.targets[0]
+
+
+def test_chat_template_prompt_matches_generation(tmp_path):
+    from llmcycle.generation import Generator
+    from llmcycle.models import load_model
+    from llmcycle.tune_data import IGNORE, encode_examples
+
+    model, tok = load_model(str(make_gpt2(tmp_path / "g")))
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
+    exs = examples(2)
+    prompts = [f"{e.input} ->" for e in exs]
+    feats = encode_examples(exs, prompts, tok, "causal", 128).features
+    for f, p_ids in zip(feats, Generator(model, tok).encode(prompts)):
+        assert tok.decode(p_ids).startswith("<|user|>")
+        assert f["input_ids"][:len(p_ids)] == p_ids and f["labels"][len(p_ids) - 1] == IGNORE
+
+
+# -- what each method trains ---------------------------------------------------------------------
+def _initial(base, arch, **cfg):
+    """The model fit() starts from (same seed, same wrapping)."""
+    cfg = TuneConfig(max_steps=1, **cfg)
+    model, _ = load_base(str(base), cfg)
+    torch.manual_seed(cfg.seed)
+    return wrap(cfg, model, "seq2seq" if arch == "t5" else "causal")
+
+
+def _changes(before, after):
+    a = {k: v.detach() for k, v in before.named_parameters()}
+    b = {k: v.detach() for k, v in after.named_parameters()}
+    assert a.keys() == b.keys()
+    trainable = {k for k, v in after.named_parameters() if v.requires_grad}
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    return trainable, changed, set(a)
+
+
+def test_lora_trains_every_adapter_weight_and_nothing_else(tmp_path):
+    trained, base = train(tmp_path, "t5", steps=6)
+    trainable, changed, names = _changes(_initial(base, "t5"), trained.model)
+    assert trainable and all("lora_" in k for k in trainable)
+    assert changed == trainable
+    # hand count: r * (in + out) per adapted layer (T5 q and v: d_model 16 -> heads*d_kv 16)
+    inner = trained.model.base_model.model
+    layers = [m for n, m in inner.named_modules() if n.rsplit(".", 1)[-1] in ("q", "v")]
+    assert len(layers) == 2 * 2 + 2 * 2 * 2  # encoder self-attn; decoder self- and cross-attn
+    lora = sum(8 * (m.in_features + m.out_features) for m in layers)
+    base_total = sum(p.numel() for p in load_base(str(base), TuneConfig(max_steps=1))[0].parameters())
+    s = trained.summary
+    assert s["trainable_params"] == lora and s["total_params"] == base_total + lora
+    assert s["trainable_pct"] == pytest.approx(100 * lora / (base_total + lora))
+
+
+def test_prompt_tuning_trains_only_the_soft_prompt(tmp_path):
+    trained, base = train(tmp_path, "gpt2", steps=4, method="prompt_tuning", num_virtual_tokens=5)
+    trainable, changed, _ = _changes(_initial(base, "gpt2", method="prompt_tuning", num_virtual_tokens=5),
+                                     trained.model)
+    assert trainable == changed and len(trainable) == 1 and "prompt_encoder" in next(iter(trainable))
+    assert trained.summary["trainable_params"] == 5 * 16
+    assert trained.window == 128 - 5
+
+
+def test_full_fine_tuning_changes_every_weight(tmp_path):
+    trained, base = train(tmp_path, "gpt2", steps=4, method="full")
+    trainable, changed, names = _changes(_initial(base, "gpt2", method="full"), trained.model)
+    assert trainable == changed == names and trained.summary["trainable_pct"] == 100.0
+
+
+@pytest.mark.parametrize("arch,method,lr", [("t5", "lora", 3e-2), ("gpt2", "full", 1e-2)])
+def test_loss_decreases_on_a_learnable_task(tmp_path, arch, method, lr):
+    logged = []
+    base = tmp_path / "base"
+    (make_t5 if arch == "t5" else make_gpt2)(base)
+    cfg = TuneConfig(method=method, max_steps=60, lr=lr, batch_size=8, log_every=10, dropout=0.0)
+    fit(cfg, str(base), examples(48), examples(4, 100), "{input} ->", tmp_path / "w", log=logged.append,
+        progress=False)
+    losses = [r["loss"] for r in logged]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_missing_target_module_lists_the_models_layers(tmp_path):
+    with pytest.raises(UserError, match=r"target_modules \['qkv'\] not found .*: q, k, v, o, wi, wo, lm_head"):
+        train(tmp_path, "t5", target_modules=["q", "qkv"])
+
+
+def test_quantized_base_needs_gpu_and_bitsandbytes(tmp_path):
+    from llmcycle.tune import check_quantization
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="bits: 4 \\(QLoRA\\) needs a CUDA GPU .*missing here: a CUDA GPU"):
+        check_quantization(TuneConfig(max_steps=1, bits=4))
+    path = make_project(tmp_path, tune={"v": {"max_steps": 5, "bits": 4}})
+    with pytest.raises(UserError, match="QLoRA"):
+        execute(path)
+    assert not list(tmp_path.glob("runs/*/artifacts/checkpoints"))
+
+
+def test_training_set_empty_after_skipping_overlong_examples(tmp_path):
+    path = make_project(tmp_path)
+    proj = project(path, ["model.context_window=4"])
+    from llmcycle import lifecycle
+
+    with pytest.raises(UserError, match="all 30 training examples are longer than the context window of 4"):
+        lifecycle.execute(proj, "tune", "v", progress=False)
+    with pytest.raises(UserError, match="nothing is truncated"):
+        fit(TuneConfig(max_steps=1, on_overflow="refuse"), str(tmp_path / "base"), examples(2), examples(1),
+            "{input} ->", tmp_path / "w", progress=False, context_window=4)
+
+
+def test_eval_set_without_targets_is_refused_before_training(tmp_path):
+    path = make_project(tmp_path)
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "no answer here"}) + "\n")
+    proj = project(path, ["data.eval=eval.jsonl"])
+    from llmcycle import lifecycle
+
+    with pytest.raises(UserError, match="target field 'summary' missing"):
+        lifecycle.execute(proj, "tune", "v", progress=False)
+    assert not list(tmp_path.glob("runs/*/artifacts/checkpoints"))
+
+
+# -- validation, best checkpoint, early stopping ---------------------------------------------------
+def test_validation_logs_loss_and_headline_and_keeps_the_best(tmp_path):
+    path = make_project(tmp_path, tune={"v": {"max_steps": 12, "lr": 1e-2, "batch_size": 4, "eval_every": 4,
+                                              "eval_samples": 4, "checkpoint_every": 4}})
+    out = execute(path)
+    rec = project(path).store().get(out.run_id)
+    vals = [m for m in rec.metrics() if "val_loss" in m]
+    assert [m["step"] for m in vals] == [4, 8, 12]
+    assert all(m["headline"] == "rougeL" and 0 <= m["rougeL"] <= 1 and m["val_loss"] > 0 for m in vals)
+    best = rec.artifacts / "checkpoints" / "best"
+    state = json.loads((best / "state.json").read_text())
+    assert (best / "COMPLETE").is_file() and state["step"] == out.summary["best_step"]
+    assert out.summary["best_headline"] == max(m["rougeL"] for m in vals)
+    assert sorted(p.name for p in (rec.artifacts / "checkpoints").iterdir()) == ["best", "step-12", "step-8"]
+    assert (rec.artifacts / "predictions.jsonl").exists() and out.summary["n_examples"] == 6
+
+
+def test_early_stopping_when_the_metric_stops_improving(tmp_path, monkeypatch):
+    from llmcycle import harness
+
+    def flat(loaded, prompts, exs, task, gen_cfg, **kw):  # a metric that never improves
+        return {"headline": "rougeL", "headline_value": 0.5, "rougeL": 0.5, "n_examples": len(prompts)}, []
+
+    monkeypatch.setattr(harness, "evaluate", flat)
+    path = make_project(tmp_path, tune={"v": {"max_steps": 40, "batch_size": 4, "eval_every": 3,
+                                              "early_stopping_patience": 1}})
+    s = execute(path).summary
+    assert s["stopped_early"] and s["stopped_at"] == 6 and s["steps"] == 6 and s["best_step"] == 3
+
+
+# -- kill -9 and resume (through the CLI) -------------------------------------------------------------
+def _adapter(model_dir: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "adapter_model.safetensors"))
+
+
+def tune_command(path: Path, resume=False, sets=()):
+    return [sys.executable, "-m", "llmcycle", "tune", "-p", str(path), "--json", *(["--resume"] if resume else []),
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    tune = {"v": {"max_steps": 120, "lr": 0.0001, "batch_size": 4, "checkpoint_every": 20, "log_every": 10,
+                  "eval_every": 40, "eval_samples": 3}}
+
+    def run(cmd, check=True):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    straight = make_project(tmp_path / "straight", tune=tune)
+    done = json.loads(run(tune_command(straight)).stdout)[0]["summary"]
+
+    path = make_project(tmp_path / "killed", tune=tune)
+    proc = subprocess.Popen(tune_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if list((tmp_path / "killed" / "runs").glob("tune-*/artifacts/checkpoints/step-*/COMPLETE")):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    runs = project(path).store().list("tune")
+    assert [r.status for r in runs] == ["incomplete"], "the run must be killed mid-way"
+
+    changed = run(tune_command(path, resume=True, sets=["tune.v.lr=0.0002"]), check=False)
+    assert changed.returncode == 2 and "lr: 0.0001 → 0.0002" in changed.stderr, changed.stderr
+
+    resumed = json.loads(run(tune_command(path, resume=True)).stdout)[0]
+    assert resumed["run_id"] == runs[0].id and resumed["summary"]["resumed_from"]
+    assert resumed["summary"]["steps"] == 120 and resumed["summary"]["best_step"] == done["best_step"]
+    assert resumed["summary"]["final_train_loss"] == pytest.approx(done["final_train_loss"], abs=1e-5)
+    a, b = _adapter(Path(done["model_dir"])), _adapter(Path(resumed["summary"]["model_dir"]))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert project(path).store().get(runs[0].id).status == "completed"
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    cfg = dict(max_steps=4, checkpoint_every=2)
+    train(tmp_path, "t5", **cfg)
+    newest = tmp_path / "work" / "checkpoints" / "step-4"
+    (newest / "model" / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=f"corrupt checkpoint {newest}"):
+        fit(TuneConfig(lr=1e-2, batch_size=4, **cfg), str(tmp_path / "base"), examples(), examples(4, 100),
+            "{input} ->", tmp_path / "work", resume=True, progress=False)
+
+
+def test_resume_with_changed_config_lists_the_differences(tmp_path):
+    train(tmp_path, "t5", steps=2)
+    with pytest.raises(UserError, match="lr: 0.01 → 0.02; r: 8 → 4"):
+        fit(TuneConfig(max_steps=2, lr=2e-2, r=4, batch_size=4), str(tmp_path / "base"), examples(),
+            examples(4, 100), "{input} ->", tmp_path / "work", resume=True, progress=False)
+
+
+# -- merge ------------------------------------------------------------------------------------------
+def test_merged_model_equals_the_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcycle.generation import GenerationConfig, Generator
+
+    path = make_project(tmp_path, arch="gpt2", tune={"v": {"max_steps": 15, "lr": 3e-2, "batch_size": 4,
+                                                           "merge": True, "dropout": 0.0}})
+    s = execute(path).summary
+    adapter, tok = load_trained(s["model_dir"], device="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(s["merged_dir"]).eval()
+    assert not (Path(s["merged_dir"]) / "adapter_config.json").exists()
+    prompts = [f"{e.input} ->" for e in examples(4, 50)]
+    cfg = GenerationConfig(max_new_tokens=6)
+    a = [r.token_ids for r in Generator(adapter, tok).generate(prompts, cfg)]
+    b = [r.token_ids for r in Generator(merged, AutoTokenizer.from_pretrained(s["merged_dir"])).generate(prompts, cfg)]
+    assert a == b
+    ids = tok(prompts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (adapter(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()
+    base_diff = (AutoModelForCausalLM.from_pretrained(tmp_path / "base")(input_ids=ids).logits
+                 - merged(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-4 and base_diff > 1e-3  # equal to the adapter, and the adapter did change the model
