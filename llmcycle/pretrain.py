@@ -14,9 +14,7 @@ Data preparation (tokenizer training, packing, span corruption) lives in llmcycl
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import math
 import os
 import random
@@ -27,6 +25,9 @@ from typing import Callable, Literal
 
 from pydantic import Field, model_validator
 
+from .checkpoints import (check_same_run, config_hash, fsync_tree, latest_checkpoint, load_trainer_state,
+                          lr_factor, quiet_saves, read_state, restore_training_state, save_checkpoint,
+                          training_bar, unusable)
 from .configbase import Section
 from .errors import UserError
 
@@ -46,8 +47,6 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
 }
 # Fields that do not change the trained weights: they may differ when resuming.
 NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every"}
-KEEP_CHECKPOINTS = 2
-COMPLETE_MARKER = "COMPLETE"
 
 
 class PretrainConfig(Section):
@@ -145,106 +144,8 @@ def count_parameters(cfg: PretrainConfig, vocab_size: int | None = None) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _relevant(cfg: PretrainConfig) -> dict:
     return {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
-
-
-@contextlib.contextmanager
-def _quiet_saves():
-    """save_pretrained draws its own 'Writing model shards' bar; keep stderr to our one bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    out = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
-                out.append((int(p.name[5:]), p))
-    return sorted(out)
-
-
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write checkpoints/step-<step>/ atomically: everything goes into a temp dir next to it, is
-    fsynced, gets a completion marker, and is renamed into place, so a crash at any moment leaves
-    either no step-N dir or a whole one. Older checkpoints beyond the last KEEP_CHECKPOINTS go."""
-    import numpy as np
-    import torch
-
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with _quiet_saves():
-        model.save_pretrained(str(tmp / "model"))  # safetensors
-    np_state = np.random.get_state()
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng_python": random.getstate(),
-        # numpy's state holds an ndarray; store it as a list so torch.load(weights_only=True) reads it
-        "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "rng_torch": torch.get_rng_state(),
-    }, tmp / "trainer_state.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-    _fsync_tree(tmp)
-    if final.exists():  # only when re-saving a step already on disk
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for _, old in _step_dirs(root)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest step-N dir, or None. A newest dir without its marker means it was not written by
-    save_checkpoint's rename (tampering, a copy, a broken disk) and is reported, not skipped."""
-    dirs = _step_dirs(root)
-    if not dirs:
-        return None
-    path = dirs[-1][1]
-    if not (path / COMPLETE_MARKER).is_file():
-        raise UserError(f"corrupt checkpoint {path}: no {COMPLETE_MARKER} marker (delete it to resume from an older one)")
-    return path
-
-
-def _read_state(path: Path) -> dict:
-    try:
-        return json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"corrupt checkpoint {path}: {exc}") from None
 
 
 def _load_checkpoint(path: Path, cfg: PretrainConfig):
@@ -253,55 +154,12 @@ def _load_checkpoint(path: Path, cfg: PretrainConfig):
 
     try:
         model = _model_class(cfg.architecture).from_pretrained(str(path / "model"), dtype=torch.float32)
-        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
-        missing = {"optimizer", "scheduler", "rng_python", "rng_numpy", "rng_torch"} - set(trainer_state)
-        if missing:
-            raise ValueError(f"trainer_state.pt lacks {sorted(missing)}")
-    except UserError:
-        raise
     except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"corrupt checkpoint {path}: {reason}") from None
-    return model, trainer_state
-
-
-def _check_same_run(path: Path, state: dict, cfg: PretrainConfig, data_hash: str) -> None:
-    old, new = state.get("config", {}), _relevant(cfg)
-    diffs = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if state.get("data_hash") != data_hash:
-        diffs.append(f"training texts: {state.get('data_hash')} → {data_hash} (content hash)")
-    if diffs:
-        raise UserError(
-            f"cannot resume from {path}: training settings differ from the checkpoint's: " + "; ".join(diffs)
-            + " (restore them, or start a fresh run without resume)"
-        )
+        raise unusable(path, exc) from None
+    return model, load_trainer_state(path)
 
 
 # --------------------------------------------------------------------------------------- training
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to the peak lr over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class StepRate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:.2f} step/s" if task.speed else "- step/s")
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), StepRate(),
-        TimeRemainingColumn(), TextColumn("loss {task.fields[loss]}  tok/s {task.fields[tps]}"),
-        console=Console(stderr=True), disable=not enabled,
-    )
-
-
 def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool = False,
           log: Callable[[dict], None] | None = None, progress: bool = True,
           project_dir: Path | None = None, tokenizer=None) -> dict:
@@ -332,8 +190,8 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     state: dict = {}
     if ckpt is not None:
-        state = _read_state(ckpt)
-        _check_same_run(ckpt, state, cfg, data_hash)
+        state = read_state(ckpt)
+        check_same_run(ckpt, state, _relevant(cfg), data_hash)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         except Exception as exc:  # noqa: BLE001
@@ -367,14 +225,9 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, cfg.warmup_steps, total_steps))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, "cosine"))
     if trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        random.setstate(_tuplify(trainer_state["rng_python"]))
-        np_state = trainer_state["rng_numpy"]
-        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
-        torch.set_rng_state(trainer_state["rng_torch"])
+        restore_training_state(trainer_state, optimizer, scheduler)
 
     step = state.get("step", 0)
     epoch, position = state.get("epoch", 0), state.get("position", 0)
@@ -388,12 +241,12 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     win_time = 0.0
 
     def checkpoint_state() -> dict:
-        return {"step": step, "epoch": epoch, "position": position, "config_hash": _hash(_relevant(cfg)),
+        return {"step": step, "epoch": epoch, "position": position, "config_hash": config_hash(_relevant(cfg)),
                 "config": _relevant(cfg), "data_hash": data_hash, "tokens_seen": tokens_seen,
                 "useful_tokens": useful_seen, "loss_window": window, "last_loss": last_loss,
                 "total_steps": total_steps}
 
-    with _progress_bar(progress) as bar:
+    with training_bar(progress) as bar:
         task = bar.add_task(f"pretrain {cfg.architecture}", total=total_steps, completed=step, loss="-", tps="-")
         order_epoch, order = None, None
         while step < total_steps:
@@ -434,10 +287,10 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     model_dir = work_dir / "model"
     tmp = work_dir / f".tmp-model-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_saves():
+    with quiet_saves():
         model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
     return {
@@ -451,11 +304,6 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
         "wall_s": time.perf_counter() - t_start, "model_dir": str(model_dir),
         "resumed_from": str(ckpt) if ckpt is not None else None,
     }
-
-
-def _tuplify(x):
-    """random.setstate needs tuples; torch.load hands the saved tuples back as tuples or lists."""
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def planned_model_config(cfg: PretrainConfig):

@@ -13,7 +13,6 @@ throughput. The rules of thumb are the course's:
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from pydantic import Field
 

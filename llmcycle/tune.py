@@ -229,16 +229,16 @@ def load_trained(path, dtype: str = "auto", device: str = "auto", trust_remote_c
 
 def save_model(model, tokenizer, dest: Path, meta: dict | None = None) -> Path:
     """Write the trained model (the adapter, or the whole model for full) to `dest` atomically."""
-    from .pretrain import _fsync_tree, _quiet_saves
+    from .checkpoints import fsync_tree, quiet_saves
 
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_saves():
+    with quiet_saves():
         model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     if meta is not None and (tmp / ADAPTER_CONFIG).is_file():
         (tmp / BASE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest

@@ -16,7 +16,6 @@ resuming with different training settings is refused with the differences listed
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -28,8 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
-from .pretrain import (COMPLETE_MARKER, _fsync_dir, _fsync_tree, _progress_bar, _quiet_saves, _read_state,
-                       _tuplify, latest_checkpoint, save_checkpoint)
+from .checkpoints import (COMPLETE_MARKER, check_same_run, config_hash, fsync_dir, fsync_tree,
+                          latest_checkpoint, load_trainer_state, lr_factor, quiet_saves, read_state,
+                          restore_training_state, save_checkpoint, training_bar)
 
 # Fields that do not change the trained weights: they may differ when resuming.
 NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge"}
@@ -45,14 +45,6 @@ class Trained:
     device: object
     is_main: bool
     summary: dict
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup over `warmup` steps, then linear or cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def sum_loss(model, batch: dict, kind: str):
@@ -92,42 +84,21 @@ def rng_preserved():
         torch.set_rng_state(states[2])
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fmt(v) -> str:
-    return json.dumps(v) if isinstance(v, (str, list, dict)) else str(v)
-
-
-def check_same_run(path: Path, state: dict, config: dict, data_hash: str, base: str) -> None:
-    old = state.get("config", {})
-    diffs = [f"{k}: {_fmt(old.get(k))} → {_fmt(config.get(k))}"
-             for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
-    if state.get("base") != base:
-        diffs.append(f"base: {state.get('base')} → {base}")
-    if state.get("data_hash") != data_hash:
-        diffs.append(f"training data: {state.get('data_hash')} → {data_hash} (hash of the encoded examples)")
-    if diffs:
-        raise UserError(f"cannot resume from {path}: training settings differ from the checkpoint's: "
-                        + "; ".join(diffs) + " (restore them, or start a fresh run without --resume)")
-
-
 def save_best(root: Path, model, state: dict) -> Path:
     """checkpoints/best/, replaced atomically: the new folder is complete before it takes the name."""
     root.mkdir(parents=True, exist_ok=True)
     tmp, final, old = root / f".tmp-best-{os.getpid()}", root / BEST, root / ".old-best"
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_saves():
+    with quiet_saves():
         model.save_pretrained(str(tmp / "model"))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     (tmp / COMPLETE_MARKER).write_text(f"{state['step']}\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -197,15 +168,15 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     if cfg.eval_every and not val:
         raise UserError(f"tune: none of the first {len(sample)} eval examples fits the context window of "
                         f"{window} tokens with room to generate {room}; validation has nothing to score")
-    data_hash = _hash([[f["input_ids"], f["labels"]] for f in features + val])
+    data_hash = config_hash([[f["input_ids"], f["labels"]] for f in features + val])
     relevant = {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
 
     ckpt_root = Path(work_dir) / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     state: dict = {}
     if ckpt is not None:
-        state = _read_state(ckpt)
-        check_same_run(ckpt, state, relevant, data_hash, base_path)
+        state = read_state(ckpt)
+        check_same_run(ckpt, state, relevant, data_hash, extra={"base": base_path})
     elif main:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with older checkpoints
     if main and ckpt_root.is_dir():
@@ -244,13 +215,7 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
     model, optimizer = accel.prepare(model, optimizer)
     if ckpt is not None:
-        trainer_state = _load_trainer_state(ckpt)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        random.setstate(_tuplify(trainer_state["rng_python"]))
-        np_state = trainer_state["rng_numpy"]
-        np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
-        torch.set_rng_state(trainer_state["rng_torch"])
+        restore_training_state(load_trainer_state(ckpt), optimizer, scheduler)
     inner = accel.unwrap_model(model)
 
     def validate() -> dict:
@@ -281,11 +246,11 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
 
     def checkpoint_state() -> dict:
         return {"step": step, "epoch": epoch, "position": position, "config": relevant, "base": base_path,
-                "config_hash": _hash(relevant), "data_hash": data_hash, "best": best, "best_step": best_step,
+                "config_hash": config_hash(relevant), "data_hash": data_hash, "best": best, "best_step": best_step,
                 "bad_evals": bad, "stopped_early": stopped_early, "loss_window": window_losses,
                 "last_loss": last_loss, "total_steps": total_steps}
 
-    with _progress_bar(progress and main) as bar:
+    with training_bar(progress and main) as bar:
         task_id = bar.add_task(f"tune {cfg.method}", total=total_steps, completed=step, loss="-", tps="-")
         order_epoch, batches = None, []
         while step < total_steps and not stopped_early:
@@ -366,18 +331,3 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
         "world_size": world, "resumed_from": str(ckpt) if ckpt is not None else None,
     }
     return Trained(inner, tok, kind, window, accel.device, main, summary)
-
-
-def _load_trainer_state(path: Path) -> dict:
-    """The checkpoint's trainer_state.pt (optimizer, scheduler, RNG), or a UserError naming it."""
-    import torch
-
-    try:
-        trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
-        missing = {"optimizer", "scheduler", "rng_python", "rng_numpy", "rng_torch"} - set(trainer_state)
-        if missing:
-            raise ValueError(f"trainer_state.pt lacks {sorted(missing)}")
-    except Exception as exc:  # noqa: BLE001
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"corrupt checkpoint {path}: {reason}") from None
-    return trainer_state

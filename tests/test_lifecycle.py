@@ -36,7 +36,7 @@ def make_project(root: Path, arch="t5", steps=20, every=10) -> Path:
     rows = [{"text": f"the {c} cat number {i} sat on the mat and looked at dog {i % 7}",
              "summary": f"cat {i} sat"} for i, c in enumerate(["red", "blue", "green", "grey"] * 15)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "llmcycle.yaml").write_text(f"""project: {{name: tiny, task: summarization}}
+    (root / "llmcycle.yaml").write_text("""project: {{name: tiny, task: summarization}}
 scope: {{use_case: lifecycle test}}
 data: {{train: train.jsonl, input: text, target: summary, eval_size: 5}}
 model: {{name: "run:pretrain/tiny"}}
@@ -53,9 +53,9 @@ def cli(*args, cwd=None, check=True):
 
 
 def test_stage_selection():
-    assert plan_stages() == ["scope", "pretrain", "prompt"]
+    assert plan_stages() == ["scope", "pretrain", "prompt", "tune"]
     assert plan_stages(only=["pretrain"]) == ["pretrain"]
-    assert plan_stages(start="pretrain") == ["pretrain", "prompt"]
+    assert plan_stages(start="prompt") == ["prompt", "tune"]
     with pytest.raises(UserError, match="did you mean 'scope'"):
         plan_stages(only=["scoep"])
 
@@ -147,7 +147,7 @@ def test_resume_errors(tmp_path):
     project = load_project(path)
     store = project.store()
     rec = store.list("pretrain")[0]
-    from llmcycle.pretrain import latest_checkpoint
+    from llmcycle.checkpoints import latest_checkpoint
 
     newest = latest_checkpoint(rec.artifacts / "checkpoints")
     assert newest.name == "step-10"

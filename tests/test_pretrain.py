@@ -289,7 +289,7 @@ def test_resume_with_changed_settings_lists_them(tmp_path):
         train(changed, corpus(), tmp_path, resume=True, progress=False)
     msg = str(err.value)
     assert "lr: 0.003 → 0.01" in msg and "seed: 0 → 3" in msg and "log_every" not in msg
-    with pytest.raises(UserError, match="training texts"):
+    with pytest.raises(UserError, match="training data"):
         train(cfg, corpus()[:-1], tmp_path, resume=True, progress=False)
 
 
