@@ -36,10 +36,10 @@ def make_project(root: Path, arch="t5", steps=20, every=10) -> Path:
     rows = [{"text": f"the {c} cat number {i} sat on the mat and looked at dog {i % 7}",
              "summary": f"cat {i} sat"} for i, c in enumerate(["red", "blue", "green", "grey"] * 15)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "llmcycle.yaml").write_text("""project: {{name: tiny, task: summarization}}
-scope: {{use_case: lifecycle test}}
-data: {{train: train.jsonl, input: text, target: summary, eval_size: 5}}
-model: {{name: "run:pretrain/tiny"}}
+    (root / "llmcycle.yaml").write_text("""project: {name: tiny, task: summarization}
+scope: {use_case: lifecycle test}
+data: {train: train.jsonl, input: text, target: summary, eval_size: 5}
+model: {name: "run:pretrain/tiny"}
 """ + PRETRAIN.format(arch=arch, steps=steps, every=every))
     return root / "llmcycle.yaml"
 
