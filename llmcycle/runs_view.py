@@ -63,12 +63,13 @@ def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:
 # Columns of the comparison, in this order when present; other scalar figures follow in --json only.
 COMPARE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match", "f1",
                 "accuracy", "macro_f1", "perplexity", "len_words_mean", "stopped_share",
-                "prompts_lost_shots", "examples_per_s", "final_loss", "parameters",
-                "useful_tokens_per_s", "wall_s")
+                "prompts_lost_shots", "examples_per_s", "trainable_pct", "peak_memory_mb",
+                "train_wall_s", "final_loss", "parameters", "useful_tokens_per_s")
 # Short column titles keep the table readable in a terminal; --json keeps the full names.
 SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_shots": "lost shots",
          "examples_per_s": "ex/s", "perplexity": "ppl", "useful_tokens_per_s": "useful tok/s",
-         "final_loss": "loss", "parameters": "params", "rougeLsum": "rougeLs"}
+         "final_loss": "loss", "parameters": "params", "rougeLsum": "rougeLs",
+         "trainable_pct": "trainable %", "peak_memory_mb": "peak MB", "train_wall_s": "train s"}
 
 
 def compare_rows(records) -> list[dict]:
@@ -106,8 +107,13 @@ def best_by_metric(rows: list[dict]) -> dict[str, float]:
 def compare_table(rows: list[dict]) -> Table:
     """Runs x metrics; the headline with its 95% bootstrap interval; the best value per column bold *."""
     best = best_by_metric(rows)
-    keys = [k for k in COMPARE_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
     has_headline = any(r.get("headline") for r in rows)
+    headlines = {r.get("headline") for r in rows}
+    # the headline metric has its own column (with its interval); evaluated runs' training speed is
+    # in --json (the table keeps to what tells variants apart)
+    keys = [k for k in COMPARE_KEYS if k not in headlines
+            and not (has_headline and k == "useful_tokens_per_s")
+            and any(isinstance(r.get(k), (int, float)) for r in rows)]
     table = Table(title="runs side by side (* best)")
     table.add_column("run", no_wrap=True)
     stages = len({r["stage"] for r in rows}) > 1

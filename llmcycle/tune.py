@@ -245,16 +245,6 @@ def save_model(model, tokenizer, dest: Path, meta: dict | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------------- the stage
-def _peak_memory_mb(device) -> float:
-    import resource
-
-    import torch
-
-    if getattr(device, "type", "cpu") == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
     """Stage entry point: fine-tune `tune.<variant>`, save the model, evaluate it on the eval split."""
     from . import harness
@@ -264,9 +254,14 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     from .prompts import check_template, fit_prompts
     from .tune_loop import fit
 
+    from .memory import peak_mb, reset_peak
+
     t_start = time.perf_counter()
     cfg = project.config.tune[variant]
     check_quantization(cfg)
+    from .models import resolve_device
+
+    reset_peak(resolve_device(project.config.model.device if project.config.model else "auto"))
     if cfg.merge and cfg.method != "lora":
         raise UserError(f"tune.{variant}: merge applies to LoRA adapters, not to method {cfg.method}")
     mcfg = project.config.model
@@ -316,12 +311,13 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                                      label=f"eval tune.{variant}")
     harness.write_predictions(run, rows)
     summary = {**metrics, **summary}
+    # training and evaluation of this variant (merging below loads another copy: not counted)
+    summary["peak_memory_mb"] = round(peak_mb(trained.device), 1)
     if cfg.merge:
         # merged from the saved adapter onto a freshly loaded, unquantized base: the trained model is
         # left as it is, and a QLoRA adapter merges into full-precision weights rather than 4-bit ones
         merged, tok = load_trained(model_dir, dtype=opts.get("dtype", "auto"), device="cpu")
         summary["merged_dir"] = str(save_model(merged.merge_and_unload(), tok, run.artifacts / "merged"))
-    summary["peak_memory_mb"] = round(_peak_memory_mb(trained.device), 1)
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
     run.finish(summary)
     return summary

@@ -337,3 +337,19 @@ def test_merged_model_equals_the_adapter(tmp_path):
     base_diff = (AutoModelForCausalLM.from_pretrained(tmp_path / "base")(input_ids=ids).logits
                  - merged(input_ids=ids).logits).abs().max().item()
     assert diff < 1e-4 and base_diff > 1e-3  # equal to the adapter, and the adapter did change the model
+
+
+def test_peak_memory_is_measured_per_piece_of_work():
+    """A second, smaller allocation after a reset reports its own peak, not the process's."""
+    import numpy as np
+
+    from llmcycle.memory import peak_mb, reset_peak
+
+    if not reset_peak():
+        pytest.skip("this platform cannot reset the peak RSS")
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB
+    high = peak_mb()
+    del big
+    assert reset_peak()
+    low = peak_mb()
+    assert high - low > 300
