@@ -94,7 +94,8 @@ def run_fit(args, model_dir: Path, records: list[dict], method: str, steps: int,
 
     cfg = TuneConfig(method=method, batch_size=args.batch_size, max_steps=steps, lr=args.lr, r=32, alpha=32,
                      target_modules=["q", "v"], group_by_length=True, eval_every=None, seed=args.seed,
-                     checkpoint_every=10**9, log_every=steps)  # one log call, at the last step
+                     checkpoint_every=10**9, log_every=steps,  # one log call, at the last step
+                     gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
     examples = [Example(r["dialogue"], [r["summary"]], r, r["fname"]) for r in records]
     trained = fit(cfg, str(model_dir), examples, [], TEMPLATE.replace("{dialogue}", "{input}"), work,
                   log=log, progress=False, device="cpu")
@@ -181,6 +182,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--vocab", type=int, default=32000, help="tokenizer vocabulary (the corpus may give fewer)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="memory runs (LoRA and full alike) recompute activations instead of keeping them")
     ap.add_argument("--child", choices=["build", "lora", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 

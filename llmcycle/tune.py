@@ -76,6 +76,9 @@ class TuneConfig(Section):
         None, ge=1, description="stop after this many validations without a better headline metric")
     checkpoint_every: int = Field(100, ge=1, description="save a resumable checkpoint every N steps (and at the end)")
     log_every: int = Field(10, ge=1, description="log training loss every N steps")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass instead of keeping them: less "
+        "memory (activations dominate at long sequences), about a third more compute")
     merge: bool = Field(False, description="LoRA: also save the adapter merged into the base in artifacts/merged")
 
     @model_validator(mode="after")

@@ -353,3 +353,18 @@ def test_peak_memory_is_measured_per_piece_of_work():
     assert reset_peak()
     low = peak_mb()
     assert high - low > 300
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, method):
+    """Recomputing activations changes memory, not results: same loss, same weights (dropout 0)."""
+    import torch
+
+    plain, _ = train(tmp_path / "a", "t5", steps=4, method=method, dropout=0.0)
+    ckpt, _ = train(tmp_path / "b", "t5", steps=4, method=method, dropout=0.0, gradient_checkpointing=True)
+    assert ckpt.summary["final_train_loss"] == pytest.approx(plain.summary["final_train_loss"], rel=1e-5)
+    a = {k: v for k, v in plain.model.named_parameters() if v.requires_grad}
+    b = {k: v for k, v in ckpt.model.named_parameters() if v.requires_grad}
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
