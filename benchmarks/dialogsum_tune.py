@@ -151,14 +151,15 @@ def main() -> int:
         f"pretrained {ps['steps']} steps ({ps['tokens_seen'] / 1e6:.2f}M tokens, final loss "
         f"{ps['final_loss']:.3f}) in {ps['wall_s']:.0f} s{reused(pre)}",
         "",
-        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | trainable params | train steps | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | ref. perplexity | trainable params | train steps | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         s = r["summary"]
         trainable = (f"{s['trainable_params']:,} ({s['trainable_pct']:.2f}%)" if "trainable_params" in s else "0")
+        wall_s = s.get("wall_s", s.get("generation_s", 0))  # the zero-shot run records its generation time
         lines.append(f"| {name} | " + " | ".join(fmt(s.get(k)) for k in ROUGE)
-                     + f" | {trainable} | {s.get('steps', 0)} | {s.get('wall_s', s.get('generation_s', 0)):.0f}{reused(r)} |")
+                     + f" | {fmt(s.get('perplexity'), 1)} | {trainable} | {s.get('steps', 0)} | {wall_s:.0f}{reused(r)} |")
     print("\n".join(lines))
     print(f"\nwall time of `llmcycle run`: {wall:.0f} s (reused stages cost nothing; their own times are "
           f"shown); project: {out}\n")
