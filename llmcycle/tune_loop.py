@@ -191,7 +191,7 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     torch.manual_seed(cfg.seed)  # before wrapping: LoRA A and the soft prompt are drawn from it
     if cfg.gradient_checkpointing:
         model.config.use_cache = False  # the cache is for generation; checkpointing recomputes instead
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full":
             model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
     model = wrap(cfg, model, kind)
