@@ -57,7 +57,16 @@ def sum_loss(model, batch: dict, kind: str):
         # prompt tuning puts the virtual tokens first: the text's logits are the last ones
         logits, targets = logits[:, -labels.shape[1]:-1], labels[:, 1:]  # position t predicts t + 1
     else:
-        logits, targets = model(**batch).logits, labels  # the model shifts labels into decoder inputs
+        # Decoder inputs are the labels shifted right (as the model does itself when given labels);
+        # passing labels would make the model compute a second, unused loss over the whole vocabulary.
+        cfg = getattr(model, "config", None) or model.module.config
+        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+        decoder_inputs = labels.new_full(labels.shape, start)
+        decoder_inputs[:, 1:] = labels[:, :-1]
+        decoder_inputs = decoder_inputs.masked_fill(decoder_inputs == -100, cfg.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_inputs).logits
+        targets = labels
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((targets != -100).sum())

@@ -368,3 +368,17 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, method):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_seq2seq_summed_loss_equals_the_models_own_loss(tmp_path):
+    """sum_loss builds the decoder inputs itself (no second loss); it must match transformers' loss."""
+    from llmcycle.models import load_model
+    from llmcycle.tune_data import collate, encode_examples
+    from llmcycle.tune_loop import sum_loss
+
+    model, tok = load_model(str(make_t5(tmp_path / "t5")))
+    exs = examples(6)
+    feats = encode_examples(exs, [e.input for e in exs], tok, "seq2seq", 128).features
+    batch = collate(feats, tok.pad_token_id)
+    total, n = sum_loss(model, batch, "seq2seq")
+    assert float(total) / n == pytest.approx(float(model(**batch).loss), rel=1e-5)
