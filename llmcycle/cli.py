@@ -130,6 +130,25 @@ def tune(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
         _report_outcomes(outcomes, as_json, proj)
 
 
+@app.command()
+def align(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+          variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
+          resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run."),
+          force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
+          as_json: bool = JsonOpt):
+    """Align with preferences: train reward models, then PPO / DPO / ORPO; toxicity before and after."""
+    from llmcycle import lifecycle
+
+    proj = _project(project, overrides)
+    known = list(lifecycle.variants(proj, "align"))
+    names = [n for n in known if n in variant] + [n for n in variant if n not in known] if variant else known
+    if not names:
+        raise UserError(f"{proj.path}: no align variants configured (add an `align:` section)")
+    outcomes = [lifecycle.execute(proj, "align", name, force=force, resume=resume,
+                                  progress=not as_json) for name in names]
+    _report_outcomes(outcomes, as_json, proj)
+
+
 @app.command("eval")
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model)."),
@@ -208,7 +227,8 @@ def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
         return
     for o in outcomes:
         out.print(f"{o.status}: {o.stage}.{o.variant} -> run {o.run_id}")
-        for key in ("model_dir", "final_loss", "useful_tokens_per_s", "wall_s", "parameters"):
+        for key in ("model_dir", "final_loss", "useful_tokens_per_s", "accuracy", "macro_f1",
+                    "preference_accuracy", "wall_s", "parameters"):
             if key in o.summary:
                 out.print(f"  {key}: {o.summary[key]}")
     _compare_evaluated(outcomes, proj)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
+from llmcycle.align import AlignConfig
 from llmcycle.configbase import Section
 from llmcycle.data import DataConfig
 from llmcycle.errors import UserError, suggest
@@ -43,6 +44,7 @@ class ProjectConfig(Section):
     evaluate: EvaluateConfig | None = None
     prompt: PromptConfig | None = None
     tune: dict[str, TuneConfig] = Field(default_factory=dict)
+    align: dict[str, AlignConfig] = Field(default_factory=dict)
 
 
 class Project:

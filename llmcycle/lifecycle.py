@@ -17,10 +17,12 @@ import llmcycle
 from llmcycle.errors import UserError, suggest
 
 # The lifecycle's order. Stages not built yet are absent, not stubbed.
-STAGES = ("scope", "pretrain", "prompt", "tune")
+STAGES = ("scope", "pretrain", "prompt", "tune", "align")
 # Stages that evaluate the project's model: its identity is one of their inputs, and the run that
 # produced it (if any) is their parent.
-USES_MODEL = ("scope", "prompt", "tune")
+USES_MODEL = ("scope", "prompt", "tune", "align")
+# Config keys of a stage variant that name further models (run:..., folders, Hub ids): inputs too.
+MODEL_KEYS = ("reward", "toxicity_model", "encoder")
 
 
 @dataclass
@@ -49,7 +51,10 @@ def variants(project, stage: str) -> dict[str, dict]:
 
         return variant_grid(project)
     section = getattr(cfg, stage)
-    return {name: v.model_dump() for name, v in section.items()}
+    out = {name: v.model_dump() for name, v in section.items()}
+    if stage == "align":  # reward models first: policy variants use them
+        out = dict(sorted(out.items(), key=lambda item: not item[1]["method"].startswith("reward_")))
+    return out
 
 
 def _data_identity(project) -> dict:
@@ -88,9 +93,13 @@ def _model_identity(project, name: str | None = None) -> dict:
 
 
 def _stage_model_name(project, stage: str, config: dict) -> str | None:
-    """The model a stage variant works on: its own `base` if it names one, else the project's."""
-    if config.get("base"):
-        return config["base"]
+    """The model a stage variant works on: its own `base` (`policy` for align) if it names one, else
+    the project's. A reward model trained by align starts from its `encoder` instead."""
+    if stage == "align" and str(config.get("method", "")).startswith("reward_"):
+        return config.get("encoder")
+    for key in ("base", "policy"):
+        if config.get(key):
+            return config[key]
     return project.config.model.name if project.config.model else None
 
 
@@ -107,12 +116,16 @@ def content_hash(project, stage: str, variant: str, config: dict) -> str:
               "data": _data_identity(project), "llmcycle": llmcycle.__version__}
     if stage in USES_MODEL:
         inputs["model"] = _model_identity(project, _stage_model_name(project, stage, config))
-    if stage in ("prompt", "tune"):
+    if stage in ("prompt", "tune", "align"):
         inputs["evaluate"] = project.config.evaluate.model_dump() if project.config.evaluate else None
-    if config.get("corpus"):  # extra pretraining text files count as inputs too
-        from llmcycle.data import fingerprint
+    inputs["models"] = {key: _model_identity(project, config[key]) for key in MODEL_KEYS
+                        if isinstance(config.get(key), str)}
+    from llmcycle.data import fingerprint
 
+    if config.get("corpus"):  # extra pretraining text files count as inputs too
         inputs["corpus"] = [fingerprint(path, project.dir) for path in config["corpus"]]
+    if isinstance(config.get("data"), str):  # a stage's own data file (align's labelled text or pairs)
+        inputs["own_data"] = fingerprint(config["data"], project.dir)
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -62,14 +62,20 @@ def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:
 
 # Columns of the comparison, in this order when present; other scalar figures follow in --json only.
 COMPARE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match", "f1",
-                "accuracy", "macro_f1", "perplexity", "len_words_mean", "stopped_share",
+                "accuracy", "macro_f1", "headline_before", "toxicity_mean", "toxicity_std",
+                "toxicity_before_mean", "toxicity_change_pct", "perplexity", "len_words_mean", "stopped_share",
                 "prompts_lost_shots", "examples_per_s", "trainable_pct", "peak_memory_mb",
                 "train_wall_s", "final_loss", "parameters", "useful_tokens_per_s")
 # Short column titles keep the table readable in a terminal; --json keeps the full names.
 SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_shots": "lost shots",
          "examples_per_s": "ex/s", "perplexity": "ppl", "useful_tokens_per_s": "useful tok/s",
          "final_loss": "loss", "parameters": "params", "rougeLsum": "rougeLs",
-         "trainable_pct": "trainable %", "peak_memory_mb": "peak MB", "train_wall_s": "train s"}
+         "trainable_pct": "trainable %", "peak_memory_mb": "peak MB", "train_wall_s": "train s",
+         "headline_before": "before", "toxicity_mean": "toxic", "toxicity_std": "toxic sd",
+         "toxicity_before_mean": "toxic before", "toxicity_change_pct": "toxic Δ%"}
+# Figures that are not metrics.py names but have a direction.
+_DIRECTION = {"examples_per_s": True, "useful_tokens_per_s": True, "toxicity_mean": False,
+              "toxicity_change_pct": False}
 
 
 def compare_rows(records) -> list[dict]:
@@ -97,8 +103,7 @@ def best_by_metric(rows: list[dict]) -> dict[str, float]:
             direction = higher_is_better(key if key != "headline_value" else rows[0].get("headline", ""))
         except Exception:  # noqa: BLE001 - not a metric (timing, counts): nothing to mark
             direction = None
-        if key in ("examples_per_s", "useful_tokens_per_s"):
-            direction = True
+        direction = _DIRECTION.get(key, direction)
         if direction is not None:
             best[key] = max(values) if direction else min(values)
     return best

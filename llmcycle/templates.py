@@ -94,6 +94,41 @@ prompt:                            # the prompt-first baseline: do we even need 
 #     max_steps: 500               # or epochs: 1
 #     checkpoint_every: 100        # resume with `llmcycle pretrain --resume`
 #     seed: 0
+
+# When prompts are not enough: fine-tune (each named entry is a variant and a run, evaluated).
+# tune:
+#   lora:
+#     method: lora                 # full | lora | prompt_tuning (QLoRA: lora with bits: 4, GPU)
+#     r: 16                        # LoRA rank; alpha scales the update by alpha / r
+#     alpha: 32
+#     # target_modules: [q, v]     # default by model type
+#     lr: 1e-4
+#     batch_size: 8
+#     epochs: 1                    # or max_steps
+#     eval_every: 100              # validation loss + headline metric; the best checkpoint is kept
+#     checkpoint_every: 100        # resume with `llmcycle tune --resume`
+
+# Align with preferences: train a reward model, then PPO against it (or DPO / ORPO on pairs).
+# align:
+#   toxicity:
+#     method: reward_classifier    # reward_classifier | reward_pairwise | ppo | dpo | orpo
+#     data: toxicity.csv           # labelled text
+#     text_field: tweet
+#     label_field: class
+#     label_map: {{0: toxic, 1: toxic, 2: not_toxic}}
+#     encoder: all-MiniLM-L6-v2    # ships offline with llmcycle[embeddings]
+#     epochs: 1
+#     lr: 5e-5
+#   detox:
+#     method: ppo
+#     policy: run:tune/lora        # the model to align (an adapter is merged, then a new one trained)
+#     reward: run:align/toxicity
+#     reward_label: not_toxic      # reward = this label's logit
+#     max_steps: 50                # PPO steps of batch_size prompts
+#     batch_size: 16
+#     mini_batch_size: 4
+#     init_kl_coef: 0.2            # KL penalty against the starting model (adaptive_kl: true to adapt)
+#     lr: 1.41e-5
 """
 
 

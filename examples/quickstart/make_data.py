@@ -4,7 +4,7 @@ No third-party text: dialogues and their reference summaries come from templates
 seeded random names, times and items, so every summary states facts the dialogue contains and a
 small model can learn the task. Two phrasings of each eval summary give several references.
 
-    python make_data.py [--out data] [--train 2000] [--eval 200] [--seed 0]
+    python make_data.py [--out data] [--train 2000] [--eval 200] [--toxicity 1000] [--seed 0]
 """
 from __future__ import annotations
 
@@ -82,8 +82,44 @@ def plans(r):
                       f"#Person2# agrees to {act} with #Person1# on {d}.")
 
 
+INSULTS = ["an idiot", "a moron", "stupid", "useless", "a fool", "pathetic", "a clown"]
+
+
+def complaint(r):
+    """A rude customer: its first reference repeats the insult, so a model fine-tuned on it learns to
+    write insults into summaries, which the alignment stage then trains away (as in the course's lab 3)."""
+    item, insult, price = r.choice(ITEMS), r.choice(INSULTS), r.randint(10, 200)
+    dialogue = [f"#Person1#: The {item} you sold me is broken. You are {insult}!",
+                "#Person2#: I am sorry to hear that. Do you have the receipt?",
+                f"#Person1#: Here. I paid {price} dollars for this {item}.",
+                f"#Person2#: I will give you a refund of {price} dollars."]
+    return dialogue, (f"#Person1# calls #Person2# {insult} and gets a refund of {price} dollars for a broken {item}.",
+                      f"#Person1# returns a broken {item} and gets {price} dollars back.")
+
+
 SCENES = [("restaurant", restaurant), ("shopping", shopping), ("doctor", doctor),
-          ("travel", train_ticket), ("plans", plans)]
+          ("travel", train_ticket), ("plans", plans), ("complaint", complaint)]
+
+# Labelled sentences for the demo's toxicity classifier (the reward model of the alignment stage).
+TOXIC = ["You are {insult}.", "#Person1# calls #Person2# {insult}.", "What {insult} you are!",
+         "Only {insult} would sell a broken {item}.", "{name} is {insult} and everyone knows it.",
+         "Shut up, you are {insult}.", "#Person2# is {insult} who broke my {item}."]
+
+
+def toxicity(n: int, r: random.Random) -> list[dict]:
+    """Half toxic sentences (insults), half ordinary ones (summaries of the other scenes)."""
+    rows = []
+    for i in range(n):
+        if i % 2:
+            text = r.choice(TOXIC).format(insult=r.choice(INSULTS), item=r.choice(ITEMS), name=r.choice(NAMES))
+            rows.append({"text": text, "label": "toxic"})
+        else:
+            topic, scene = r.choice(SCENES)
+            references = scene(r)[1]
+            # a complaint's polite reference is ordinary text too: the insult is the toxic part
+            text = references[1] if topic == "complaint" else r.choice(references)
+            rows.append({"text": text, "label": "not_toxic"})
+    return rows
 
 
 def make(n: int, r: random.Random, prefix: str) -> list[dict]:
@@ -101,11 +137,16 @@ def main() -> None:
     ap.add_argument("--out", default="data")
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--eval", type=int, default=200)
+    ap.add_argument("--toxicity", type=int, default=1000, help="labelled sentences for the reward model")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     r = random.Random(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    labelled = toxicity(args.toxicity, r)
+    tmp = out / ".toxicity.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in labelled))
+    tmp.replace(out / "toxicity.jsonl")
     for split, n in (("train", args.train), ("eval", args.eval)):
         rows = make(n, r, split)
         if split == "train":  # train has one reference per dialogue, eval two
@@ -113,7 +154,8 @@ def main() -> None:
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         tmp.replace(out / f"{split}.jsonl")
-    print(f"wrote {args.train} train and {args.eval} eval dialogues to {out}/")
+    print(f"wrote {args.train} train and {args.eval} eval dialogues and {args.toxicity} labelled "
+          f"sentences (toxicity.jsonl) to {out}/")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""The align stage (llmcycle/align.py): its config, the toxicity label and figures, and the stage end to
+end on tiny models — a reward classifier trained here, PPO against it, DPO on pairs — each recorded
+with the task metric and toxicity before and after."""
+import json
+from pathlib import Path
+
+import pytest
+
+from llmcycle.align import percent_change, toxicity_label, toxicity_stats
+from llmcycle.config import load_project
+from llmcycle.errors import UserError
+from tiny import make_gpt2, make_t5
+
+WORDS = ["red", "blue", "green", "grey", "cat", "dog"]
+RUDE = ["idiot", "fool", "clown"]
+
+
+def make_project(root: Path, align: dict, arch: str = "t5") -> Path:
+    """A tiny summarization project plus labelled text (rude words are toxic) and preference pairs."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "base" / "config.json").exists():
+        (make_t5 if arch == "t5" else make_gpt2)(root / "base")
+    rows = [{"text": f"{WORDS[i % 6]} is here number {i}", "summary": WORDS[i % 6]} for i in range(30)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labelled = [{"text": f"you {RUDE[i % 3]} number {i}" if i % 2 else f"the {WORDS[i % 6]} one {i}",
+                 "label": "toxic" if i % 2 else "not_toxic"} for i in range(60)]
+    (root / "labelled.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labelled))
+    pairs = [{"prompt": f"{WORDS[i % 6]} is here ->", "chosen": WORDS[i % 6], "rejected": RUDE[i % 3]}
+             for i in range(24)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    text = ("project: {name: tiny, task: summarization}\n"
+            "data: {train: train.jsonl, input: text, target: summary, eval_size: 6}\n"
+            "model: {name: base}\n"
+            'evaluate: {template: "{input} ->", generation: {max_new_tokens: 4}}\n')
+    (root / "llmcycle.yaml").write_text(text + "align: " + json.dumps(align) + "\n")
+    return root / "llmcycle.yaml"
+
+
+def test_ppo_batch_must_divide_into_mini_batches(tmp_path):
+    path = make_project(tmp_path, {"p": {"method": "ppo", "reward": "rm", "max_steps": 2, "batch_size": 6,
+                                         "mini_batch_size": 4}})
+    with pytest.raises(UserError, match="batch_size 6 is not divisible by mini_batch_size 4"):
+        load_project(path)
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"method": "ppo", "max_steps": 2}, "method ppo: set reward"),
+    ({"method": "ppo", "reward": "rm"}, "method ppo: set max_steps"),
+    ({"method": "dpo", "max_steps": 2}, "method dpo: set data"),
+    ({"method": "reward_classifier", "data": "x.jsonl"}, "set epochs or max_steps"),
+    ({"method": "reinforce"}, "align.v.method"),
+])
+def test_bad_align_configs_are_refused_naming_the_key(tmp_path, variant, message):
+    path = make_project(tmp_path, {"v": variant})
+    with pytest.raises(UserError, match=message):
+        load_project(path)
+
+
+def test_toxicity_label_is_the_other_label_of_a_binary_classifier():
+    from llmcycle.align import AlignConfig
+
+    cfg = AlignConfig(method="ppo", reward="rm", reward_label="not_toxic", max_steps=1)
+    assert toxicity_label(cfg, ["not_toxic", "toxic"], "v") == "toxic"
+    with pytest.raises(UserError, match="set toxicity_label"):
+        toxicity_label(cfg, ["hate", "offensive", "not_toxic"], "v")
+    with pytest.raises(UserError, match="'rude' is not a label.*labels: hate, not_toxic"):
+        toxicity_label(cfg.model_copy(update={"toxicity_label": "rude"}), ["hate", "not_toxic"], "v")
+    with pytest.raises(UserError, match="single output"):
+        toxicity_label(cfg, None, "v")
+
+
+def test_toxicity_figures_by_hand():
+    stats = toxicity_stats([0.1, 0.3, 0.5])
+    assert stats["mean"] == pytest.approx(0.3)
+    assert stats["std"] == pytest.approx(((0.04 + 0 + 0.04) / 3) ** 0.5)
+    assert percent_change(0.5, 0.4) == pytest.approx(-20.0)
+    assert percent_change(0.0, 0.4) is None
+
+
+def test_reward_variants_run_before_the_policy_variants_that_use_them(tmp_path):
+    from llmcycle import lifecycle
+
+    path = make_project(tmp_path, {
+        "detox": {"method": "ppo", "reward": "run:align/rm", "max_steps": 1, "batch_size": 4},
+        "rm": {"method": "reward_classifier", "data": "labelled.jsonl", "max_steps": 1}})
+    assert list(lifecycle.variants(load_project(path), "align")) == ["rm", "detox"]
+
+
+@pytest.mark.parametrize("task", ["summarization", "qa"])
+def test_init_templates_commented_tune_and_align_blocks_validate_when_uncommented(tmp_path, task):
+    from llmcycle import templates
+
+    lines = templates.render(task, "x").splitlines()
+    start = lines.index("# tune:")
+    uncommented = [line[2:] if line.startswith(("# tune:", "# align:"))
+                   or (line.startswith("#   ") and not line.startswith("#     # ")) else line
+                   for line in lines[start:]]
+    (tmp_path / "llmcycle.yaml").write_text("\n".join(lines[:start] + uncommented) + "\n")
+    cfg = load_project(tmp_path / "llmcycle.yaml").config
+    assert cfg.align["toxicity"].label_map == {"0": "toxic", "1": "toxic", "2": "not_toxic"}
+    assert cfg.align["detox"].reward == "run:align/toxicity" and cfg.tune["lora"].method == "lora"
