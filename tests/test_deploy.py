@@ -1,0 +1,58 @@
+"""Choosing the run to deploy (llmcycle/deploy.py): the best success metric within the scope's budgets."""
+import pytest
+
+from llmcycle.config import load_project
+from llmcycle.deploy import best_run
+from llmcycle.errors import UserError
+
+
+def make(tmp_path, scope: str = ""):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "llmcycle.yaml").write_text("project: {name: t, task: summarization}\n" + scope)
+    return load_project(tmp_path / "llmcycle.yaml")
+
+
+def record(project, stage, variant, summary, model_bytes=1000):
+    with project.store().start(stage, variant, {}, project_dir=project.dir) as run:
+        model = run.artifacts / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text("{}")
+        (model / "model.safetensors").write_bytes(b"\0" * model_bytes)
+        run.finish(summary)
+    return run.id
+
+
+def test_best_is_the_highest_headline(tmp_path):
+    project = make(tmp_path)
+    record(project, "tune", "full", {"rougeL": 0.50})
+    best = record(project, "tune", "lora", {"rougeL": 0.61})
+    with project.store().start("eval", "x", {}, project_dir=project.dir) as run:  # no model folder
+        run.finish({"rougeL": 0.9})
+    choice = best_run(project)
+    assert choice["run"] == best and choice["value"] == 0.61 and choice["excluded"] == []
+
+
+def test_budgets_rule_out_too_big_or_too_slow_runs(tmp_path):
+    project = make(tmp_path, "scope: {success_metric: rougeL, size_budget_mb: 1, latency_budget_ms: 100}\n")
+    record(project, "tune", "big", {"rougeL": 0.9}, model_bytes=2 * 2**20)
+    record(project, "optimize", "slow", {"rougeL": 0.8, "latency_p95_ms": 250.0})
+    fits = record(project, "optimize", "int8", {"rougeL": 0.7, "latency_p95_ms": 40.0})
+    choice = best_run(project)
+    assert choice["run"] == fits and choice["latency_measured"]
+    assert [e["variant"] for e in choice["excluded"]] == ["big", "slow"]
+    assert "> budget 1 MB" in choice["excluded"][0]["why"] and "250 ms > budget 100 ms" in choice["excluded"][1]["why"]
+
+
+def test_lower_is_better_metric_and_errors(tmp_path):
+    project = make(tmp_path, "scope: {success_metric: perplexity, size_budget_mb: 0.0001}\n")
+    with pytest.raises(UserError, match="nothing to choose 'best' from"):
+        best_run(project)
+    record(project, "tune", "a", {"perplexity": 12.0})
+    with pytest.raises(UserError, match="no run fits the scope's budgets: tune/a"):
+        best_run(project)
+    project = make(tmp_path / "p2", "scope: {success_metric: perplexity}\n")
+    record(project, "tune", "a", {"perplexity": 12.0})
+    low = record(project, "tune", "b", {"perplexity": 8.0})
+    assert best_run(project)["run"] == low
+    with pytest.raises(UserError, match="unknown metric 'rogueL'"):
+        best_run(make(tmp_path / "p3", "scope: {success_metric: rogueL}\n"))
