@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned, so nothing later pulls a CUDA build
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test,embeddings,align,serve]"
+	$(PIP) install --quiet -e ".[test,embeddings,align,serve,rag]"
 	touch $(STAMP)
 
 install: $(STAMP)
