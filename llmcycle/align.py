@@ -56,8 +56,10 @@ class AlignConfig(Section):
     rejected_field: str = Field("rejected", description="preference pairs: the dispreferred response")
     encoder: str = Field(DEFAULT_ENCODER, description="reward models: the model to start from (an encoder "
                          "such as all-MiniLM-L6-v2, or run:pretrain/NAME, a folder, a Hub id)")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="reward models: seeded held-out share")
-    max_length: int = Field(128, ge=8, description="tokens per classifier input / preference sequence")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="reward models, dpo, orpo: seeded held-out share "
+                                 "of the data, scored after training")
+    max_length: int = Field(256, ge=8, description="reward models: tokens per input (longer ones are cut); "
+                            "dpo / orpo: longest prompt + response (longer pairs are skipped, counted)")
     # -- the policy (ppo, dpo, orpo)
     policy: str | None = Field(None, description="the model to align: run:REF, a folder or a Hub id; "
                                "default: the project's model")
@@ -342,12 +344,22 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
     else:
         from .preference import load_pairs, train_preference
 
+        import random
+
         pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
                            chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
-        trained = train_preference(cfg.method, policy, tokenizer, kind, pairs, run.artifacts / "checkpoints",
+        # a seeded held-out share measures the reward accuracy on pairs the policy did not train on
+        order = list(range(len(pairs)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, round(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
+        held = set(order[:n_eval])
+        trained = train_preference(cfg.method, policy, tokenizer, kind,
+                                   [p for i, p in enumerate(pairs) if i not in held], None,
+                                   eval_pairs=[p for i, p in enumerate(pairs) if i in held] or None,
                                    beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
                                    max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed,
                                    log=run.log, progress=progress)
+        trained["pairs_skipped"] = {reason: len(where) for reason, where in pairs.skipped.items()}
     train_s = time.perf_counter() - start
 
     # Saved as a plain model when the policy started from an adapter (its base is the merged
