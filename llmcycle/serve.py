@@ -1,0 +1,673 @@
+"""Serve: an OpenAI-compatible HTTP API for any model llmcycle can load.
+
+    llmcycle serve [--run RUN|best|PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream server-sent
+events with `stream: true`), GET /health, GET /metrics (Prometheus text format). Any OpenAI client works:
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "..."}])
+
+/v1/completions reads the prompt as raw text (or token ids). /v1/chat/completions uses the model's chat
+template; a model without one (T5, plain GPT-2) takes one user message, rendered into the project's
+prompt template (`evaluate.template`, whose single field receives the message), so the served model sees
+what it was evaluated and tuned on. Concurrent requests share forward passes (llmcycle.batching). Errors
+use OpenAI's format: {"error": {"message", "type", "param", "code"}}. On SIGTERM the server stops
+accepting connections, finishes the requests in flight, then exits.
+
+fastapi and uvicorn are imported inside functions: they are an extra (pip install 'llmcycle[serve]').
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .batching import BatchEngine, SamplingParams
+from .errors import UserError, suggest
+
+log = logging.getLogger("llmcycle.serve")
+BACKENDS = ("transformers", "vllm")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# ------------------------------------------------------------------------------------------- requests
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, ge=0, le=1)
+    n: int = Field(1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no EOS before this many tokens")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")
+    # OpenAI parameters this server accepts only at their neutral value (see NEUTRAL)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any = Field(description="a string, a list of strings, token ids or a list of token-id lists")
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. name, tool_call_id: harmless to ignore
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+
+# A parameter set to anything else is refused: silently ignoring it would answer a different question.
+NEUTRAL = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": (None, {}), "echo": (False,),
+           "logprobs": (None, False, 0), "best_of": (None, 1), "suffix": (None, ""), "top_logprobs": (None, 0),
+           "tools": (None, []), "response_format": (None, {"type": "text"})}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def _parse(raw: bytes, cls: type[BaseModel]) -> Any:
+    from .config import _describe
+
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        req = cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = str(err["loc"][0]) if err["loc"] else None
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"unknown parameter '{param}'{suggest(param, cls.model_fields)}", param) from None
+        where = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        raise ApiError(400, f"parameter '{where}': {_describe(err)}", param) from None
+    for name, neutral in NEUTRAL.items():
+        if name in req.model_fields_set and getattr(req, name) not in neutral:
+            raise ApiError(400, f"parameter '{name}' is not supported by this server (leave it out)", name)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(s == "" for s in stops):
+        raise ApiError(400, "stop sequences must not be empty strings", "stop")
+    return req
+
+
+# ------------------------------------------------------------------------------------ served models
+@dataclass
+class ServedModel:
+    name: str
+    loaded: Any  # llmcycle.harness.LoadedModel
+    engine: BatchEngine
+    template: str | None  # prompt template for chat on models without a chat template
+    created: int
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = list(self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not ids and self.loaded.kind == "causal":
+            bos = self.loaded.tokenizer.bos_token_id  # what a causal model saw first in pretraining
+            if bos is None:
+                raise ApiError(400, "the prompt is empty and the tokenizer has no BOS token to start from",
+                               "prompt")
+            ids = [int(bos)]
+        return ids
+
+    def completion_prompts(self, prompt: Any) -> list[list[int]]:
+        """Token ids of each prompt of a /v1/completions request (raw text: no chat template)."""
+        vocab = self.loaded.model.get_input_embeddings().num_embeddings
+
+        def is_ids(x):
+            return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(prompt, str):
+            return [self.encode_text(prompt)]
+        if is_ids(prompt):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return [self.encode_text(p) for p in prompt]
+        elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+            prompts = prompt
+        else:
+            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list "
+                           "of token-id lists (none empty)", "prompt")
+        if any(t < 0 or t >= vocab for p in prompts for t in p):
+            raise ApiError(400, f"'prompt' holds a token id outside the vocabulary (0..{vocab - 1})", "prompt")
+        return [list(p) for p in prompts]
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        from .prompts import encode_prompt, uses_chat_template
+
+        tok, kind = self.loaded.tokenizer, self.loaded.kind
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m)} for m in messages]
+        if uses_chat_template(tok, kind):
+            if len(turns) == 1 and turns[0]["role"] == "user":
+                return encode_prompt(tok, turns[0]["content"], kind)  # exactly as fine-tuning formats it
+            try:
+                text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - templates raise for conversations they refuse
+                raise ApiError(400, f"the model's chat template refused these messages: {exc}", "messages") from None
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        if len(turns) != 1 or turns[0]["role"] != "user":
+            roles = ", ".join(t["role"] for t in turns)
+            raise ApiError(400, f"model '{self.name}' has no chat template: send exactly one user message "
+                           f"(got roles: {roles})", "messages")
+        text = turns[0]["content"]
+        if self.template is not None:
+            from .prompts import template_fields
+
+            text = self.template.format(**{template_fields(self.template)[0]: text})
+        return self.encode_text(text)
+
+    def check_window(self, prompt_len: int, max_tokens: int, param: str) -> None:
+        window = self.loaded.window
+        if self.loaded.kind == "causal" and prompt_len + max_tokens > window:
+            raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                           f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                           f"completion). Please reduce the length of the prompt or max_tokens.",
+                           param, "context_length_exceeded")
+        if self.loaded.kind == "seq2seq" and (prompt_len > window or max_tokens > window):
+            raise ApiError(400, f"This model reads at most {window} tokens and writes at most {window}. However, "
+                           f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}. Please reduce "
+                           "the length of the prompt or max_tokens.", param, "context_length_exceeded")
+
+
+def _text_of(message: ChatMessage) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    parts = []
+    for part in message.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"only text message parts are supported, got type {part.get('type')!r}", "messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _check_template(template: str | None) -> None:
+    if template is None:
+        return
+    from .prompts import template_fields
+
+    fields = set(template_fields(template))
+    if len(fields) != 1 or "" in fields:
+        raise UserError(f"prompt template {template[:60]!r} must have exactly one field for the user's message, "
+                        f"like {{input}} (it has {len(fields)}: {', '.join(sorted(fields)) or 'none'})")
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def _labels(**kw) -> str:
+    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in kw.items()}
+    return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        for i, b in enumerate(self.buckets):
+            if value <= b:
+                self.counts[i] += times
+        self.sum += value * times
+        self.count += times
+
+    def lines(self, name: str, labels: dict) -> list[str]:
+        out = [f"{name}_bucket{_labels(**labels, le=f'{b:g}')} {c}" for b, c in zip(self.buckets, self.counts)]
+        return out + [f"{name}_bucket{_labels(**labels, le='+Inf')} {self.count}",
+                      f"{name}_sum{_labels(**labels)} {self.sum:.6f}", f"{name}_count{_labels(**labels)} {self.count}"]
+
+
+class Metrics:
+    """Counters and histograms for GET /metrics, written in Prometheus' text format by hand (a few
+    lines; prometheus_client would be one more dependency)."""
+
+    SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+    ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self):
+        import threading
+        from collections import Counter
+
+        self.lock = threading.Lock()
+        self.requests: Counter = Counter()  # (endpoint, status) -> responses
+        self.tokens: Counter = Counter()  # (model, "prompt" | "completion") -> tokens of answered requests
+        self.latency: dict[tuple, _Histogram] = {}  # (endpoint, model) -> seconds to the last token
+        self.first_token: dict[tuple, _Histogram] = {}
+
+    def middleware(self, app):
+        """ASGI middleware counting every response by endpoint and status (499: the client left first)."""
+        async def count(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            status = [499]
+
+            async def watch(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, watch)
+            except Exception:
+                status[0] = 500
+                raise
+            finally:
+                path = scope["path"]
+                path = path if path in self.ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
+                with self.lock:
+                    self.requests[(path, status[0])] += 1
+        return count
+
+    def finished(self, endpoint: str, model: str, job) -> None:
+        usage, key = job.usage(), (endpoint, model)
+        with self.lock:
+            self.tokens[(model, "prompt")] += usage["prompt_tokens"]
+            self.tokens[(model, "completion")] += usage["completion_tokens"]
+            self.latency.setdefault(key, _Histogram(self.SECONDS)).observe(time.perf_counter() - job.start)
+            if job.first_token is not None:
+                self.first_token.setdefault(key, _Histogram(self.SECONDS)).observe(job.first_token)
+
+    def render(self, served: dict) -> str:
+        out: list[str] = []
+
+        def head(name, kind, text):
+            out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+
+        with self.lock:
+            head("llmcycle_requests_total", "counter", "HTTP responses, by endpoint and status.")
+            for (path, status), n in sorted(self.requests.items()):
+                out.append(f"llmcycle_requests_total{_labels(endpoint=path, status=status)} {n}")
+            head("llmcycle_tokens_total", "counter", "Tokens of answered requests: prompt and completion.")
+            for (model, kind), n in sorted(self.tokens.items()):
+                out.append(f"llmcycle_tokens_total{_labels(model=model, kind=kind)} {n}")
+            for name, data, text in (
+                    ("llmcycle_request_duration_seconds", self.latency, "Request latency, to the last token."),
+                    ("llmcycle_time_to_first_token_seconds", self.first_token, "Time to the first text.")):
+                head(name, "histogram", text)
+                for (endpoint, model), hist in sorted(data.items()):
+                    out.extend(hist.lines(name, {"endpoint": endpoint, "model": model}))
+        engines = [(name, s.engine) for name, s in served.items()]
+        for name, kind, text, value in (
+                ("llmcycle_generated_tokens_total", "counter", "Tokens generated by the engine (those of "
+                 "cancelled requests included).", lambda e: e.tokens_generated),
+                ("llmcycle_cancelled_sequences_total", "counter", "Sequences dropped because their client left.",
+                 lambda e: e.cancelled),
+                ("llmcycle_queue_depth", "gauge", "Sequences waiting for a batch slot.", lambda e: e.waiting),
+                ("llmcycle_running_sequences", "gauge", "Sequences in the running batch.", lambda e: e.running)):
+            head(name, kind, text)
+            out.extend(f"{name}{_labels(model=m)} {value(e)}" for m, e in engines)
+        head("llmcycle_batch_size", "histogram", "Rows per decode forward pass.")
+        for m, e in engines:
+            hist = _Histogram(self.ROWS)
+            for size, steps in sorted(dict(e.batch_sizes).items()):
+                hist.observe(size, steps)
+            out.extend(hist.lines("llmcycle_batch_size", {"model": m}))
+        return "\n".join(out) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- jobs
+class _Job:
+    """The sequences of one request (prompts x n choices), their events funnelled into one asyncio queue."""
+
+    def __init__(self, served: ServedModel, prompts: list[list[int]], req: _Sampling, max_tokens: list[int]):
+        loop = asyncio.get_running_loop()
+        self.engine, self.queue = served.engine, asyncio.Queue()
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        stops = tuple([req.stop] if isinstance(req.stop, str) else req.stop or ())
+        self.seqs, self.open, self.start, self.first_token = [], 0, time.perf_counter(), None
+        self.stream = req.stream  # time to first token is measured on streams only
+        for i, ids in enumerate(prompts):
+            for j in range(req.n):
+                k = len(self.seqs)
+                seed = req.seed
+                if seed is not None and len(prompts) * req.n > 1:  # each choice its own stream
+                    seed = (seed * 1_000_003 + k) % 2**63
+                params = SamplingParams(max_tokens=max_tokens[i], temperature=req.temperature, top_p=req.top_p,
+                                        seed=seed, stop=stops, min_tokens=min(req.min_tokens, max_tokens[i]),
+                                        ignore_eos=req.ignore_eos)
+
+                def listener(delta, done, k=k):
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (k, delta, done))
+
+                try:  # without streaming, one callback per sequence rather than per token: each one
+                    # wakes the event loop, which competes with the worker thread for the interpreter
+                    self.seqs.append(self.engine.submit(ids, params, listener, stream=req.stream))
+                except RuntimeError:  # shutting down
+                    self.cancel()
+                    raise ApiError(503, "the server is shutting down") from None
+                self.open += 1
+
+    async def events(self):
+        while self.open:
+            k, delta, done = await self.queue.get()
+            if self.first_token is None and delta and self.stream:
+                self.first_token = time.perf_counter() - self.start
+            self.open -= done
+            if done and self.seqs[k].error is not None:
+                raise ApiError(500, f"generation failed: {self.seqs[k].error}")
+            yield k, delta, done
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            self.engine.cancel(seq)
+
+    def usage(self) -> dict:
+        completion = sum(len(s.token_ids) for s in self.seqs)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
+async def _wait(request, job: _Job) -> bool:
+    """Wait for every sequence of a non-streaming request; False (and the rows freed) if the client left."""
+    async def drain():
+        async for _ in job.events():
+            pass
+
+    task = asyncio.ensure_future(drain())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                task.result()  # raises ApiError for a failed generation
+                return True
+            if await request.is_disconnected():
+                return False
+    finally:
+        if not task.done():
+            task.cancel()
+        job.cancel()  # no-op for finished sequences
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# --------------------------------------------------------------------------------------------- app
+def create_app(models, *, api_key: str | None = None, model_name: str | None = None,
+               prompt_template: str | None = None, max_batch_size: int = 16, drain_timeout: float | None = 30.0):
+    """The FastAPI app serving `models`: one LoadedModel (named `model_name`, default its reference) or a
+    mapping name -> LoadedModel. Each model gets its own batching engine (at most `max_batch_size` rows
+    per forward pass; 1 = one request at a time), started and drained with the app. `api_key` set: /v1/*
+    needs `Authorization: Bearer KEY`. `prompt_template` (one field) formats chat messages for models
+    without a chat template."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    _check_template(prompt_template)
+    if not isinstance(models, dict):
+        models = {model_name or models.name: models}
+    created = int(time.time())
+    served = {name: ServedModel(name, lm, BatchEngine(lm.generator, max_batch_size), prompt_template, created)
+              for name, lm in models.items()}
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for s in served.values():
+            s.engine.start()
+        yield
+        for s in served.values():  # uvicorn has already waited for the requests in flight
+            await asyncio.to_thread(s.engine.stop, drain_timeout)
+
+    app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(metrics.middleware)
+    app.state.served, app.state.metrics = served, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(ApiError(500, f"internal server error: {type(exc).__name__}").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            what = "no API key was given" if not given else "the API key is not valid"
+            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    def model_of(name: str) -> ServedModel:
+        if name not in served:
+            raise ApiError(404, f"The model '{name}' does not exist{suggest(name, served)} "
+                           f"(served: {', '.join(served)})", "model", "model_not_found")
+        return served[name]
+
+    def model_card(s: ServedModel) -> dict:
+        return {"id": s.name, "object": "model", "created": s.created, "owned_by": "llmcycle"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(served),
+                "running": sum(s.engine.running for s in served.values()),
+                "waiting": sum(s.engine.waiting for s in served.values())}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(served), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card(s) for s in served.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        authorize(request)
+        return model_card(model_of(name))
+
+    async def generate(request: Request, chat: bool):
+        authorize(request)
+        req = _parse(await request.body(), ChatRequest if chat else CompletionRequest)
+        s = model_of(req.model)
+        if chat:
+            prompts, param = [s.chat_prompt(req.messages)], "messages"
+            limit = req.max_completion_tokens or req.max_tokens
+        else:
+            prompts, param, limit = s.completion_prompts(req.prompt), "prompt", req.max_tokens
+        max_tokens = []
+        for ids in prompts:
+            room = s.loaded.window - len(ids) if s.loaded.kind == "causal" else s.loaded.window
+            m = limit or (max(room, 1) if chat else COMPLETION_DEFAULT_MAX_TOKENS)
+            s.check_window(len(ids), m, param if limit is None else "max_tokens")
+            max_tokens.append(m)
+        if req.min_tokens > min(max_tokens):
+            raise ApiError(400, f"min_tokens {req.min_tokens} is more than max_tokens {min(max_tokens)}", "min_tokens")
+        job = _Job(s, prompts, req, max_tokens)
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": s.name}
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(job, head, chat, usage, metrics, endpoint),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if not await _wait(request, job):
+            return Response(status_code=499)  # client closed the request; nobody reads this
+        metrics.finished(endpoint, s.name, job)
+        choices = []
+        for k, seq in enumerate(job.seqs):
+            if chat:
+                choices.append({"index": k, "message": {"role": "assistant", "content": seq.text},
+                                "logprobs": None, "finish_reason": seq.finish_reason})
+            else:
+                choices.append({"index": k, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason})
+        return {**head, "choices": choices, "usage": job.usage()}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    return app
+
+
+async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metrics: Metrics, endpoint: str):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. If the client goes away,
+    starlette cancels this generator and `finally` frees the request's rows."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(k: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _sse({**head, "choices": [choice], **extra})
+
+    try:
+        if chat:
+            for k in range(len(job.seqs)):
+                yield chunk(k, None, None, role=True)
+        try:
+            async for k, delta, done in job.events():
+                if delta:
+                    yield chunk(k, delta, None)
+                if done:
+                    yield chunk(k, None, job.seqs[k].finish_reason)
+        except ApiError as exc:  # the status line has gone out: report the error in the stream
+            yield _sse(exc.body())
+            return
+        metrics.finished(endpoint, head["model"], job)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": job.usage()})
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+# ------------------------------------------------------------------------------------------- serving
+def check_backend(name: str) -> None:
+    """Refuse a backend that cannot run here, before any model is loaded."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown serving backend '{name}'{suggest(name, BACKENDS)} (choices: {', '.join(BACKENDS)})")
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("backend 'vllm' needs vLLM and a CUDA GPU: pip install vllm "
+                            "(or use --backend transformers)") from None
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("backend 'vllm' needs a CUDA GPU, and none is available (use --backend transformers)")
+
+
+def _require_server() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("serving needs FastAPI and uvicorn: pip install 'llmcycle[serve]'") from None
+
+
+def _listen(host: str, port: int):
+    """A bound, listening socket, so a taken port is a clear error before the model is loaded."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port)") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, model_name: str | None = None, prompt_template: str | None = None,
+          max_batch_size: int = 16, backend: str = "transformers", context_window: int | None = None,
+          dtype: str = "auto", device: str = "auto", drain_timeout: float | None = 30.0,
+          log_level: str = "info") -> None:
+    """Load the model (a run reference, a local folder or a Hub id; the project's model when
+    model_ref is None) and serve it until SIGINT/SIGTERM. Everything that can be wrong with the model or
+    the address is a UserError before the server starts."""
+    from . import harness
+
+    check_backend(backend)
+    if backend != "transformers":
+        raise UserError(f"backend '{backend}' is not wired into llmcycle serve yet; use --backend transformers")
+    _require_server()
+    _check_template(prompt_template)
+    if max_batch_size < 1:
+        raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    sock = _listen(host, port)
+    try:
+        if model_ref is None:
+            if project is None:
+                raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
+            loaded = harness.load_project_model(project)
+        else:
+            loaded = harness.load(model_ref, project, dtype=dtype, device=device, context_window=context_window)
+        if prompt_template is None and project is not None:
+            from .evaluate import project_template
+
+            prompt_template = project_template(project)
+            _check_template(prompt_template)
+        app = create_app(loaded, api_key=api_key, model_name=model_name, prompt_template=prompt_template,
+                         max_batch_size=max_batch_size, drain_timeout=drain_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    import uvicorn
+
+    bound = sock.getsockname()
+    log.warning("serving %s on http://%s:%d/v1", next(iter(app.state.served)), host, bound[1])
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
+    uvicorn.Server(config).run(sockets=[sock])
