@@ -149,6 +149,48 @@ def align(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
     _report_outcomes(outcomes, as_json, proj)
 
 
+@app.command()
+def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE/VARIANT, 'best' (the best "
+                                            "run within the scope's budgets), a model folder or a Hub id; "
+                                            "default: the project's model."),
+          host: str = typer.Option("127.0.0.1", "--host"),
+          port: int = typer.Option(8000, "--port"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCYCLE_API_KEY",
+                                                help="Require `Authorization: Bearer KEY`."),
+          max_batch_size: int = typer.Option(16, "--max-batch-size", help="Requests decoded together."),
+          backend: str = typer.Option("transformers", "--backend", help="transformers | vllm (GPU)"),
+          project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Serve a model behind an OpenAI-compatible API (completions, chat, streaming) until Ctrl-C."""
+    from llmcycle.serve import check_backend
+    from llmcycle.serve import serve as start
+
+    check_backend(backend)
+    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    proj = _project(project, overrides) if has_project else None
+    ref = run
+    if run == "best":
+        if proj is None:
+            raise UserError(f"--run best needs a project (not found: {project})")
+        from llmcycle.deploy import best_run
+
+        choice = best_run(proj)
+        ref = choice["run"]
+        if as_json:
+            emit_json({"best": choice})
+        else:
+            latency = (f", p95 {choice['latency_p95_ms']:.0f} ms" if choice["latency_measured"]
+                       else ", latency not measured")
+            out.print(f"best: {choice['stage']}/{choice['variant']} ({ref}) {choice['metric']} "
+                      f"{choice['value']:.3f}, {choice['size_mb']:.1f} MB{latency}")
+            for skipped in choice["excluded"]:
+                out.print(f"  [dim]passed over {skipped['stage']}/{skipped['variant']}: {skipped['why']}[/]")
+    mcfg = proj.config.model if proj is not None else None
+    opts = mcfg.model_dump() if mcfg is not None else {}
+    start(ref, proj, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size, backend=backend,
+          context_window=opts.get("context_window"), dtype=opts.get("dtype", "auto"),
+          device=opts.get("device", "auto"))
+
+
 @app.command("eval")
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model)."),

@@ -606,6 +606,39 @@ def check_backend(name: str) -> None:
             raise UserError("backend 'vllm' needs a CUDA GPU, and none is available (use --backend transformers)")
 
 
+def vllm_command(path: str, *, host: str, port: int, api_key: str | None, model_name: str | None) -> list[str]:
+    """vLLM's own OpenAI-compatible server on the resolved model folder. vLLM brings paged attention
+    and CUDA kernels our engine does not have; the API it speaks is the same, so clients do not change."""
+    import sys
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+           "--host", host, "--port", str(port)]
+    if model_name:
+        cmd += ["--served-model-name", model_name]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd
+
+
+def _exec_vllm(model_ref, project, *, host, port, api_key, model_name) -> None:
+    """Replace this process with vLLM's server (so signals and exit codes are vLLM's own)."""
+    import os
+    from pathlib import Path
+
+    from . import harness
+    from .tune import ADAPTER_CONFIG
+
+    ref = model_ref or (project.config.model.name if project is not None and project.config.model else None)
+    if ref is None:
+        raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
+    path, _ = harness.resolve(ref, project)
+    if (Path(path) / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{path} is a LoRA adapter: serve the merged model with vLLM (tune with merge: true, "
+                        "or `llmcycle optimize` with method export) or use --backend transformers")
+    cmd = vllm_command(path, host=host, port=port, api_key=api_key, model_name=model_name or ref)
+    os.execv(cmd[0], cmd)
+
+
 def _require_server() -> None:
     try:
         import fastapi  # noqa: F401
@@ -641,8 +674,8 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
     from . import harness
 
     check_backend(backend)
-    if backend != "transformers":
-        raise UserError(f"backend '{backend}' is not wired into llmcycle serve yet; use --backend transformers")
+    if backend == "vllm":
+        return _exec_vllm(model_ref, project, host=host, port=port, api_key=api_key, model_name=model_name)
     _require_server()
     _check_template(prompt_template)
     if max_batch_size < 1:

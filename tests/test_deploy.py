@@ -56,3 +56,33 @@ def test_lower_is_better_metric_and_errors(tmp_path):
     assert best_run(project)["run"] == low
     with pytest.raises(UserError, match="unknown metric 'rogueL'"):
         best_run(make(tmp_path / "p3", "scope: {success_metric: rogueL}\n"))
+
+
+def test_serve_best_without_runs_is_one_line_error(tmp_path, capsys):
+    from llmcycle.cli import main
+
+    make(tmp_path)
+    assert main(["serve", "--run", "best", "-p", str(tmp_path / "llmcycle.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no completed run with a model") and "\n" not in err
+
+
+def test_vllm_backend_hands_the_model_folder_to_vllms_own_server():
+    from llmcycle.serve import vllm_command
+
+    cmd = vllm_command("/m/model", host="0.0.0.0", port=9000, api_key="k", model_name="tune/lora")
+    assert cmd[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m/model", "--host", "0.0.0.0",
+                       "--port", "9000", "--served-model-name", "tune/lora", "--api-key", "k"]
+
+
+def test_vllm_backend_without_vllm_or_gpu_is_refused(capsys):
+    import importlib.util
+
+    import torch
+
+    from llmcycle.cli import main
+
+    if importlib.util.find_spec("vllm") and torch.cuda.is_available():
+        pytest.skip("vLLM and a GPU are present: the refusal cannot be shown here")
+    assert main(["serve", "--backend", "vllm", "--run", "x"]) == 2
+    assert "backend 'vllm' needs" in capsys.readouterr().err
