@@ -150,6 +150,22 @@ def align(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
 
 
 @app.command()
+def optimize(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+             variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
+             force: bool = typer.Option(False, "--force", help="Redo a variant even if an identical run exists."),
+             as_json: bool = JsonOpt):
+    """Quantize, distill, prune or export a model; each variant re-evaluated with size, latency, speed."""
+    from llmcycle import lifecycle
+
+    proj = _project(project, overrides)
+    names = variant or list(lifecycle.variants(proj, "optimize"))
+    if not names:
+        raise UserError(f"{proj.path}: no optimize variants configured (add an `optimize:` section)")
+    outcomes = [lifecycle.execute(proj, "optimize", name, force=force, progress=not as_json) for name in names]
+    _report_outcomes(outcomes, as_json, proj)
+
+
+@app.command()
 def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE/VARIANT, 'best' (the best "
                                             "run within the scope's budgets), a model folder or a Hub id; "
                                             "default: the project's model."),

@@ -20,6 +20,7 @@ from llmcycle.data import DataConfig
 from llmcycle.errors import UserError, suggest
 from llmcycle.evaluate import EvaluateConfig
 from llmcycle.models import ModelConfig
+from llmcycle.optimize import OptimizeConfig
 from llmcycle.pretrain import PretrainConfig
 from llmcycle.prompt import PromptConfig
 from llmcycle.scope import ScopeConfig
@@ -45,6 +46,7 @@ class ProjectConfig(Section):
     prompt: PromptConfig | None = None
     tune: dict[str, TuneConfig] = Field(default_factory=dict)
     align: dict[str, AlignConfig] = Field(default_factory=dict)
+    optimize: dict[str, OptimizeConfig] = Field(default_factory=dict)
 
 
 class Project:

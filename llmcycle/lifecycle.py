@@ -17,10 +17,10 @@ import llmcycle
 from llmcycle.errors import UserError, suggest
 
 # The lifecycle's order. Stages not built yet are absent, not stubbed.
-STAGES = ("scope", "pretrain", "prompt", "tune", "align")
+STAGES = ("scope", "pretrain", "prompt", "tune", "align", "optimize")
 # Stages that evaluate the project's model: its identity is one of their inputs, and the run that
 # produced it (if any) is their parent.
-USES_MODEL = ("scope", "prompt", "tune", "align")
+USES_MODEL = ("scope", "prompt", "tune", "align", "optimize")
 # Config keys of a stage variant that name further models (run:..., folders, Hub ids): inputs too.
 MODEL_KEYS = ("reward", "toxicity_model", "encoder")
 
@@ -93,11 +93,11 @@ def _model_identity(project, name: str | None = None) -> dict:
 
 
 def _stage_model_name(project, stage: str, config: dict) -> str | None:
-    """The model a stage variant works on: its own `base` (`policy` for align) if it names one, else
-    the project's. A reward model trained by align starts from its `encoder` instead."""
+    """The model a stage variant works on: its own `base` (`policy` for align, `source` for optimize) if
+    it names one, else the project's. A reward model trained by align starts from its `encoder` instead."""
     if stage == "align" and str(config.get("method", "")).startswith("reward_"):
         return config.get("encoder")
-    for key in ("base", "policy"):
+    for key in ("base", "policy", "source"):
         if config.get(key):
             return config[key]
     return project.config.model.name if project.config.model else None
@@ -116,7 +116,7 @@ def content_hash(project, stage: str, variant: str, config: dict) -> str:
               "data": _data_identity(project), "llmcycle": llmcycle.__version__}
     if stage in USES_MODEL:
         inputs["model"] = _model_identity(project, _stage_model_name(project, stage, config))
-    if stage in ("prompt", "tune", "align"):
+    if stage in ("prompt", "tune", "align", "optimize"):
         inputs["evaluate"] = project.config.evaluate.model_dump() if project.config.evaluate else None
     inputs["models"] = {key: _model_identity(project, config[key]) for key in MODEL_KEYS
                         if isinstance(config.get(key), str)}

@@ -16,6 +16,7 @@ from .errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model",
                    "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt")
+INT8_MARKER = "llmcycle_quantization.json"  # written by llmcycle.quantize (int8_dynamic)
 WEIGHT_FILES = "model.safetensors / pytorch_model.bin (or their sharded index)"
 _TRUE = ("1", "ON", "YES", "TRUE")
 
@@ -192,24 +193,42 @@ def resolve_dtype(dtype: str, device: str):
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
     """(model, tokenizer): the model in eval mode on the device, and its tokenizer. A folder of PEFT
-    adapters loads its base model with the adapters applied (unmerged)."""
+    adapters loads its base model with the adapters applied (unmerged); a folder `llmcycle optimize`
+    quantized to int8 is rebuilt and quantized again (llmcycle.quantize.load_int8); a bitsandbytes
+    folder (quantization_config in config.json) is placed on the GPU while loading."""
     if adapter_base(name_or_path) is not None:
         from llmcycle.tune import load_trained
 
         return load_trained(name_or_path, dtype=dtype, device=device)
+    if (Path(name_or_path) / INT8_MARKER).is_file():
+        from llmcycle.quantize import load_int8
+
+        return load_int8(name_or_path, device=device, trust_remote_code=trust_remote_code)
     config = load_config(name_or_path, trust_remote_code)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    placement = {}
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", None)
+        if str(method).endswith("bitsandbytes"):
+            from llmcycle.quantize import check_bitsandbytes
+
+            check_bitsandbytes(f"model {name_or_path} (quantized with bitsandbytes)")
+        # quantized weights are placed while loading; moving them afterwards is refused
+        placement = {"device_map": {"": dev}}
     try:
         model = auto_class(config).from_pretrained(name_or_path, config=config, dtype=torch_dtype,
-                                                   trust_remote_code=trust_remote_code)
+                                                   trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as e:
         if os.path.isdir(name_or_path):
             raise UserError(f"model folder {name_or_path} has a config but its weights could not be loaded "
                             f"(expected {WEIGHT_FILES}): {e}") from None
         raise _hub_error(name_or_path, e) from None
-    model.to(dev)
+    if not placement:
+        model.to(dev)
     model.eval()
     return model, tokenizer
 

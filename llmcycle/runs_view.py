@@ -64,7 +64,8 @@ def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:
 COMPARE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match", "f1",
                 "accuracy", "macro_f1", "headline_before", "toxicity_mean", "toxicity_std",
                 "toxicity_before_mean", "toxicity_change_pct", "perplexity", "len_words_mean", "stopped_share",
-                "prompts_lost_shots", "examples_per_s", "trainable_pct", "peak_memory_mb",
+                "prompts_lost_shots", "examples_per_s", "completion_tokens_per_s", "latency_p50_ms",
+                "latency_p95_ms", "size_mb", "trainable_pct", "peak_memory_mb",
                 "train_wall_s", "final_loss", "parameters", "useful_tokens_per_s")
 # Short column titles keep the table readable in a terminal; --json keeps the full names.
 SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_shots": "lost shots",
@@ -72,10 +73,13 @@ SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_sh
          "final_loss": "loss", "parameters": "params", "rougeLsum": "rougeLs",
          "trainable_pct": "trainable %", "peak_memory_mb": "peak MB", "train_wall_s": "train s",
          "headline_before": "before", "toxicity_mean": "toxic", "toxicity_std": "toxic sd",
-         "toxicity_before_mean": "toxic before", "toxicity_change_pct": "toxic Δ%"}
+         "toxicity_before_mean": "toxic before", "toxicity_change_pct": "toxic Δ%",
+         "completion_tokens_per_s": "tok/s", "latency_p50_ms": "p50 ms", "latency_p95_ms": "p95 ms",
+         "size_mb": "MB"}
 # Figures that are not metrics.py names but have a direction.
 _DIRECTION = {"examples_per_s": True, "useful_tokens_per_s": True, "toxicity_mean": False,
-              "toxicity_change_pct": False}
+              "toxicity_change_pct": False, "completion_tokens_per_s": True, "latency_p50_ms": False,
+              "latency_p95_ms": False, "size_mb": False}
 
 
 def compare_rows(records) -> list[dict]:
