@@ -92,3 +92,45 @@ def make_gpt2(dir, tokenizer: bool = True, seed: int = 0, n_positions: int = 128
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(str(dir))
     return dir
+
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_bert(dir, seed: int = 0, labels: list[str] | None = None, num_labels: int | None = None,
+              texts=None, hidden: int = 32, initializer_range: float = 0.02):
+    """A BERT with 2 layers of width `hidden` and a byte-level BPE tokenizer that wraps texts in
+    [CLS] ... [SEP], saved to `dir`; returns the folder. Without labels / num_labels: the bare encoder
+    (like all-MiniLM-L6-v2, no classification head); with them: a sequence classifier (random head)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=BERT_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts or CORPUS), trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(dir))
+    config = BertConfig(vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=hidden,
+                        num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+                        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        pad_token_id=tok.token_to_id("[PAD]"), initializer_range=initializer_range)
+    torch.manual_seed(seed)
+    if labels is None and num_labels is None:
+        BertModel(config).save_pretrained(str(dir))
+        return dir
+    if labels is not None:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    else:
+        config.num_labels = num_labels
+    BertForSequenceClassification(config).save_pretrained(str(dir))
+    return dir
