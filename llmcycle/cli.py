@@ -207,6 +207,53 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
           device=opts.get("device", "auto"))
 
 
+@app.command()
+def pal(data: Path = typer.Option(..., "--data", help="GSM8K-style JSONL: question, answer ending in '#### N'."),
+        model: Optional[str] = typer.Option(None, "--model", help="RUN, local PATH or Hub id (default: the "
+                                            "project's model)."),
+        limit: int = typer.Option(20, "--limit", help="The first N problems."),
+        shots: int = typer.Option(4, "--shots", help="Worked examples in each prompt (0-4)."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens for each program."),
+        project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Program-aided LM: the model writes a program, a sandbox runs it; accuracy vs answering directly."""
+    from llmcycle import harness
+    from llmcycle.pal import DEFAULT_SHOTS, evaluate_model_on_gsm8k
+
+    if not 0 <= shots <= len(DEFAULT_SHOTS):
+        raise UserError(f"--shots must be between 0 and {len(DEFAULT_SHOTS)}, got {shots}")
+    if limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if not data.is_file():
+        raise UserError(f"--data: file not found: {data}")
+    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    proj = _project(project, overrides) if has_project else None
+    if model is None and (proj is None or proj.config.model is None):
+        raise UserError("no model: pass --model or run inside a project with a `model:` section")
+    loaded = harness.load_project_model(proj, model) if proj is not None else harness.load(model)
+    result = evaluate_model_on_gsm8k(loaded, data, limit, shots=DEFAULT_SHOTS[:shots],
+                                     max_new_tokens=max_new_tokens, progress=not as_json)
+    summary = {k: v for k, v in result.items() if k not in ("pal", "direct")}
+    for name in ("pal", "direct"):
+        summary.update({f"{name}_{k}": v for k, v in result[name].items() if k not in ("rows", "accuracy")})
+    if proj is not None:
+        from llmcycle.store import atomic_write_text
+
+        with proj.store().start("augment", "pal", {"model": loaded.name, "data": str(data), "limit": limit},
+                                parent=loaded.run_id, project_dir=proj.dir) as run:
+            rows = result["pal"]["rows"] + result["direct"]["rows"]
+            atomic_write_text(run.artifacts / "gsm8k_rows.jsonl",
+                              "".join(json.dumps(r, default=str) + "\n" for r in rows))
+            run.finish(summary)
+        summary["run_id"] = run.id
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(f"{loaded.name} on {summary['n']} problems of {data}: PAL accuracy "
+                  f"{summary['pal_accuracy']:.3f}, direct {summary['direct_accuracy']:.3f}")
+        if "run_id" in summary:
+            out.print(f"[dim]recorded as run {summary['run_id']}[/]")
+
+
 @app.command("eval")
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model)."),

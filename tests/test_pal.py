@@ -223,3 +223,25 @@ def test_annotation_programs_on_real_gsm8k_rows():
     sample = examples[:8]
     assert pal.annotation_program_report(sample, use_sandbox=True)["reasons"] == \
         pal.annotation_program_report(sample)["reasons"]
+
+
+def test_pal_command_records_pal_and_direct_accuracy(tmp_path, capsys):
+    """`llmcycle pal` end to end on a tiny model: a run with both accuracies and every row."""
+    import json as _json
+
+    from llmcycle.cli import main
+    from tiny import make_gpt2
+
+    make_gpt2(tmp_path / "m", n_positions=1024)
+    rows = [{"question": "What is 2 plus 3?", "answer": "2+3=<<2+3=5>>5\n#### 5"},
+            {"question": "What is 4 times 6?", "answer": "4*6=<<4*6=24>>24\n#### 24"}]
+    (tmp_path / "g.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "llmcycle.yaml").write_text("project: {name: p, task: qa}\nmodel: {name: m}\n")
+    assert main(["pal", "--data", str(tmp_path / "g.jsonl"), "--shots", "0", "--max-new-tokens", "8",
+                 "-p", str(tmp_path / "llmcycle.yaml"), "--json"]) == 0
+    out = _json.loads(capsys.readouterr().out)
+    assert out["n"] == 2 and out["pal_n"] == 2 and out["direct_n"] == 2
+    assert 0 <= out["pal_accuracy"] <= 1 and 0 <= out["direct_accuracy"] <= 1
+    run_dir = next((tmp_path / "runs").glob("augment-pal-*"))
+    assert len((run_dir / "artifacts" / "gsm8k_rows.jsonl").read_text().splitlines()) == 4
+    assert main(["pal", "--data", str(tmp_path / "nope.jsonl"), "--model", "m"]) == 2
