@@ -254,6 +254,76 @@ def pal(data: Path = typer.Option(..., "--data", help="GSM8K-style JSONL: questi
             out.print(f"[dim]recorded as run {summary['run_id']}[/]")
 
 
+def _index_dir(index: Optional[Path], project: Path) -> Path:
+    """--index, else `index/` beside the project file (or in the current folder)."""
+    if index is not None:
+        return index
+    folder = project if project.is_dir() else project.parent
+    return folder / "index"
+
+
+@app.command("index")
+def index_cmd(paths: Optional[List[Path]] = typer.Argument(None, help="Files or folders to index (text, "
+                                                           "Markdown, HTML; PDF with pypdf)."),
+              index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: ./index "
+                                                   "beside the project file)."),
+              model: Optional[str] = typer.Option(None, "--model", help="sentence-transformers model name or "
+                                                  "path (default: all-MiniLM-L6-v2, offline)."),
+              chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Tokens per chunk (200)."),
+              overlap: Optional[int] = typer.Option(None, "--overlap", help="Tokens shared by neighbours (40)."),
+              kind: Optional[str] = typer.Option(None, "--kind", help="auto | flat | ivf | hnsw"),
+              rebuild: bool = typer.Option(False, "--rebuild", help="Build from scratch instead of updating."),
+              remove: Optional[List[Path]] = typer.Option(None, "--remove", help="Drop these files' chunks."),
+              project: Path = ProjectOpt, as_json: bool = JsonOpt):
+    """Chunk, embed and index documents for retrieval; re-running adds new or changed files only."""
+    from llmcycle import rag_index
+
+    where = _index_dir(index, project)
+    if remove:
+        stats = rag_index.remove_from_index(where, [str(p) for p in remove], progress=not as_json)
+    else:
+        if not paths:
+            raise UserError("index: give files or folders to index (or --remove PATH)")
+        opts = {k: v for k, v in {"model": model, "chunk_tokens": chunk_tokens, "overlap": overlap,
+                                   "kind": kind}.items() if v is not None}
+        build = rag_index.build_index if rebuild else rag_index.update_index
+        stats = build([str(p) for p in paths], where, progress=not as_json, **opts)
+    stats = {"index": str(where), **stats}
+    if as_json:
+        emit_json(stats)
+    else:
+        out.print(", ".join(f"{k}: {v}" for k, v in stats.items() if not isinstance(v, (list, dict))))
+        for skipped in stats.get("skipped") or []:
+            out.print(f"  [yellow]skipped[/] {skipped}")
+
+
+@app.command()
+def ask(question: str = typer.Argument(..., help="The question."),
+        index: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: ./index)."),
+        model: Optional[str] = typer.Option(None, "--model", help="RUN, PATH or Hub id (default: the project's model)."),
+        k: int = typer.Option(5, "-k", help="Chunks to retrieve."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+        project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
+    """Answer from the indexed documents, with citations [1], [2] mapping to file and position."""
+    from llmcycle import harness, rag
+    from llmcycle.rag_index import Index
+
+    if k < 1:
+        raise UserError(f"-k must be at least 1, got {k}")
+    idx = Index.load(_index_dir(index, project))
+    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    proj = _project(project, overrides) if has_project else None
+    if model is None and (proj is None or proj.config.model is None):
+        raise UserError("no model: pass --model or run inside a project with a `model:` section")
+    loaded = harness.load_project_model(proj, model) if proj is not None else harness.load(model)
+    result = rag.answer(question, idx, loaded, k=k, max_new_tokens=max_new_tokens)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        out.print(result.text)
+        out.print(rag.format_sources(result))
+
+
 @app.command("eval")
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model)."),

@@ -429,3 +429,30 @@ def test_clear_errors(tmp_path, embedder, collection):
             rag.answer("q?", Index.load(index.dir), lambda p: "", window=99, count_tokens=words)
     finally:
         (index.dir / "manifest.bak").rename(index.dir / "manifest.json")
+
+
+def test_index_and_ask_commands(tmp_path, capsys):
+    """`llmcycle index` then `llmcycle ask` end to end: citations map to the file; errors are one line."""
+    import json as _json
+
+    from llmcycle.cli import main
+    from tiny import make_gpt2
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "tower.txt").write_text("The Eiffel Tower is in Paris. It was finished in 1889.\n")
+    (docs / "oslo.md").write_text("# Oslo\nOslo is the capital of Norway.\n")
+    (docs / "blob.bin").write_bytes(b"\0\1\2" * 50)
+    make_gpt2(tmp_path / "m", n_positions=1024)
+    where = str(tmp_path / "idx")
+    assert main(["index", str(docs), "--index", where, "--json"]) == 0
+    stats = _json.loads(capsys.readouterr().out)
+    assert stats["chunks_total"] == 2 and [s["path"].endswith("blob.bin") for s in stats["skipped"]] == [True]
+    assert main(["ask", "Where is the Eiffel Tower?", "--index", where, "--model", str(tmp_path / "m"),
+                 "-k", "2", "--max-new-tokens", "3", "--json"]) == 0
+    answer = _json.loads(capsys.readouterr().out)
+    assert answer["citations"][0]["source"].endswith("tower.txt") and answer["citations"][0]["start"] == 0
+    assert main(["ask", "x", "--index", str(tmp_path / "none"), "--model", str(tmp_path / "m")]) == 2
+    assert "no retrieval index" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["index", str(tmp_path / "empty"), "--index", str(tmp_path / "idx2")]) == 2
