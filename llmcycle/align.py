@@ -288,12 +288,15 @@ def _toxicity_model(project, variant: str, cfg: AlignConfig, reward_model=None):
 
     if cfg.toxicity_model is None and (reward_model is None or not reward_model.labels):
         return None
-    if cfg.toxicity_model is not None:
-        path, _ = resolve_ref(project, cfg.toxicity_model)
-        model = load_reward_model(path, output="probability")
-    else:
-        model = reward_model
-    return model, toxicity_label(cfg, model.labels, variant)
+    if cfg.toxicity_model is None:
+        return reward_model, toxicity_label(cfg, reward_model.labels, variant)
+    from .models import load_config
+
+    path, _ = resolve_ref(project, cfg.toxicity_model)
+    config = load_config(path)
+    labels = [str(config.id2label[i]) for i in range(config.num_labels)] if config.num_labels > 1 else None
+    label = toxicity_label(cfg, labels, variant)
+    return load_reward_model(path, label=label, output="probability"), label
 
 
 def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, progress: bool) -> dict:
@@ -339,8 +342,18 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
             seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
         trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), settings)
         train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
-        trained = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
-                                log=run.log, progress=progress)
+        result = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
+                               log=run.log, progress=progress)
+        # every step's figures are in metrics.jsonl (run.log); the summary keeps where PPO started and ended
+        history = result.get("history") or []
+        trained = {k: v for k, v in result.items() if k != "history"}
+        for key in ("reward_mean", "kl", "score_mean"):
+            values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+            if values:
+                head = values[:max(1, len(values) // 5)]
+                tail = values[-max(1, len(values) // 5):]
+                trained[f"{key}_first"] = sum(head) / len(head)
+                trained[f"{key}_last"] = sum(tail) / len(tail)
     else:
         from .preference import load_pairs, train_preference
 

@@ -99,3 +99,56 @@ def test_init_templates_commented_tune_and_align_blocks_validate_when_uncommente
     cfg = load_project(tmp_path / "llmcycle.yaml").config
     assert cfg.align["toxicity"].label_map == {"0": "toxic", "1": "toxic", "2": "not_toxic"}
     assert cfg.align["detox"].reward == "run:align/toxicity" and cfg.tune["lora"].method == "lora"
+
+
+@pytest.mark.slow
+def test_reward_model_then_ppo_then_dpo_end_to_end(tmp_path):
+    """The stage on a tiny T5: a toxicity classifier trained here, PPO against its not_toxic logit, DPO
+    on pairs; each recorded with the task metric and toxicity before and after."""
+    from llmcycle import lifecycle
+    from llmcycle.store import RunStore
+
+    common = {"policy_method": "lora", "r": 4, "alpha": 8, "eval_limit": 6, "seed": 0}
+    path = make_project(tmp_path, {
+        "rm": {"method": "reward_classifier", "encoder": "base", "data": "labelled.jsonl", "lr": 1e-2,
+               "batch_size": 16, "max_steps": 30, "max_length": 32},
+        "detox": {"method": "ppo", "reward": "run:align/rm", "reward_label": "not_toxic", "max_steps": 3,
+                  "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "lr": 1e-3, "max_new_tokens": 4,
+                  **common},
+        "prefer": {"method": "dpo", "data": "pairs.jsonl", "max_steps": 3, "batch_size": 4, "lr": 1e-3,
+                   "toxicity_model": "run:align/rm", "toxicity_label": "toxic", **common}})
+    project = load_project(path)
+    outcomes = {name: lifecycle.execute(project, "align", name, progress=False)
+                for name in lifecycle.variants(project, "align")}
+    rm = outcomes["rm"].summary
+    assert rm["accuracy"] >= 0.8 and 0 <= rm["macro_f1"] <= 1  # rude words are easy to spot
+    for name in ("detox", "prefer"):
+        s = outcomes[name].summary
+        assert s["headline"] == "rougeL" and 0 <= s["headline_before"] <= 1 and 0 <= s["rougeL"] <= 1
+        assert 0 <= s["toxicity_before_mean"] <= 1 and 0 <= s["toxicity_mean"] <= 1
+        assert s["toxicity_label"] == "toxic" and s["trainable_pct"] < 100
+        rec = RunStore.for_project(tmp_path).get(outcomes[name].run_id)
+        rows = [json.loads(line) for line in (rec.artifacts / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and all(0 <= r["toxicity"] <= 1 for r in rows)
+        expected = (s["toxicity_mean"] - s["toxicity_before_mean"]) / s["toxicity_before_mean"] * 100
+        assert s["toxicity_change_pct"] == pytest.approx(expected)
+    ppo = outcomes["detox"].summary["training"]
+    assert ppo["steps"] == 3 and "reward_mean_first" in ppo and "kl_last" in ppo
+    # the aligned policy is a model folder later stages and `eval` load
+    assert (RunStore.for_project(tmp_path).resolve_model("align/detox") / "adapter_config.json").exists()
+    # unchanged config and inputs: the variant is skipped, not redone
+    assert lifecycle.execute(project, "align", "detox", progress=False).status == "skipped"
+
+
+def test_unknown_reward_label_lists_the_classifiers_labels(tmp_path):
+    from llmcycle import lifecycle
+
+    path = make_project(tmp_path, {
+        "rm": {"method": "reward_classifier", "encoder": "base", "data": "labelled.jsonl", "max_steps": 1,
+               "batch_size": 8, "max_length": 16},
+        "detox": {"method": "ppo", "reward": "run:align/rm", "reward_label": "nice", "max_steps": 1,
+                  "batch_size": 4}})
+    project = load_project(path)
+    lifecycle.execute(project, "align", "rm", progress=False)
+    with pytest.raises(UserError, match="nice.*not_toxic, toxic|not_toxic, toxic.*nice"):
+        lifecycle.execute(project, "align", "detox", progress=False)
