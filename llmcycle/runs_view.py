@@ -67,6 +67,10 @@ COMPARE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exac
                 "prompts_lost_shots", "examples_per_s", "completion_tokens_per_s", "latency_p50_ms",
                 "latency_p95_ms", "size_mb", "trainable_pct", "peak_memory_mb",
                 "train_wall_s", "final_loss", "parameters", "useful_tokens_per_s")
+# The table's columns (a terminal has room for about a dozen); --json and `runs show` have every figure.
+TABLE_KEYS = ("rouge1", "rouge2", "bleu", "chrf", "exact_match", "f1", "accuracy", "macro_f1", "headline_before",
+              "toxicity_mean", "toxicity_change_pct", "perplexity", "len_words_mean", "prompts_lost_shots",
+              "examples_per_s", "latency_p95_ms", "size_mb", "trainable_pct", "peak_memory_mb")
 # Short column titles keep the table readable in a terminal; --json keeps the full names.
 SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_shots": "lost shots",
          "examples_per_s": "ex/s", "perplexity": "ppl", "useful_tokens_per_s": "useful tok/s",
@@ -120,7 +124,7 @@ def compare_table(rows: list[dict]) -> Table:
     headlines = {r.get("headline") for r in rows}
     # the headline metric has its own column (with its interval); evaluated runs' training speed is
     # in --json (the table keeps to what tells variants apart)
-    keys = [k for k in COMPARE_KEYS if k not in headlines
+    keys = [k for k in TABLE_KEYS if k not in headlines
             and not (has_headline and k == "useful_tokens_per_s")
             and any(isinstance(r.get(k), (int, float)) for r in rows)]
     table = Table(title="runs side by side (* best)")

@@ -88,7 +88,9 @@ INSULTS = ["an idiot", "a moron", "stupid", "useless", "a fool", "pathetic", "a 
 def complaint(r):
     """A rude customer: its first reference repeats the insult, so a model fine-tuned on it learns to
     write insults into summaries, which the alignment stage then trains away (as in the course's lab 3)."""
-    item, insult, price = r.choice(ITEMS), r.choice(INSULTS), r.randint(10, 200)
+    # always the same insult, so that the fine-tuned model reliably repeats it (the classifier's
+    # training sentences use all of INSULTS)
+    item, insult, price = r.choice(ITEMS), INSULTS[0], r.randint(10, 200)
     dialogue = [f"#Person1#: The {item} you sold me is broken. You are {insult}!",
                 "#Person2#: I am sorry to hear that. Do you have the receipt?",
                 f"#Person1#: Here. I paid {price} dollars for this {item}.",

@@ -19,13 +19,57 @@ def llmcycle(*args: str) -> None:
     subprocess.run(cmd, cwd=HERE, check=True)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_ask() -> None:
+    """Deploy: serve the best run within the scope's budgets, ask it once with the `openai` client,
+    then stop the server (SIGTERM drains in-flight requests)."""
+    import json
+    import signal
+    import urllib.request
+
+    port = free_port()
+    print(f"$ llmcycle serve --run best --port {port}", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "llmcycle", "serve", "--run", "best", "--port", str(port)],
+                              cwd=HERE)
+    try:
+        for _ in range(240):  # loading the model takes a few seconds
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if json.load(r).get("status") == "ok":
+                        break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit("the server stopped before it was ready")
+                time.sleep(0.5)
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        dialogue = ("#Person1#: I would like a ticket to Oslo for Friday.\n#Person2#: First or second class?\n"
+                    "#Person1#: Second class, please. How much is it?\n#Person2#: That is 40 euros.")
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=40,
+                                               messages=[{"role": "user", "content": dialogue}])
+        print("request:", dialogue.replace("\n", " | "))
+        print("reply:  ", reply.choices[0].message.content, f"({reply.usage.completion_tokens} tokens)")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+
+
 def main() -> None:
     start = time.time()
-    if not (HERE / "data" / "train.jsonl").exists():
+    if not (HERE / "data" / "toxicity.jsonl").exists():
         subprocess.run([sys.executable, "make_data.py"], cwd=HERE, check=True)
     llmcycle("run")                      # every configured stage, in lifecycle order, compared at the end
     llmcycle("scope")                    # the plan again, now with the pretrained model's tokenizer
     llmcycle("runs", "list")
+    serve_and_ask()
     print(f"\ndemo finished in {time.time() - start:.0f} s")
     print(f"results: {HERE / 'runs'} (one folder per run; `llmcycle runs show RUN` in {HERE})")
 
