@@ -340,7 +340,7 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
             cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, min_new_tokens=cfg.min_new_tokens,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
-        trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), settings)
+        trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), settings, window=window)
         train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
         result = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
                                log=run.log, progress=progress)
