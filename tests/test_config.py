@@ -116,8 +116,10 @@ def test_init_templates_validate_and_are_commented(tmp_path, task):
     assert cfg.project.task == task
     assert sum(1 for line in text.splitlines() if "#" in line) > 20
     # the commented-out pretrain section validates too once uncommented
-    head, block = text.split("# pretrain:")
-    uncommented = head + "pretrain:" + "\n".join(line.replace("# ", "", 1) for line in block.splitlines())
+    head, rest = text.split("# pretrain:")
+    block, tail = rest.split("\n\n", 1)  # the pretrain block ends at the blank line (tune, align follow)
+    uncommented = (head + "pretrain:" + "\n".join(line.replace("# ", "", 1) for line in block.splitlines())
+                   + "\n\n" + tail)
     assert load_project(write(tmp_path, uncommented)).config.pretrain
 
 
