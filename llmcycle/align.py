@@ -333,13 +333,9 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
     if cfg.method == "ppo":
         from .ppo import PPOSettings, PPOTrainer
 
-        settings = PPOSettings(
-            steps=cfg.max_steps, batch_size=cfg.batch_size, mini_batch_size=cfg.mini_batch_size,
-            ppo_epochs=cfg.ppo_epochs, lr=cfg.lr, init_kl_coef=cfg.init_kl_coef, adaptive_kl=cfg.adaptive_kl,
-            target_kl=cfg.target_kl, gamma=cfg.gamma, lam=cfg.lam, cliprange=cfg.cliprange,
-            cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, min_new_tokens=cfg.min_new_tokens,
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+        # the align variant's PPO keys carry PPOSettings' names; max_steps is its number of steps
+        shared = {key: getattr(cfg, key) for key in PPOSettings.model_fields if key in AlignConfig.model_fields}
+        settings = PPOSettings(**shared, steps=cfg.max_steps)
         trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), settings, window=window)
         train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
         result = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
