@@ -13,10 +13,12 @@ target 6, horizon 10000), gamma 1, lambda 0.95, clip 0.2 / 0.2, vf_coef 0.1, gra
 
 TRL 0.11.4 (the last with this trainer) needs transformers 4.x, so it runs in its own virtual
 environment, created on first use at benchmarks/.venv-trl011 (git-ignored) from the pins in TRL_PINS.
-Each side runs in its own process, in rounds ordered llmcycle, trl, trl, llmcycle, ... so a steady drift
-in the machine's load cancels; each process takes --warmup untimed steps first.
+Each side runs in its own process with its model loaded; the two take turns one step at a time in
+ABBA order (llmcycle, trl, trl, llmcycle, ...) after --warmup untimed steps each, so the load of other
+processes on a shared machine falls on both alike. Wall and CPU seconds are recorded per step (CPU
+time moves less with that load), and each pair of steps run back to back gives a ratio of its own.
 
-    .venv/bin/python benchmarks/ppo_step.py [--steps 2] [--rounds 2] [--new-tokens 32]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/ppo_step.py [--steps 4] [--warmup 1] [--new-tokens 32]
 
 Prints exactly one JSON line. Without DialogSum it uses synthetic dialogues of similar length (and says
 so); if the TRL environment cannot be built, the JSON says why and gives no ratio.
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
@@ -159,7 +162,7 @@ def serve_steps(run_step: Callable[[dict], dict], batches: list[dict], info: dic
 
 
 # ------------------------------------------------------------------------------ the two children
-def child_llmcycle(args, batches: list[dict]) -> dict:
+def child_llmcycle(args, batches: list[dict]) -> None:
     import torch
 
     from llmcycle.models import load_model
@@ -172,19 +175,15 @@ def child_llmcycle(args, batches: list[dict]) -> dict:
                            top_k=0, top_p=1.0, min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens,
                            seed=args.seed)
     trainer = PPOTrainer(model, tok, "seq2seq", lambda prompts, texts: [reward(t) for t in texts], settings)
-    weights = checksum(model)
-    times, lengths = [], []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        stats = trainer.step(batch["texts"])
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            lengths.append(stats["response_length"])
-    return {"step_s": times, "response_length": statistics.mean(lengths), "weights_checksum": weights,
-            "threads": torch.get_num_threads(), "versions": {"torch": torch.__version__}}
+
+    def run_step(batch: dict) -> dict:
+        return {"response_length": trainer.step(batch["texts"])["response_length"]}
+
+    serve_steps(run_step, batches, {"weights_checksum": checksum(model), "threads": torch.get_num_threads(),
+                                    "versions": {"torch": torch.__version__}})
 
 
-def child_trl(args, batches: list[dict]) -> dict:
+def child_trl(args, batches: list[dict]) -> None:
     import warnings
 
     import torch
@@ -204,29 +203,25 @@ def child_trl(args, batches: list[dict]) -> dict:
     trainer = PPOTrainer(config=config, model=model, ref_model=None, tokenizer=tok)
     gen_kwargs = {"min_length": -1, "top_k": 0, "top_p": 1.0, "do_sample": True, "max_new_tokens": args.new_tokens,
                   "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    weights = checksum(model.pretrained_model)
-    times, lengths = [], []
-    for i, batch in enumerate(batches):
+
+    def run_step(batch: dict) -> dict:  # the lab's loop body
         queries = [torch.tensor(ids) for ids in batch["ids"]]
-        t0 = time.perf_counter()
         responses = trainer.generate(queries, batch_size=BATCH, **gen_kwargs)
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         trainer.step(queries, responses, [torch.tensor(reward(t)) for t in texts])
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            lengths.append(statistics.mean(len(r) - 1 for r in responses))  # minus the decoder start token
-    return {"step_s": times, "response_length": statistics.mean(lengths), "weights_checksum": weights,
-            "threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__}}
+        return {"response_length": statistics.mean(len(r) - 1 for r in responses)}  # minus the start token
+
+    serve_steps(run_step, batches, {
+        "weights_checksum": checksum(model.pretrained_model), "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__}})
 
 
 # ------------------------------------------------------------------------------------------ main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with dialogsum.dev.jsonl")
-    ap.add_argument("--steps", type=int, default=2, help="timed PPO steps per side per round")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every process")
-    ap.add_argument("--rounds", type=int, default=2, help="processes per side, in ABBA order")
+    ap.add_argument("--steps", type=int, default=4, help="timed PPO steps per side")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     ap.add_argument("--new-tokens", type=int, default=32, help="response length (min = max new tokens)")
     ap.add_argument("--dropout", type=float, default=0.1, help="the model's dropout_rate (t5-small's is 0.1)")
     ap.add_argument("--seed", type=int, default=0)
@@ -240,13 +235,13 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.child:  # one side, in this process (the TRL side in its own environment)
-        batches = json.loads(Path(args.prompts_file).read_text())[: args.warmup + args.steps]
-        result = (child_llmcycle if args.child == "llmcycle" else child_trl)(args, batches)
-        print(json.dumps({**result, "peak_rss_mib": peak_rss_mib()}))
+        batches = json.loads(Path(args.prompts_file).read_text())
+        (child_llmcycle if args.child == "llmcycle" else child_trl)(args, batches)
         return 0
 
     records, corpus_records, data_desc = read_records(args.data)
-    model_dir = OUT / f"ppo-step-t5-small-s{args.seed}-d{args.dropout}{'-synthetic' if 'synthetic' in data_desc else ''}"
+    synthetic = "-synthetic" if "synthetic" in data_desc else ""
+    model_dir = OUT / f"ppo-step-t5-small-s{args.seed}-d{args.dropout}{synthetic}"
     t0 = time.perf_counter()
     built = not (model_dir / "config.json").is_file()
     if built:
@@ -277,40 +272,51 @@ def main() -> int:
     t0 = time.perf_counter()
     trl_problem = ensure_trl_venv()
     venv_s = time.perf_counter() - t0
+    sides = {"llmcycle": Side("llmcycle", sys.executable, args, model_dir, prompts_file)}
+    if not trl_problem:
+        sides["trl"] = Side("trl", str(TRL_VENV / "bin" / "python"), args, model_dir, prompts_file)
     load_before = os.getloadavg()
-    runs: dict[str, list[dict]] = {"llmcycle": [], "trl": []}
-    for r in range(args.rounds):
-        for side in (("llmcycle", "trl") if r % 2 == 0 else ("trl", "llmcycle")):
-            if side == "trl" and trl_problem:
-                continue
-            python = sys.executable if side == "llmcycle" else str(TRL_VENV / "bin" / "python")
-            runs[side].append(spawn(python, side, args, model_dir, prompts_file))
+    # Both processes stay loaded and take turns, one step at a time, in ABBA order (llmcycle, trl, trl,
+    # llmcycle, ...): the load of other processes on a shared machine falls on both sides alike.
+    results = {name: [] for name in sides}
+    for i in range(args.warmup + args.steps):
+        names = list(sides) if i % 2 == 0 else list(sides)[::-1]
+        for name in names:
+            r = sides[name].step(i)
+            if i >= args.warmup:
+                results[name].append({**r, "loadavg_1min": round(os.getloadavg()[0], 2)})
     load_after = os.getloadavg()
+    finals = {name: side.close() for name, side in sides.items()}
 
-    def summary(side: str) -> dict:
-        times = [t for run in runs[side] for t in run["step_s"]]
-        return {"mean_s": round(statistics.mean(times), 3), "median_s": round(statistics.median(times), 3),
-                "step_s": [round(t, 3) for t in times],
-                "response_length": round(statistics.mean(run["response_length"] for run in runs[side]), 2),
-                "peak_rss_mib": max(run["peak_rss_mib"] for run in runs[side]),
-                "weights_checksum": runs[side][0]["weights_checksum"], "threads": runs[side][0]["threads"],
-                "versions": runs[side][0]["versions"]}
+    def summary(name: str) -> dict:
+        rows = results[name]
+        return {"wall_s_mean": round(statistics.mean(r["wall_s"] for r in rows), 2),
+                "wall_s_median": round(statistics.median(r["wall_s"] for r in rows), 2),
+                "cpu_s_mean": round(statistics.mean(r["cpu_s"] for r in rows), 2),
+                "wall_s": [round(r["wall_s"], 2) for r in rows], "cpu_s": [round(r["cpu_s"], 2) for r in rows],
+                "loadavg_1min_after_each": [r["loadavg_1min"] for r in rows],
+                "response_length": round(statistics.mean(r["response_length"] for r in rows), 2),
+                "peak_rss_mib": finals[name]["peak_rss_mib"], **sides[name].info}
 
     ours = summary("llmcycle")
-    theirs = None if trl_problem else summary("trl")
+    theirs = summary("trl") if "trl" in sides else None
+    ratio = (lambda key: round(ours[key] / theirs[key], 3) if theirs else None)  # noqa: E731
+    # per-pair ratios: the two steps of a pair ran back to back, under about the same load
+    pairs = [round(a["wall_s"] / b["wall_s"], 3) for a, b in zip(results["llmcycle"], results.get("trl", []))]
     print(json.dumps({
         "benchmark": "ppo_step",
-        "seconds_per_step": {"llmcycle": ours["mean_s"], "trl_0.11.4": theirs["mean_s"] if theirs else None},
-        "ratio_llmcycle_over_trl": round(ours["mean_s"] / theirs["mean_s"], 3) if theirs else None,
-        "ratio_median": round(ours["median_s"] / theirs["median_s"], 3) if theirs else None,
+        "seconds_per_step": {"llmcycle": ours["wall_s_mean"], "trl_0.11.4": theirs["wall_s_mean"] if theirs else None},
+        "ratio_llmcycle_over_trl": ratio("wall_s_mean"),
+        "ratio_median_wall": ratio("wall_s_median"), "ratio_cpu_time": ratio("cpu_s_mean"),
+        "ratio_per_step_pair": pairs,
         "goal": {"ratio_llmcycle_over_trl": "<= 1.0"},
         "trl_unavailable": trl_problem,
-        "same_weights": (abs(ours["weights_checksum"] - theirs["weights_checksum"]) < 1e-6) if theirs else None,
+        "same_weights": abs(ours["weights_checksum"] - theirs["weights_checksum"]) < 1e-6 if theirs else None,
         "llmcycle": ours, "trl": theirs,
         "loadavg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
         "settings": {"batch_size": BATCH, "mini_batch_size": MINI_BATCH, "ppo_epochs": EPOCHS, "lr": LR,
-                     "new_tokens": args.new_tokens, "timed_steps_per_side": args.steps * args.rounds,
-                     "warmup_steps_per_process": args.warmup, "rounds": args.rounds, "seed": args.seed,
+                     "new_tokens": args.new_tokens, "timed_steps_per_side": args.steps, "warmup_steps": args.warmup,
+                     "seed": args.seed, "order": "steps alternate ABBA between two loaded processes",
                      "policy": "full (reference = frozen copy on both sides)", "sampling": "top_k 0, top_p 1, T 1",
                      "trl_generate_batch_size": BATCH, "trl_pins": TRL_PINS,
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
