@@ -117,6 +117,21 @@ def _slice_layers(cache, rows=None, start: int = 0, end: int | None = None) -> N
         layer.keys, layer.values = k[..., start:end, :], v[..., start:end, :]
 
 
+def padded(prompts: list[list[int]], pad_id: int, *, left: bool, device):
+    """(ids, attention mask) of token lists padded to one width: on the left for causal models (the
+    next token is then at the last column for every row), on the right for an encoder."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if left else slice(0, len(p))
+        ids[i, cols] = torch.tensor(p, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
 class _CausalRows:
     """Cache and attention mask of decoder-only rows, left-padded to a common width."""
 
@@ -125,17 +140,9 @@ class _CausalRows:
         self.cache = self.mask = self.positions = None
 
     def prefill(self, prompts: list[list[int]]):
-        import torch
         from transformers import DynamicCache
 
-        dev = self.model.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = padded(prompts, self.pad_id, left=True, device=self.model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if self.keep_logits else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -180,13 +187,7 @@ class _Seq2SeqRows:
         from transformers import DynamicCache, EncoderDecoderCache
 
         dev = self.model.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-            mask[i, :len(p)] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = padded(prompts, self.pad_id, left=False, device=dev)
         self.enc = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         self.enc_mask = mask
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .tune_loop import answer_logits  # the forward every training loss here shares (tune, DPO, this)
 
 ARCHITECTURES = {"t5": "t5", "mt5": "t5", "gpt2": "gpt"}  # model_type -> pretrain's architecture name
 # a layer's weights: encoder.block.3.… (t5), transformer.h.3.… (gpt2), model.layers.3.…
@@ -31,23 +32,6 @@ LAYER_KEY = re.compile(r"^(?P<stack>(?:.*?\.)?(?:block|h|layers))\.(?P<index>\d+
 
 
 # ----------------------------------------------------------------------------------------- losses
-def answer_logits(model, batch: dict, kind: str):
-    """(logits, targets) aligned position by position; targets are -100 where nothing is scored
-    (padding, and the prompt for causal models)."""
-    labels = batch["labels"]
-    if kind == "causal":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return logits[:, -labels.shape[1]:-1], labels[:, 1:]  # position t predicts token t + 1
-    cfg = model.config
-    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
-    decoder_inputs = labels.new_full(labels.shape, start)  # the labels shifted right
-    decoder_inputs[:, 1:] = labels[:, :-1]
-    decoder_inputs = decoder_inputs.masked_fill(decoder_inputs == -100, cfg.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   decoder_input_ids=decoder_inputs).logits
-    return logits, labels
-
-
 def distill_loss(student_logits, teacher_logits, targets, temperature: float, alpha: float):
     """(loss, {"kl": ..., "ce": ...}) over the scored positions; see the module docstring."""
     import torch.nn.functional as F

@@ -164,20 +164,9 @@ def sequence_logps(model, batch: dict, kind: str):
     """Per row, the summed log-probability of the label tokens (-100: prompt and padding, not scored)."""
     import torch.nn.functional as F
 
-    labels = batch["labels"]
-    if kind == "causal":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # position t predicts t + 1; prompt tuning puts virtual tokens first, so take the last positions
-        logits, targets = logits[:, -labels.shape[1]:-1], labels[:, 1:]
-    else:
-        cfg = model.config
-        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
-        decoder_inputs = labels.new_full(labels.shape, start)  # the labels shifted right
-        decoder_inputs[:, 1:] = labels[:, :-1]
-        decoder_inputs = decoder_inputs.masked_fill(decoder_inputs == -100, cfg.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=decoder_inputs).logits
-        targets = labels
+    from .tune_loop import answer_logits
+
+    logits, targets = answer_logits(model, batch, kind)
     token_nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                 ignore_index=-100, reduction="none")
     return -token_nll.view(targets.shape).sum(-1)

@@ -47,26 +47,31 @@ class Trained:
     summary: dict
 
 
-def sum_loss(model, batch: dict, kind: str):
-    """(summed token cross-entropy over the labels, number of scored tokens), in float32."""
-    import torch.nn.functional as F
-
+def answer_logits(model, batch: dict, kind: str):
+    """(logits, targets) aligned position by position; targets are -100 where nothing is scored
+    (padding, and the prompt for causal models). Shared by tuning, distillation and DPO."""
     labels = batch["labels"]
     if kind == "causal":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # prompt tuning puts the virtual tokens first: the text's logits are the last ones
-        logits, targets = logits[:, -labels.shape[1]:-1], labels[:, 1:]  # position t predicts t + 1
-    else:
-        # Decoder inputs are the labels shifted right (as the model does itself when given labels);
-        # passing labels would make the model compute a second, unused loss over the whole vocabulary.
-        cfg = getattr(model, "config", None) or model.module.config
-        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
-        decoder_inputs = labels.new_full(labels.shape, start)
-        decoder_inputs[:, 1:] = labels[:, :-1]
-        decoder_inputs = decoder_inputs.masked_fill(decoder_inputs == -100, cfg.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=decoder_inputs).logits
-        targets = labels
+        return logits[:, -labels.shape[1]:-1], labels[:, 1:]  # position t predicts t + 1
+    # Decoder inputs are the labels shifted right (as the model does itself when given labels);
+    # passing labels would make the model compute a second, unused loss over the whole vocabulary.
+    cfg = getattr(model, "config", None) or model.module.config
+    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+    decoder_inputs = labels.new_full(labels.shape, start)
+    decoder_inputs[:, 1:] = labels[:, :-1]
+    decoder_inputs = decoder_inputs.masked_fill(decoder_inputs == -100, cfg.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=decoder_inputs).logits
+    return logits, labels
+
+
+def sum_loss(model, batch: dict, kind: str):
+    """(summed token cross-entropy over the labels, number of scored tokens), in float32."""
+    import torch.nn.functional as F
+
+    logits, targets = answer_logits(model, batch, kind)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((targets != -100).sum())
