@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 SERVER = """
 import sys
 from llmcycle.serve import serve
-serve(sys.argv[1], port=int(sys.argv[2]), max_batch_size=int(sys.argv[3]), model_name="bench", log_level="warning")
+serve(sys.argv[1], port=int(sys.argv[2]), max_batch_size=int(sys.argv[3]), model_name="bench", log_level="warning",
+      device=sys.argv[4])
 """
 
 
@@ -77,12 +78,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, max_batch_size: int):
+def start_server(model_dir: Path, max_batch_size: int, device: str):
     import httpx
 
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_dir), str(port), str(max_batch_size)],
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]), "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_dir), str(port), str(max_batch_size), device],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -143,6 +144,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=64, help="requests per server in the throughput test")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--lone", type=int, default=20, help="lone requests (and generate calls) for the p50")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the servers and the bare generate run (cuda: the GPU figures of the closing note)")
     args = ap.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -158,7 +161,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         facts = build_model(args, model_dir)
-        servers = {"batched": start_server(model_dir, 16), "one_at_a_time": start_server(model_dir, 1)}
+        servers = {"batched": start_server(model_dir, 16, args.device),
+                   "one_at_a_time": start_server(model_dir, 1, args.device)}
         try:
             for _, url in servers.values():  # untimed warm-up: first forward passes, allocator, connections
                 load_round(url, prompts[:4], 4, 4)
@@ -179,10 +183,10 @@ def main() -> int:
             batch = {k: round(mean_batch(url), 2) for k, (_, url) in servers.items()}
 
             # Lone request vs bare model.generate, interleaved one by one.
-            loaded = harness.load(str(model_dir), device="cpu")
+            loaded = harness.load(str(model_dir), device=args.device)
             model, tok = loaded.model, loaded.tokenizer
             prompt = prompts[0]
-            ids = tok(prompt, return_tensors="pt")
+            ids = tok(prompt, return_tensors="pt").to(model.device)
             kw = dict(max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False,
                       pad_token_id=loaded.generator.pad_id)
             url = servers["batched"][1]
@@ -226,7 +230,8 @@ def main() -> int:
                     "generate alternately",
         "servers": "two subprocesses (llmcycle.serve.serve), OMP_NUM_THREADS=1; clients: httpx threads",
         "loadavg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
     }))
     return 0
 

@@ -59,12 +59,17 @@ def encode_examples(examples, prompts: list[str], tokenizer, kind: str, window: 
     return Encoded(features, skipped)
 
 
-def collate(features: list[dict], pad_id: int):
-    """Pad to the longest row of the batch (dynamic padding); labels are -100 on padding."""
+def collate(features: list[dict], pad_id: int, multiple: tuple[int, int] = (1, 1)):
+    """Pad to the longest row of the batch (dynamic padding); labels are -100 on padding.
+    `multiple` rounds the (input, label) widths up: on a GPU a few distinct shapes let cuDNN's attention
+    and the allocator reuse what they built, instead of rebuilding for every batch length."""
     import torch
 
-    width = max(len(f["input_ids"]) for f in features)
-    label_width = max(len(f["labels"]) for f in features)
+    def up(n: int, m: int) -> int:
+        return -(-n // m) * m
+
+    width = up(max(len(f["input_ids"]) for f in features), multiple[0])
+    label_width = up(max(len(f["labels"]) for f in features), multiple[1])
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
     labels = torch.full((len(features), label_width), IGNORE, dtype=torch.long)

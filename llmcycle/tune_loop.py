@@ -165,6 +165,9 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     model, tok = load_base(base_path, cfg, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     kind = model_kind(model.config)
     window = window_of(model.config, tok, context_window)
+    # GPU batches padded to few distinct widths (see collate); a CPU gains nothing from extra padding.
+    # Causal labels mirror the inputs position by position, so both take the same width.
+    pad_multiple = (1, 1) if on_cpu else (64, 16) if kind == "seq2seq" else (64, 64)
     if cfg.method == "prompt_tuning":
         window -= cfg.num_virtual_tokens  # the soft prompt occupies positions too
     enc = encode_examples(train_examples, [build_prompt(template, ex) for ex in train_examples], tok, kind,
@@ -205,7 +208,12 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     torch.manual_seed(cfg.seed)  # before wrapping: LoRA A and the soft prompt are drawn from it
     if cfg.gradient_checkpointing:
         model.config.use_cache = False  # the cache is for generation; checkpointing recomputes instead
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed gradient_ to activation_checkpointing_enable (5.2x); accept either
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full":
             model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
     model = wrap(cfg, model, kind)
@@ -243,7 +251,8 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
         with rng_preserved(), torch.no_grad():
             nll, n = 0.0, 0
             for i in range(0, len(val), cfg.batch_size):
-                batch = {k: v.to(accel.device) for k, v in collate(val[i:i + cfg.batch_size], tok.pad_token_id).items()}
+                batch = {k: v.to(accel.device)
+                         for k, v in collate(val[i:i + cfg.batch_size], tok.pad_token_id, pad_multiple).items()}
                 s, c = sum_loss(inner, batch, kind)
                 nll, n = nll + float(s), n + c
             loaded = harness.LoadedModel("validation", base_path, inner, tok, Generator(inner, tok, window))
@@ -285,7 +294,8 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
                 mine, weight = rows[rank::world], 1.0
                 if not mine:  # a short last batch: join the gradient all-reduce with a zero-weight row
                     mine, weight = rows[:1], 0.0
-                batch = {k: v.to(accel.device) for k, v in collate([features[i] for i in mine], tok.pad_token_id).items()}
+                batch = {k: v.to(accel.device) for k, v in collate([features[i] for i in mine], tok.pad_token_id,
+                                                                 pad_multiple).items()}
                 sync = accel.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     s, _ = sum_loss(model, batch, kind)

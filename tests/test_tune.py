@@ -84,6 +84,24 @@ def test_causal_labels_mask_the_prompt_end_with_eos_and_padding_is_ignored(tmp_p
     assert (batch["labels"][0, short:] == IGNORE).all() and (batch["attention_mask"][0, short:] == 0).all()
 
 
+@pytest.mark.parametrize("arch,multiple", [("t5", (64, 16)), ("gpt2", (64, 64))])
+def test_padding_to_a_multiple_rounds_widths_and_leaves_the_loss_alone(tmp_path, arch, multiple):
+    from llmcycle.models import load_model
+    from llmcycle.tune_data import collate, encode_examples
+    from llmcycle.tune_loop import sum_loss
+
+    kind = "seq2seq" if arch == "t5" else "causal"
+    model, tok = load_model(str((make_t5 if arch == "t5" else make_gpt2)(tmp_path / arch)))
+    exs = examples(5)
+    feats = encode_examples(exs, [f"{e.input} ->" for e in exs], tok, kind, 128).features
+    tight, padded = collate(feats, tok.pad_token_id), collate(feats, tok.pad_token_id, multiple)
+    assert padded["input_ids"].shape[1] == multiple[0] and padded["labels"].shape[1] == multiple[1]
+    assert tight["input_ids"].shape[1] < multiple[0]
+    with torch.no_grad():
+        (a, n_a), (b, n_b) = sum_loss(model.eval(), tight, kind), sum_loss(model, padded, kind)
+    assert n_a == n_b and torch.allclose(a, b, rtol=1e-5)
+
+
 def test_seq2seq_labels_end_with_eos_and_prompt_matches_generation(tmp_path):
     from llmcycle.generation import Generator
     from llmcycle.models import load_model
