@@ -32,14 +32,44 @@ def model_size_mb(model_dir: Path) -> float:
     return size
 
 
-def candidates(project) -> list[dict]:
-    """Every completed run with a model folder and the metric: its id, value, size and latency."""
+def success_metric(project) -> str:
+    """The metric that decides success: scope.success_metric, else the task's headline."""
     from llmcycle.metrics import HEADLINE, higher_is_better
 
     scope = project.config.scope
     metric = (scope.success_metric if scope and scope.success_metric
               else HEADLINE[project.config.project.task])
     higher_is_better(metric)  # an unknown metric name is a user error, named here
+    return metric
+
+
+def budget_reasons(scope, size_mb: float | None, latency_p95_ms: float | None) -> list[str]:
+    """Why a model breaks the scope's budgets; empty when it fits. A figure that was not measured
+    (None) breaks no budget: the caller says it was not measured."""
+    reasons = []
+    size_budget = scope.size_budget_mb if scope else None
+    latency_budget = scope.latency_budget_ms if scope else None
+    if size_budget is not None and size_mb is not None and size_mb > size_budget:
+        reasons.append(f"size {size_mb:.1f} MB > budget {size_budget:g} MB")
+    if latency_budget is not None and latency_p95_ms is not None and latency_p95_ms > latency_budget:
+        reasons.append(f"p95 latency {latency_p95_ms:.0f} ms > budget {latency_budget:g} ms")
+    return reasons
+
+
+def meets_threshold(scope, metric: str, value) -> bool | None:
+    """Whether a value of the success metric reaches scope.success_threshold in the metric's
+    direction (at least, or at most for perplexity); None without a threshold or a value."""
+    from llmcycle.metrics import higher_is_better
+
+    threshold = scope.success_threshold if scope else None
+    if threshold is None or not isinstance(value, (int, float)):
+        return None
+    return value >= threshold if higher_is_better(metric) is not False else value <= threshold
+
+
+def candidates(project) -> list[dict]:
+    """Every completed run with a model folder and the metric: its id, value, size and latency."""
+    metric = success_metric(project)
     rows = []
     for rec in project.store().list(status="completed"):
         model_dir = rec.artifacts / "model"
@@ -61,18 +91,10 @@ def best_run(project) -> dict:
     if not rows:
         raise UserError(f"no completed run with a model and an evaluation in {project.store().root}: "
                         "nothing to choose 'best' from (run tune, align or optimize first)")
-    scope = project.config.scope
-    size_budget = scope.size_budget_mb if scope else None
-    latency_budget = scope.latency_budget_ms if scope else None
     sign = 1 if higher_is_better(rows[0]["metric"]) else -1
     excluded = []
     for row in sorted(rows, key=lambda r: -sign * r["value"]):
-        reasons = []
-        if size_budget is not None and row["size_mb"] > size_budget:
-            reasons.append(f"size {row['size_mb']:.1f} MB > budget {size_budget:g} MB")
-        if latency_budget is not None and row["latency_p95_ms"] is not None \
-                and row["latency_p95_ms"] > latency_budget:
-            reasons.append(f"p95 latency {row['latency_p95_ms']:.0f} ms > budget {latency_budget:g} ms")
+        reasons = budget_reasons(project.config.scope, row["size_mb"], row["latency_p95_ms"])
         if reasons:
             excluded.append({**row, "why": "; ".join(reasons)})
             continue

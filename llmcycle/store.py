@@ -39,13 +39,20 @@ TERMINAL = ("completed", "failed", "incomplete")
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a whole file or nothing: a reader (or a crash) never sees half of it."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left behind only when the write or the rename failed
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -224,6 +231,15 @@ class RunStore:
         for rec in records:
             self._index(rec)
         return len(records)
+
+    def indexed(self) -> list[dict]:
+        """The index's rows (id, stage, variant, status, parent), oldest first: it can name runs whose
+        folders are gone, which a scan of the folders cannot. Empty when there is no index."""
+        if not (self.root / INDEX_NAME).exists():
+            return []  # reading must not create a store
+        with self._db() as db:
+            rows = db.execute("SELECT id, stage, variant, status, parent FROM runs ORDER BY created").fetchall()
+        return [dict(zip(("id", "stage", "variant", "status", "parent"), row)) for row in rows]
 
     # -- reading -----------------------------------------------------------------------------
     def _load(self, run_dir: Path) -> RunRecord | None:

@@ -70,8 +70,10 @@ def main() -> None:
     llmcycle("scope")                    # the plan again, now with the pretrained model's tokenizer
     llmcycle("runs", "list")
     serve_and_ask()
+    llmcycle("report")                   # one self-contained HTML page: lineage, variants vs the scope, plots
     print(f"\ndemo finished in {time.time() - start:.0f} s")
     print(f"results: {HERE / 'runs'} (one folder per run; `llmcycle runs show RUN` in {HERE})")
+    print(f"report:  {HERE / 'report.html'} (open it in a browser; it needs no network)")
 
 
 if __name__ == "__main__":
