@@ -24,6 +24,7 @@ from llmcycle.optimize import OptimizeConfig
 from llmcycle.pretrain import PretrainConfig
 from llmcycle.prompt import PromptConfig
 from llmcycle.scope import ScopeConfig
+from llmcycle.serve_augment import AugmentConfig
 from llmcycle.tune import TuneConfig
 
 PROJECT_FILE = "llmcycle.yaml"
@@ -47,6 +48,7 @@ class ProjectConfig(Section):
     tune: dict[str, TuneConfig] = Field(default_factory=dict)
     align: dict[str, AlignConfig] = Field(default_factory=dict)
     optimize: dict[str, OptimizeConfig] = Field(default_factory=dict)
+    augment: AugmentConfig | None = None  # what `llmcycle serve` answers with: RAG, PAL
 
 
 class Project:
@@ -192,7 +194,8 @@ def _describe(err: dict) -> str:
 
 
 def format_validation_error(exc: ValidationError, source: str, lines: dict[str, int]) -> str:
-    err = exc.errors()[0]
+    # a misspelt key also makes its correct spelling "missing": name the misspelling, which says both
+    err = next((e for e in exc.errors() if e["type"] == "extra_forbidden"), exc.errors()[0])
     loc = tuple(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))
     dotted = ".".join(loc)
     line = None

@@ -129,6 +129,15 @@ prompt:                            # the prompt-first baseline: do we even need 
 #     mini_batch_size: 4
 #     init_kl_coef: 0.2            # KL penalty against the starting model (adaptive_kl: true to adapt)
 #     lr: 1.41e-5
+
+# What `llmcycle serve` answers chat completions with besides the model (flags: --rag-index, --pal).
+# augment:
+#   rag:
+#     index: index                 # built by `llmcycle index DOCS --index index`; answers cite it
+#     k: 5                         # chunks retrieved; the lowest-ranked dropped whole to fit the window
+#   pal:
+#     enabled: true                # requests with {{"llmcycle": {{"mode": "pal"}}}} get a program, run
+#     timeout_s: 5                 # in the sandbox, and its printed answer
 """
 
 

@@ -130,3 +130,18 @@ def test_every_example_project_validates():
     assert len(examples) >= 2
     for path in examples:
         assert load_project(path).config.project.name
+
+
+def test_augment_section_is_typed_and_the_init_template_block_validates(tmp_path):
+    cfg = load_project(write(tmp_path, "augment:\n  rag: {index: idx, k: 3}\n  pal: {timeout_s: 2}\n")).config
+    assert (cfg.augment.rag.index, cfg.augment.rag.k, cfg.augment.pal.enabled) == ("idx", 3, True)
+    for text, needle in (("augment: {rag: {indx: idx}}", r"unknown key 'augment.rag.indx' \(did you mean 'index'"),
+                         ("augment: {rga: {index: idx}}", r"unknown key 'augment.rga' \(did you mean 'rag'"),
+                         ("augment: {pal: {timeout_s: 0}}", r"key 'augment.pal.timeout_s': expected a value > 0"),
+                         ("augment: {rag: {k: 3}}", r"key 'augment.rag.index': is required")):
+        with pytest.raises(UserError, match=needle):
+            load_project(write(tmp_path, text))
+    text = render("qa", "proj")
+    head, block = text.split("# augment:")
+    uncommented = head + "augment:\n" + "\n".join(line.replace("# ", "", 1) for line in block.splitlines()[1:])
+    assert load_project(write(tmp_path, uncommented)).config.augment.pal.timeout_s == 5
