@@ -175,6 +175,10 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
                                                 help="Require `Authorization: Bearer KEY`."),
           max_batch_size: int = typer.Option(16, "--max-batch-size", help="Requests decoded together."),
           backend: str = typer.Option("transformers", "--backend", help="transformers | vllm (GPU)"),
+          rag_index: Optional[Path] = typer.Option(None, "--rag-index", help="Answer chat completions from "
+                                                   "this index, with citations (overrides augment.rag.index)."),
+          pal: Optional[bool] = typer.Option(None, "--pal/--no-pal", help="Accept PAL requests, "
+                                             '{"llmcycle": {"mode": "pal"}} (overrides augment.pal).'),
           project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Serve a model behind an OpenAI-compatible API (completions, chat, streaming) until Ctrl-C."""
     from llmcycle.serve import check_backend
@@ -204,7 +208,21 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
     opts = mcfg.model_dump() if mcfg is not None else {}
     start(ref, proj, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size, backend=backend,
           context_window=opts.get("context_window"), dtype=opts.get("dtype", "auto"),
-          device=opts.get("device", "auto"))
+          device=opts.get("device", "auto"), rag_index=str(rag_index) if rag_index else None, pal=pal)
+
+
+@app.command()
+def ui(project: Path = ProjectOpt,
+       host: str = typer.Option("127.0.0.1", "--host"),
+       port: int = typer.Option(8765, "--port"),
+       model_url: str = typer.Option("http://127.0.0.1:8000", "--model-url", help="The OpenAI-compatible "
+                                     "server the playground talks to (e.g. `llmcycle serve`)."),
+       api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCYCLE_API_KEY",
+                                             help="The model server's key, when it has one.")):
+    """A local dashboard: runs with filters, comparisons with plots and outputs, a streaming playground."""
+    from llmcycle.ui import serve_ui
+
+    serve_ui(_store(project), host=host, port=port, model_url=model_url, api_key=api_key)
 
 
 @app.command()
@@ -252,6 +270,53 @@ def pal(data: Path = typer.Option(..., "--data", help="GSM8K-style JSONL: questi
                   f"{summary['pal_accuracy']:.3f}, direct {summary['direct_accuracy']:.3f}")
         if "run_id" in summary:
             out.print(f"[dim]recorded as run {summary['run_id']}[/]")
+
+
+@app.command()
+def agent(question: str = typer.Argument(..., help="The question."),
+          model: Optional[str] = typer.Option(None, "--model", help="RUN, PATH or Hub id (default: the "
+                                              "project's model)."),
+          index: Optional[Path] = typer.Option(None, "--index", help="Index for the retrieval tool (default: "
+                                               "augment.rag.index, else ./index when there is one)."),
+          max_steps: int = typer.Option(5, "--max-steps", help="Most model calls before it stops."),
+          max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens per step."),
+          project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
+    """A ReAct agent: the model thinks and calls tools (calculator, retrieval, python sandbox) until it answers."""
+    import contextlib
+
+    from llmcycle import agent as react
+    from llmcycle import harness
+    from llmcycle.rag_index import MANIFEST, Index
+
+    if max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {max_steps}")
+    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    proj = _project(project, overrides) if has_project else None
+    if model is None and (proj is None or proj.config.model is None):
+        raise UserError("no model: pass --model or run inside a project with a `model:` section")
+    rag_cfg = proj.config.augment.rag if proj is not None and proj.config.augment else None
+    if index is None and rag_cfg is not None:
+        index = proj.dir / rag_cfg.index
+    elif index is None and (_index_dir(None, project) / MANIFEST).is_file():
+        index = _index_dir(None, project)
+    tools = react.default_tools(Index.load(index) if index is not None else None)
+    loaded = harness.load_project_model(proj, model) if proj is not None else harness.load(model)
+    config = {"question": question, "model": loaded.name, "index": str(index) if index else None,
+              "max_steps": max_steps, "max_new_tokens": max_new_tokens, "tools": [t.name for t in tools]}
+    recording = proj.store().start("augment", "agent", config, parent=loaded.run_id, project_dir=proj.dir) \
+        if proj is not None else contextlib.nullcontext()
+    with recording as run:
+        result = react.run_agent(question, react.model_fn(loaded, max_new_tokens=max_new_tokens), tools,
+                                 max_steps=max_steps)
+        if run is not None:
+            react.record(run, result)
+    summary = {**result.summary(), **({"run_id": run.id} if run is not None else {})}
+    if as_json:
+        emit_json({**summary, "transcript": result.transcript, "citations": result.citations})
+    else:
+        out.print(react.format_transcript(result), markup=False, highlight=False, soft_wrap=True)
+        if run is not None:
+            out.print(f"[dim]recorded as run {run.id}[/]")
 
 
 def _index_dir(index: Optional[Path], project: Path) -> Path:
@@ -468,6 +533,25 @@ def runs_compare(runs: Optional[List[str]] = typer.Argument(None, help="Runs to 
         out.print(f"no completed runs in {store.root}")
     else:
         compare(records, out, examples)
+
+
+@app.command()
+def report(project: Path = ProjectOpt,
+           output: Optional[Path] = typer.Option(None, "-o", "--output", help="File to write (default: "
+                                                 "report.html, or report.md, in the project folder)."),
+           fmt: Optional[str] = typer.Option(None, "--format", help="html (one self-contained file) | md "
+                                             "(plots as PNG files beside it); default from the output's suffix."),
+           as_json: bool = JsonOpt):
+    """Write one report of the project: lineage, every variant against the scope, plots, sample outputs."""
+    from llmcycle.report import write_report
+
+    result = write_report(_project(project, None), output, fmt)
+    if as_json:
+        emit_json(result)
+    else:
+        missing = f", {len(result['missing'])} with missing files" if result["missing"] else ""
+        out.print(f"report: {result['report']} ({result['runs']} runs{missing}, {len(result['plots'])} plots)",
+                  soft_wrap=True, markup=False)
 
 
 def _store(project: Path):

@@ -84,6 +84,7 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list | None = None
     response_format: dict | None = None
+    llmcycle: dict | None = Field(None, description="llmcycle extension: {mode: rag | pal | plain}, see serve_augment")
 
 
 # A parameter set to anything else is refused: silently ignoring it would answer a different question.
@@ -174,7 +175,9 @@ class ServedModel:
             raise ApiError(400, f"'prompt' holds a token id outside the vocabulary (0..{vocab - 1})", "prompt")
         return [list(p) for p in prompts]
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], raw: bool = False) -> list[int]:
+        """Token ids of a conversation; `raw`: a last message that is a whole prompt (RAG's), so no
+        project template around it."""
         from .prompts import encode_prompt, uses_chat_template
 
         tok, kind = self.loaded.tokenizer, self.loaded.kind
@@ -192,7 +195,7 @@ class ServedModel:
             raise ApiError(400, f"model '{self.name}' has no chat template: send exactly one user message "
                            f"(got roles: {roles})", "messages")
         text = turns[0]["content"]
-        if self.template is not None:
+        if self.template is not None and not raw:
             from .prompts import template_fields
 
             text = self.template.format(**{template_fields(self.template)[0]: text})
@@ -424,15 +427,18 @@ def _sse(obj) -> str:
 
 # --------------------------------------------------------------------------------------------- app
 def create_app(models, *, api_key: str | None = None, model_name: str | None = None,
-               prompt_template: str | None = None, max_batch_size: int = 16, drain_timeout: float | None = 30.0):
+               prompt_template: str | None = None, max_batch_size: int = 16, drain_timeout: float | None = 30.0,
+               augment=None):
     """The FastAPI app serving `models`: one LoadedModel (named `model_name`, default its reference) or a
     mapping name -> LoadedModel. Each model gets its own batching engine (at most `max_batch_size` rows
     per forward pass; 1 = one request at a time), started and drained with the app. `api_key` set: /v1/*
     needs `Authorization: Bearer KEY`. `prompt_template` (one field) formats chat messages for models
-    without a chat template."""
+    without a chat template. `augment`: a serve_augment.Augmentation (RAG, PAL) for chat completions."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
+
+    from .serve_augment import prepare
 
     _check_template(prompt_template)
     if not isinstance(models, dict):
@@ -509,8 +515,9 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
         authorize(request)
         req = _parse(await request.body(), ChatRequest if chat else CompletionRequest)
         s = model_of(req.model)
+        aug = await prepare(augment, s, req) if chat else None  # None: the model alone
         if chat:
-            prompts, param = [s.chat_prompt(req.messages)], "messages"
+            prompts, param = [aug.ids if aug else s.chat_prompt(req.messages)], "messages"
             limit = req.max_completion_tokens or req.max_tokens
         else:
             prompts, param, limit = s.completion_prompts(req.prompt), "prompt", req.max_tokens
@@ -522,14 +529,17 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
             max_tokens.append(m)
         if req.min_tokens > min(max_tokens):
             raise ApiError(400, f"min_tokens {req.min_tokens} is more than max_tokens {min(max_tokens)}", "min_tokens")
-        job = _Job(s, prompts, req, max_tokens)
+        job = _Job(s, prompts, aug.req if aug else req, max_tokens)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": s.name}
+        if aug is not None and aug.mode == "pal":
+            return await augment.respond_pal(request, job, head, req, metrics, endpoint)
+        tail = aug.fields if aug else {}  # RAG's citations
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, head, chat, usage, metrics, endpoint),
+            return StreamingResponse(_stream(job, head, chat, usage, metrics, endpoint, tail),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not await _wait(request, job):
             return Response(status_code=499)  # client closed the request; nobody reads this
@@ -541,7 +551,7 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
                                 "logprobs": None, "finish_reason": seq.finish_reason})
             else:
                 choices.append({"index": k, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason})
-        return {**head, "choices": choices, "usage": job.usage()}
+        return {**head, "choices": choices, "usage": job.usage(), **tail}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -554,9 +564,11 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
     return app
 
 
-async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metrics: Metrics, endpoint: str):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. If the client goes away,
-    starlette cancels this generator and `finally` frees the request's rows."""
+async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metrics: Metrics, endpoint: str,
+                  tail: dict):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; `tail` (RAG's citations)
+    goes into the last chunk. If the client goes away, starlette cancels this generator and `finally`
+    frees the request's rows."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     extra = {"usage": None} if include_usage else {}
 
@@ -582,8 +594,8 @@ async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metric
             yield _sse(exc.body())
             return
         metrics.finished(endpoint, head["model"], job)
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": job.usage()})
+        if include_usage or tail:
+            yield _sse({**head, "choices": [], **({"usage": job.usage()} if include_usage else {}), **tail})
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
@@ -657,7 +669,11 @@ def _listen(host: str, port: int):
     try:
         sock.bind((host, port))
     except OSError as exc:
+        import errno
+
         sock.close()
+        if exc.errno == errno.EADDRINUSE:  # the common case gets a message that says just that
+            raise UserError(f"port {port} on {host} is in use; pick another with --port") from None
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port)") from None
     sock.listen(2048)
     return sock
@@ -667,14 +683,18 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
           api_key: str | None = None, model_name: str | None = None, prompt_template: str | None = None,
           max_batch_size: int = 16, backend: str = "transformers", context_window: int | None = None,
           dtype: str = "auto", device: str = "auto", drain_timeout: float | None = 30.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", rag_index: str | None = None, pal: bool | None = None) -> None:
     """Load the model (a run reference, a local folder or a Hub id; the project's model when
-    model_ref is None) and serve it until SIGINT/SIGTERM. Everything that can be wrong with the model or
-    the address is a UserError before the server starts."""
-    from . import harness
+    model_ref is None) and serve it until SIGINT/SIGTERM. `rag_index` / `pal` override the project's
+    `augment:` section (serve_augment). Everything that can be wrong with the model, the index or the
+    address is a UserError before the server starts."""
+    from . import harness, serve_augment
 
     check_backend(backend)
+    augment = serve_augment.settings(project, rag_index=rag_index, pal=pal)
     if backend == "vllm":
+        if augment is not None:
+            raise UserError("RAG and PAL are served by the transformers backend only (drop --backend vllm)")
         return _exec_vllm(model_ref, project, host=host, port=port, api_key=api_key, model_name=model_name)
     _require_server()
     _check_template(prompt_template)
@@ -682,6 +702,7 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
         raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
     sock = _listen(host, port)
     try:
+        augment = serve_augment.Augmentation(augment) if augment is not None else None
         if model_ref is None:
             if project is None:
                 raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
@@ -694,7 +715,7 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
             prompt_template = project_template(project)
             _check_template(prompt_template)
         app = create_app(loaded, api_key=api_key, model_name=model_name, prompt_template=prompt_template,
-                         max_batch_size=max_batch_size, drain_timeout=drain_timeout)
+                         max_batch_size=max_batch_size, drain_timeout=drain_timeout, augment=augment)
     except BaseException:
         sock.close()
         raise

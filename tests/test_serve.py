@@ -452,7 +452,7 @@ def test_serve_refuses_a_taken_port(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use; pick another with --port"):
             serve(str(tmp_path), port=port)
 
 
