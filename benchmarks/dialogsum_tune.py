@@ -48,7 +48,8 @@ def project_config(args, train: Path, dev: Path) -> dict:
     return {
         "project": {"name": "dialogsum-tune-benchmark", "task": "summarization"},
         "data": {"train": str(train), "eval": str(dev), "input": "dialogue", "target": "summary"},
-        "model": {"name": "run:pretrain/base", "dtype": "float32", "device": "cpu",
+        "model": {"name": "run:pretrain/base", "dtype": "float32" if args.device == "cpu" else "auto",
+                  "device": args.device,
                   # T5's relative positions have no hard limit; a few DialogSum dialogues exceed 512
                   # tokens of this small vocabulary, and an evaluation prompt is never cut
                   "context_window": args.context_window},
@@ -81,6 +82,8 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the project folder (and its runs) first")
     ap.add_argument("--limit", type=int, default=200, help="dev examples scored (the first N of 500)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: pretrain, tune and evaluate on the GPU (bf16 where it is supported)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch in `llmcycle run` (OMP_NUM_THREADS); 0 = torch's default (all "
                          "cores). 1 by default: on cores shared with other processes, 2 threads per process "
