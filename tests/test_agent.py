@@ -16,6 +16,7 @@ import pytest
 from llmcycle import agent
 from llmcycle.agent import Tool, ToolError, calculate, format_number, parse_step, run_agent
 from llmcycle.errors import UserError
+from tiny import DOCS, make_doc_index
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX")
 
@@ -176,21 +177,11 @@ def test_python_tool_runs_programs_in_the_sandbox():
 
 
 # -- retrieval tool ---------------------------------------------------------------------------------
-DOCS = {"tower.txt": "The Eiffel Tower in Paris was finished in 1889 and is 330 metres tall.",
-        "oslo.md": "# Oslo\nOslo is the capital of Norway, at the head of the Oslofjord.",
-        "leave.txt": "Employees get twenty-five days of paid annual leave each year."}
-
-
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    from llmcycle.rag_index import Index, build_index
+    from llmcycle.rag_index import Index
 
-    root = tmp_path_factory.mktemp("agent-rag")
-    (root / "docs").mkdir()
-    for name, text in DOCS.items():
-        (root / "docs" / name).write_text(text, encoding="utf-8")
-    build_index([root / "docs"], root / "index", progress=False)
-    return Index.load(root / "index")
+    return Index.load(make_doc_index(tmp_path_factory.mktemp("agent-rag")))
 
 
 def test_retrieval_tool_returns_numbered_passages_with_sources(index):

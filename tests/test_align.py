@@ -87,18 +87,19 @@ def test_reward_variants_run_before_the_policy_variants_that_use_them(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["summarization", "qa"])
-def test_init_templates_commented_tune_and_align_blocks_validate_when_uncommented(tmp_path, task):
+def test_init_templates_commented_tune_align_and_augment_blocks_validate_when_uncommented(tmp_path, task):
     from llmcycle import templates
 
     lines = templates.render(task, "x").splitlines()
     start = lines.index("# tune:")
-    uncommented = [line[2:] if line.startswith(("# tune:", "# align:"))
+    uncommented = [line[2:] if line.startswith(("# tune:", "# align:", "# augment:"))
                    or (line.startswith("#   ") and not line.startswith("#     # ")) else line
                    for line in lines[start:]]
     (tmp_path / "llmcycle.yaml").write_text("\n".join(lines[:start] + uncommented) + "\n")
     cfg = load_project(tmp_path / "llmcycle.yaml").config
     assert cfg.align["toxicity"].label_map == {"0": "toxic", "1": "toxic", "2": "not_toxic"}
     assert cfg.align["detox"].reward == "run:align/toxicity" and cfg.tune["lora"].method == "lora"
+    assert cfg.augment.rag.index == "index" and cfg.augment.rag.k == 5 and cfg.augment.pal.enabled
 
 
 @pytest.mark.slow

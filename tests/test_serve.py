@@ -3,7 +3,6 @@ the real `openai` client against a server on 127.0.0.1 (tiny local models, ephem
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 from llmcycle.serve import check_backend, create_app, serve  # noqa: E402  (needs fastapi)
+from servers import running  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -72,22 +72,6 @@ def chat(tmp_path_factory):
     return _trained(path)
 
 
-@contextlib.contextmanager
-def running(app):
-    """The app on 127.0.0.1 on an ephemeral port, in a thread; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def client(url: str, key: str = "unused", **kw):

@@ -18,17 +18,15 @@ from llmcycle import harness, rag
 from llmcycle.batching import Sequence
 from llmcycle.errors import UserError
 from llmcycle.pal import PAL_STOP, extract_program, pal_prompt
-from test_serve import client, running
-from tiny import make_gpt2
+from servers import running
+from test_serve import client
+from tiny import DOCS, make_doc_index, make_gpt2
 
 openai = pytest.importorskip("openai")
 from llmcycle.serve import create_app, serve  # noqa: E402  (needs fastapi)
 from llmcycle.serve_augment import AugmentConfig, Augmentation, settings  # noqa: E402
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX")
-DOCS = {"tower.txt": "The Eiffel Tower in Paris was finished in 1889 and is 330 metres tall.",
-        "oslo.md": "# Oslo\nOslo is the capital of Norway, at the head of the Oslofjord.",
-        "leave.txt": "Employees get twenty-five days of paid annual leave each year."}
 QUESTION = "Where is the Eiffel Tower?"
 PAL = {"llmcycle": {"mode": "pal"}}
 
@@ -43,14 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory):
-    from llmcycle.rag_index import build_index
-
-    root = tmp_path_factory.mktemp("serve-rag")
-    (root / "docs").mkdir()
-    for name, text in DOCS.items():
-        (root / "docs" / name).write_text(text, encoding="utf-8")
-    build_index([root / "docs"], root / "index", progress=False)
-    return root / "index"
+    return make_doc_index(tmp_path_factory.mktemp("serve-rag"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ it can). Screenshots go to $LLMCYCLE_TEST_ARTIFACTS, else tests/_artifacts/.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -15,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402  (fastapi comes with uvicorn in the serve extra)
 
 from llmcycle.ui import MAX_POINTS, STATIC, check_model_url, create_ui_app, curves  # noqa: E402
+from servers import running  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("LLMCYCLE_TEST_ARTIFACTS") or Path(__file__).parent / "_artifacts")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -103,22 +102,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running(app):
-    """The app on 127.0.0.1 on an ephemeral port, in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 # ------------------------------------------------------------------------------------------ the API

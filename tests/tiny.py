@@ -134,3 +134,19 @@ def make_bert(dir, seed: int = 0, labels: list[str] | None = None, num_labels: i
         config.num_labels = num_labels
     BertForSequenceClassification(config).save_pretrained(str(dir))
     return dir
+
+
+DOCS = {"tower.txt": "The Eiffel Tower in Paris was finished in 1889 and is 330 metres tall.",
+        "oslo.md": "# Oslo\nOslo is the capital of Norway, at the head of the Oslofjord.",
+        "leave.txt": "Employees get twenty-five days of paid annual leave each year."}
+
+
+def make_doc_index(root):
+    """Three short documents under root/docs and their llmcycle index (the offline MiniLM) in root/index."""
+    from llmcycle.rag_index import build_index
+
+    (root / "docs").mkdir(parents=True, exist_ok=True)
+    for name, text in DOCS.items():
+        (root / "docs" / name).write_text(text, encoding="utf-8")
+    build_index([root / "docs"], root / "index", progress=False)
+    return root / "index"
