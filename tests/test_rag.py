@@ -285,6 +285,30 @@ def test_paraphrased_questions_find_the_right_document(collection):
     assert rag.evaluate_retrieval(index, [QUESTIONS[3][0]], text, ks=(1, 6))["first_relevant_rank"][0] > 1
 
 
+def test_bfloat16_questions_stay_close_to_float32_and_rank_alike(collection, monkeypatch):
+    import numpy as np
+
+    from llmcycle.rag_index import Embedder, resolve_query_dtype
+
+    _, index = collection
+    model = index.embedder.model
+    questions = [q for q, _ in QUESTIONS]
+    fp32, bf16 = Embedder("m", model, "float32"), Embedder("m", model, "bfloat16")
+    assert np.array_equal(fp32.embed_queries(questions), fp32.embed(questions))  # float32: the same call
+    a, b = fp32.embed_queries(questions), bf16.embed_queries(questions)
+    assert b.dtype == np.float32 and (a * b).sum(1).min() > 0.99  # both unit vectors: cosine
+    assert np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-3)
+    top = [[h.chunk.id for h in row] for row in index.search_vectors(a, 3)]
+    assert top == [[h.chunk.id for h in row] for row in index.search_vectors(b, 3)]
+    import torch
+
+    assert next(model.parameters()).dtype == torch.float32  # the bfloat16 model is a copy
+    with pytest.raises(UserError, match="query_dtype must be auto, float32 or bfloat16, got 'int8'"):
+        resolve_query_dtype("int8")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_query_dtype("auto", model) == "float32"  # emulated bf16 would be slower
+
+
 def test_recall_at_k_and_mrr_by_hand():
     rankings = [["a", "b", "c", "d"],  # gold b at rank 2
                 ["x", "y", "z", "w"],  # gold q never retrieved
