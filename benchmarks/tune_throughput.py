@@ -12,7 +12,7 @@ train with the course's prompt. Two measurements:
   memory      peak RSS of `fit` with LoRA (r=32, alpha=32 on q,v as in the course) vs full, each in
               its own subprocess (a process's peak RSS only ever grows).
 
-    .venv/bin/python benchmarks/tune_throughput.py [--steps 12] [--batch-size 8] [--rounds 2] ...
+    .venv/bin/python benchmarks/tune_throughput.py [--steps 12] [--batch-size 8] [--rounds 2] [--only memory] ...
 
 Prints exactly one JSON line. Without the data it prints a JSON line with "skipped" and exits 0.
 """
@@ -163,6 +163,22 @@ def child_memory(args, model_dir: Path, records: list[dict], method: str) -> dic
             "useful_tokens_per_s": round(s["useful_tokens_per_s"], 1)}
 
 
+def memory_fields(memory: dict) -> dict:
+    """The memory half's JSON fields (none when it was not run)."""
+    if not memory:
+        return {}
+    lora, full = memory["lora"], memory["full"]
+    inc = {m: memory[m]["after_fit_kib"] - memory[m]["after_load_kib"] for m in memory}
+    return {
+        "peak_rss_mib": {"lora": round(lora["after_fit_kib"] / 1024, 1), "full": round(full["after_fit_kib"] / 1024, 1)},
+        "ratio_peak_rss_lora_over_full": round(lora["after_fit_kib"] / full["after_fit_kib"], 3),
+        "ratio_training_increment_lora_over_full": round(inc["lora"] / inc["full"], 3) if inc["full"] > 0 else None,
+        "memory": {m: {**{k: v for k, v in memory[m].items() if not k.endswith("_kib")},
+                       **{k.replace("_kib", "_mib"): round(v / 1024, 1) for k, v in memory[m].items() if k.endswith("_kib")},
+                       "training_increment_mib": round(inc[m] / 1024, 1)} for m in memory},
+    }
+
+
 def spawn(mode: str) -> dict:
     """Run this script again as a child; its last stdout line is its JSON result."""
     proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", mode],
@@ -184,6 +200,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="memory runs (LoRA and full alike) recompute activations instead of keeping them")
+    ap.add_argument("--only", choices=["memory", "throughput"],
+                    help="run one half only (the other's fields are left out of the JSON line)")
     ap.add_argument("--child", choices=["build", "lora", "full"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -219,8 +237,18 @@ def main() -> int:
         spawn("build")
     build_s = time.perf_counter() - t0
     load_before = os.getloadavg()
-    memory = {m: spawn(m) for m in ("lora", "full")}
+    memory = {m: spawn(m) for m in ("lora", "full")} if args.only != "throughput" else {}
     load_mid = os.getloadavg()
+    if args.only == "memory":
+        print(json.dumps({"benchmark": "tune_throughput", "only": "memory", **memory_fields(memory),
+                          "loadavg": {"before": [round(x, 2) for x in load_before],
+                                      "after_memory_runs": [round(x, 2) for x in load_mid]},
+                          "settings": {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                                       "gradient_checkpointing": args.gradient_checkpointing,
+                                       "lora": {"r": 32, "alpha": 32, "dropout": 0.05, "targets": ["q", "v"]}},
+                          "model": {"arch": "t5", "size": "small", "parameters": memory["full"]["total_params"],
+                                    "built_now": built}, "data": str(path)}))
+        return 0
 
     import torch
 
@@ -264,15 +292,11 @@ def main() -> int:
     load_after = os.getloadavg()
 
     rate = {k: v["useful"] / v["step_time"] for k, v in t.items()}
-    lora, full = memory["lora"], memory["full"]
-    inc = {m: memory[m]["after_fit_kib"] - memory[m]["after_load_kib"] for m in memory}
     print(json.dumps({
         "benchmark": "tune_throughput",
         "useful_tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
         "ratio_llmcycle_over_course": round(rate["llmcycle"] / rate["course"], 3),
-        "peak_rss_mib": {"lora": round(lora["after_fit_kib"] / 1024, 1), "full": round(full["after_fit_kib"] / 1024, 1)},
-        "ratio_peak_rss_lora_over_full": round(lora["after_fit_kib"] / full["after_fit_kib"], 3),
-        "ratio_training_increment_lora_over_full": round(inc["lora"] / inc["full"], 3) if inc["full"] > 0 else None,
+        **memory_fields(memory),
         "goals": {"ratio_llmcycle_over_course": ">= 1.5", "ratio_peak_rss_lora_over_full": "< 0.7"},
         "padding_fraction": {k: round(1 - v["useful"] / v["tokens"], 4) for k, v in t.items()},
         "tokens_per_s_incl_padding": {k: round(v["tokens"] / v["step_time"], 1) for k, v in t.items()},
@@ -280,9 +304,6 @@ def main() -> int:
         "step_time_s": {k: round(v["step_time"], 2) for k, v in t.items()},
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
         "final_loss": {k: round(v["final_loss"], 4) for k, v in t.items()},
-        "memory": {m: {**{k: v for k, v in memory[m].items() if not k.endswith("_kib")},
-                       **{k.replace("_kib", "_mib"): round(v / 1024, 1) for k, v in memory[m].items() if k.endswith("_kib")},
-                       "training_increment_mib": round(inc[m] / 1024, 1)} for m in memory},
         "examples": len(chosen), "skipped_not_fitting": skipped,
         "loadavg": {"before": [round(x, 2) for x in load_before], "after_memory_runs": [round(x, 2) for x in load_mid],
                     "after": [round(x, 2) for x in load_after]},
@@ -293,7 +314,7 @@ def main() -> int:
                                     "input_ids+labels only, pad tokens not masked in labels",
                      "llmcycle": "tune_loop.fit method=full, group_by_length, dynamic padding, eval off",
                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "model": {"arch": "t5", "size": "small", "vocab_size": len(tok), "parameters": full["total_params"],
+        "model": {"arch": "t5", "size": "small", "vocab_size": len(tok), "parameters": memory["full"]["total_params"] if memory else None,
                   "init": f"random, seed {args.seed}", "built_now": built, "build_s": round(build_s, 1)},
         "data": str(path),
     }))

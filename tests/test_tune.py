@@ -400,3 +400,109 @@ def test_seq2seq_summed_loss_equals_the_models_own_loss(tmp_path):
     batch = collate(feats, tok.pad_token_id)
     total, n = sum_loss(model, batch, "seq2seq")
     assert float(total) / n == pytest.approx(float(model(**batch).loss), rel=1e-5)
+
+
+# -- giving freed memory back (llmcycle/memory.py, tune_loop.py) ----------------------------------
+def _rss_mib() -> float:
+    return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS")).split()[1]) / 1024
+
+
+def test_release_free_memory_hands_the_heaps_free_pages_back():
+    """Freed heap blocks below the top stay resident under glibc until malloc_trim returns them."""
+    import ctypes
+    import platform
+
+    from llmcycle.memory import release_free_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert release_free_memory() is False  # nothing to call: a no-op, never an error
+        pytest.skip("malloc_trim is glibc's")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert release_free_memory()
+    blocks = [libc.malloc(64 * 1024) for _ in range(1600)]  # 100 MiB of heap blocks (below mmap size)
+    for b in blocks:
+        ctypes.memset(b, 1, 64 * 1024)  # touched: resident
+    keep = libc.malloc(64 * 1024)  # a live block above them, so free() cannot shrink the heap's top
+    for b in blocks:
+        libc.free(b)
+    before = _rss_mib()
+    assert release_free_memory()
+    after = _rss_mib()
+    libc.free(keep)
+    assert before - after > 80, (before, after)
+
+
+def test_backward_phase_hooks_fire_once_per_phase_and_leave_gradients_alone(tmp_path):
+    """Seq2seq: once when the gradient reaches the output head, once at the encoder's output; never
+    under no_grad; gradients identical to a model without the hooks."""
+    from llmcycle.models import load_model
+    from llmcycle.tune_data import collate, encode_examples
+    from llmcycle.tune_loop import release_between_backward_phases, sum_loss
+
+    base = make_t5(tmp_path / "t5")
+    grads, calls = [], []
+    for hooked in (False, True):
+        model, tok = load_model(str(base))
+        model.train()
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        if hooked:
+            handles = release_between_backward_phases(model, lambda: calls.append(1))
+            assert len(handles) == 2
+        exs = examples(6)
+        batch = collate(encode_examples(exs, [e.input for e in exs], tok, "seq2seq", 128).features,
+                        tok.pad_token_id)
+        with torch.no_grad():
+            sum_loss(model, batch, "seq2seq")
+        assert calls == []
+        s, _ = sum_loss(model, batch, "seq2seq")
+        assert calls == []  # the forward only registers; releasing happens inside backward
+        s.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == 2
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.parametrize("arch,method,checkpointing,per_step", [("t5", "lora", True, 3), ("gpt2", "full", False, 2)])
+def test_releasing_free_memory_leaves_training_unchanged(tmp_path, monkeypatch, arch, method, checkpointing, per_step):
+    """fit on CPU releases free heap memory after loading, after each forward, inside backward (output
+    head; encoder) and after each validation, and trains bit for bit as without it; the trained model
+    keeps no hooks."""
+    import llmcycle.memory
+
+    calls = []
+    real = llmcycle.memory.release_free_memory
+    monkeypatch.setattr(llmcycle.memory, "release_free_memory", lambda: calls.append(1) or real())
+    kw = dict(steps=4, method=method, gradient_checkpointing=checkpointing, eval_every=2)
+    released, _ = train(tmp_path / "a", arch, **kw)
+    assert len(calls) == 1 + 4 * per_step + 2  # two validations: once each, their no_grad passes never
+    n = len(calls)
+    released.model.eval()
+    with torch.enable_grad():  # a forward + backward on the returned model: no hooks left to call
+        ids = torch.tensor([[5, 6, 7]])
+        kw_ = {"decoder_input_ids": ids} if arch == "t5" else {}
+        released.model(input_ids=ids, **kw_).logits.sum().backward()
+    assert len(calls) == n
+    monkeypatch.setattr(llmcycle.memory, "release_free_memory", lambda: False)
+    plain, _ = train(tmp_path / "b", arch, **kw)
+    assert released.summary["final_train_loss"] == plain.summary["final_train_loss"]
+    a, b = dict(released.model.named_parameters()), dict(plain.model.named_parameters())
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resuming_full_tuning_keeps_gradient_checkpointing_and_loads_the_weights(tmp_path):
+    from llmcycle.tune_loop import _load_weights
+
+    model, _ = load_base(str(make_t5(tmp_path / "base")), TuneConfig(method="full", max_steps=1))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    saved, _ = load_base(str(make_t5(tmp_path / "other", seed=1)), TuneConfig(method="full", max_steps=1))
+    saved.save_pretrained(tmp_path / "ckpt" / "model")
+    assert not torch.equal(model.lm_head.weight, saved.lm_head.weight)
+    resumed = _load_weights(model, tmp_path / "ckpt", "full", torch.float32)
+    assert resumed is model and resumed.is_gradient_checkpointing
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), saved.state_dict().values()))
