@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmcycle import harness, rag
 from llmcycle.batching import Sequence
 from llmcycle.errors import UserError
 from llmcycle.pal import PAL_STOP, extract_program, pal_prompt
 from servers import running
-from test_serve import client
+from test_serve import client, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from tiny import DOCS, make_doc_index, make_gpt2
 
 openai = pytest.importorskip("openai")
@@ -29,14 +28,6 @@ from llmcycle.serve_augment import AugmentConfig, Augmentation, settings  # noqa
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX")
 QUESTION = "Where is the Eiffel Tower?"
 PAL = {"llmcycle": {"mode": "pal"}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
