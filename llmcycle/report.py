@@ -279,16 +279,18 @@ def build(project) -> dict:
         row["label"] = item.short if item.label in twice else item.label
     view["lineage"] = lineage(items, deployed_id)
 
-    threshold = scope.success_threshold if scope and view["rows"] and metric in \
-        {r["headline"] for r in view["rows"]} else None
+    # Quality plots show the project's success metric only: a variant scored on another one (a reward
+    # model's accuracy) would share an axis with it and read as comparable.
+    scored = [r for r in view["rows"] if r.get("headline") == metric]
+    threshold = scope.success_threshold if scope and scored else None
     curves = [(row["label"], i.stage, [m for m in i.rec.metrics() if isinstance(m, dict)])
               for i, row in zip(chosen, view["rows"]) if i.rec is not None]
     view["plots"] = [
-        rp.loss_curves(curves), rp.ppo_curves(curves), rp.quality_bars(view["rows"], threshold),
-        rp.quality_scatter("quality_vs_latency", view["rows"], "latency_p95_ms", "p95 latency per request (ms)",
+        rp.loss_curves(curves), rp.ppo_curves(curves), rp.quality_bars(scored, threshold),
+        rp.quality_scatter("quality_vs_latency", scored, "latency_p95_ms", "p95 latency per request (ms)",
                            scope.latency_budget_ms if scope else None, threshold,
                            "no evaluated run measured its latency (optimize variants do)"),
-        rp.quality_scatter("quality_vs_size", view["rows"], "size_mb", "size on disk (MB)",
+        rp.quality_scatter("quality_vs_size", scored, "size_mb", "size on disk (MB)",
                            scope.size_budget_mb if scope else None, threshold,
                            "no evaluated run has a model folder to measure")]
     view["examples"] = _examples(project, chosen)

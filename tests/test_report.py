@@ -269,3 +269,18 @@ def test_success_threshold_follows_the_metric_direction():
     assert meets_threshold(ScopeConfig(success_threshold=10), "perplexity", 8.0) is True  # lower is better
     assert meets_threshold(ScopeConfig(success_threshold=10), "perplexity", 12.0) is False
     assert meets_threshold(ScopeConfig(), "rougeL", 0.9) is None and meets_threshold(None, "rougeL", 0.9) is None
+
+
+def test_quality_plots_show_only_the_success_metric(tmp_path, monkeypatch):
+    from llmcycle import report_plots
+
+    project = lifecycle_store(tmp_path)
+    record(project, "align", "toxicity", {"accuracy": 0.95, "headline": "accuracy", "headline_value": 0.95})
+    seen = {}
+    real = report_plots.quality_bars
+    monkeypatch.setattr(report_plots, "quality_bars", lambda rows, threshold: seen.setdefault("rows", rows)
+                        and real(rows, threshold))
+    write_report(project, tmp_path / "report.html")
+    labels = [r["label"] for r in seen["rows"]]
+    assert {r["headline"] for r in seen["rows"]} == {"rougeL"} and len(labels) == 3  # prompt, tune, int8
+    assert "align/toxicity" in (tmp_path / "report.html").read_text()  # still in the table
