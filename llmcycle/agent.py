@@ -195,6 +195,8 @@ def calculator_tool() -> Tool:
 def retrieval_tool(index, k: int = 3, max_chars: int = 400) -> Tool:
     """Top-k passages of `index` (an llmcycle.rag_index.Index). A passage keeps its [n] for the whole
     run, so the final answer's citations mean one thing."""
+    from .rag import Citation
+
     if k < 1:
         raise UserError(f"retrieval k must be at least 1, got {k}")
     numbers: dict[int, int] = {}  # chunk id -> citation number
@@ -208,8 +210,7 @@ def retrieval_tool(index, k: int = 3, max_chars: int = 400) -> Tool:
             n = numbers.setdefault(c.id, len(numbers) + 1)
             text = " ".join(c.text.split())
             lines.append(f"[{n}] ({Path(c.source).name}) {text[:max_chars]}{'...' if len(text) > max_chars else ''}")
-            citations.append({"n": n, "source": c.source, "start": c.start, "end": c.end,
-                              "score": round(hit.score, 4), "text": c.text})
+            citations.append(Citation.of(n, hit).to_api())
         return Observation("\n".join(lines) or "no passages found", {"citations": citations})
 
     return Tool("retrieval", "searches the indexed documents and returns the best passages numbered [n] "

@@ -51,6 +51,17 @@ class Citation:
     chunk_number: int
     text: str
 
+    @classmethod
+    def of(cls, number: int, hit) -> "Citation":
+        """Citation [number] for a search hit (rag_index.Hit)."""
+        c = hit.chunk
+        return cls(number, c.source, c.start, c.end, hit.score, c.id, c.number, c.text)
+
+    def to_api(self) -> dict:
+        """As the server and the agent's transcript give it: `n` is the number cited as [n]."""
+        data = asdict(self)
+        return {"n": data.pop("number"), **data}
+
 
 @dataclass
 class Answer:
@@ -177,8 +188,7 @@ def _check_budget(budget: int, window: int, max_new_tokens: int) -> int:
 
 
 def _answer_from(question: str, assembled: Assembled, text: str, retrieved: int) -> Answer:
-    citations = [Citation(i, h.chunk.source, h.chunk.start, h.chunk.end, h.score, h.chunk.id,
-                          h.chunk.number, h.chunk.text) for i, h in enumerate(assembled.hits, 1)]
+    citations = [Citation.of(i, h) for i, h in enumerate(assembled.hits, 1)]
     used, unknown = cited_numbers(text, len(citations))
     return Answer(question, text, citations, used, unknown, assembled.dropped, retrieved,
                   assembled.prompt, assembled.tokens)

@@ -136,9 +136,7 @@ class Augmentation:
             assembled = rag.assemble_prompt(question, hits, lambda text: len(ids_of(text)), budget)
         except UserError as exc:
             raise _error(400, str(exc), "messages", "context_length_exceeded") from None
-        citations = [{"n": n, "source": h.chunk.source, "start": h.chunk.start, "end": h.chunk.end,
-                      "score": h.score, "chunk_id": h.chunk.id, "chunk_number": h.chunk.number,
-                      "text": h.chunk.text} for n, h in enumerate(assembled.hits, 1)]
+        citations = [rag.Citation.of(n, h).to_api() for n, h in enumerate(assembled.hits, 1)]
         return Prepared("rag", ids_of(assembled.prompt), req, {
             "citations": citations, "retrieval": {"retrieved": len(hits), "dropped": assembled.dropped}})
 

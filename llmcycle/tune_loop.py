@@ -142,7 +142,7 @@ def release_between_backward_phases(model, release: Callable[[], object]) -> lis
 
 
 def _load_weights(model, path: Path, method: str, cfg_dtype):
-    """The checkpoint's trainable weights into `model` (adapter) or a model loaded from it (full)."""
+    """The checkpoint's trainable weights (the adapter's, or every weight for full) into `model`."""
     try:
         if method == "full":
             from .models import auto_class
