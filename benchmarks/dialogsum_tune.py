@@ -56,6 +56,7 @@ def project_config(args, train: Path, dev: Path) -> dict:
         "pretrain": {"base": {
             "architecture": "t5", "d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads,
             "d_ff": args.d_ff, "vocab_size": args.vocab, "seq_len": args.seq_len, "packing": True,
+            "objective": args.objective, "noise_density": args.noise_density,
             "batch_size": args.batch_size, "lr": args.pretrain_lr, "warmup_steps": max(1, args.pretrain_steps // 10),
             "max_steps": args.pretrain_steps, "checkpoint_every": args.pretrain_steps, "log_every": 20,
             "seed": args.seed}},
@@ -96,6 +97,9 @@ def main() -> int:
     g.add_argument("--vocab", type=int, default=4000)
     g.add_argument("--seq-len", type=int, default=256)
     g.add_argument("--pretrain-steps", type=int, default=500)
+    g.add_argument("--objective", choices=["span_corruption", "denoising"], default="span_corruption",
+                   help="pretraining objective (pretrain.objective)")
+    g.add_argument("--noise-density", type=float, default=0.15, help="fraction of tokens masked in pretraining")
     g.add_argument("--pretrain-lr", type=float, default=2e-3)
     g = ap.add_argument_group("fine-tuning (full and LoRA share steps and batch size)")
     g.add_argument("--batch-size", type=int, default=16, help="also the pretraining batch size")

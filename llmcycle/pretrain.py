@@ -72,8 +72,14 @@ class PretrainConfig(Section):
     checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N steps (and at the end)")
     log_every: int = Field(10, ge=1, description="report metrics every N steps")
     packing: bool = Field(True, description="pack documents into full blocks (no padding) instead of one padded example per document")
-    noise_density: float = Field(0.15, gt=0, lt=1, description="t5 span corruption: fraction of tokens masked")
-    mean_span_length: float = Field(3.0, ge=1, description="t5 span corruption: mean length of a masked span")
+    objective: Literal["span_corruption", "denoising"] = Field(
+        "span_corruption", description="t5 only. span_corruption (T5): each masked span becomes a sentinel and "
+        "the decoder writes only the masked tokens; denoising (BART's text infilling): each masked span "
+        "becomes one mask token and the decoder writes the whole original text back, which teaches it to "
+        "copy from the encoder (what summarization needs) at about twice the decoder compute")
+    noise_density: float = Field(0.15, gt=0, lt=1, description="t5: fraction of tokens masked (BART uses 0.3 "
+                                 "with denoising)")
+    mean_span_length: float = Field(3.0, ge=1, description="t5: mean length of a masked span")
     seed: int = Field(0, description="seed for initialisation, data order, span corruption and dropout")
     corpus: list[str] | None = Field(
         None, description="extra text files (.txt: one document per line; .jsonl: a 'text' field), relative to the "
@@ -83,6 +89,8 @@ class PretrainConfig(Section):
     def _one_length(self):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of pretrain.max_steps or pretrain.epochs (how long to train)")
+        if self.objective != "span_corruption" and self.architecture != "t5":
+            raise ValueError(f"objective {self.objective} needs architecture t5 (gpt learns next-token prediction)")
         return self
 
 

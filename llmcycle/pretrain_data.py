@@ -1,4 +1,5 @@
-"""Data side of `llmcycle pretrain`: tokenizer training, packing, T5 span corruption, batching.
+"""Data side of `llmcycle pretrain`: tokenizer training, packing, T5 span corruption or BART-style
+denoising, batching.
 
 Kept apart from llmcycle/pretrain.py (model + training loop) so each part stays readable and can be
 tested on its own. Heavy imports (tokenizers, transformers, torch) happen inside the functions.
@@ -159,9 +160,11 @@ def corrupted_lengths(raw_length: int, noise_density: float, mean_span_length: f
     return raw_length - n_noise + n_spans + 1, n_noise + n_spans + 1
 
 
-def raw_length_for(input_length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
-    """The longest raw block whose corrupted input fits in `input_length` tokens, and its target
-    length (T5's `compute_input_and_target_lengths`). The input length grows by 0 or 1 per raw token
+def raw_length_for(input_length: int, noise_density: float, mean_span_length: float,
+                   sentinel_per_span: bool = True) -> tuple[int, int]:
+    """The longest raw block whose corrupted input fits in `input_length` tokens, and its span
+    corruption target length (T5's `compute_input_and_target_lengths`). sentinel_per_span False
+    (denoising, one mask token for all spans) lifts the limit of 100 spans per block. The input length grows by 0 or 1 per raw token
     (a token is either kept or noise; a new span only starts when a noise token is added), so the
     longest fitting block gives an input of exactly `input_length` tokens."""
     raw = 1
@@ -174,7 +177,7 @@ def raw_length_for(input_length: int, noise_density: float, mean_span_length: fl
             f"{noise_density} and mean_span_length {mean_span_length}"
         )
     n_spans = _noise_counts(raw, noise_density, mean_span_length)[1]
-    if n_spans > N_SENTINELS:
+    if sentinel_per_span and n_spans > N_SENTINELS:
         raise UserError(
             f"seq_len {input_length} needs {n_spans} noise spans per example but there are only "
             f"{N_SENTINELS} sentinel tokens; lower seq_len or raise mean_span_length"
@@ -235,6 +238,20 @@ def span_corrupt(tokens, noise_density: float, mean_span_length: float, sentinel
     return inputs + [eos_id], targets + [eos_id]
 
 
+def denoise(tokens, noise_density: float, mean_span_length: float, mask_id: int, eos_id: int,
+            rng) -> tuple[list[int], list[int]]:
+    """BART's text infilling on one token sequence: the same random spans as span_corrupt, each
+    replaced in the input by the single mask token; the target is the whole original sequence. Both
+    end with EOS. Inputs are exactly as long as span_corrupt's, so the packed block sizes carry over."""
+    tokens = np.asarray(tokens)
+    if len(tokens) < 2:
+        return [*tokens.tolist(), eos_id], [*tokens.tolist(), eos_id]
+    mask = random_spans_noise_mask(len(tokens), noise_density, mean_span_length, rng)
+    starts = mask & ~np.concatenate([[False], mask[:-1]])  # first token of each noise span
+    inputs = np.where(starts, mask_id, tokens)[~mask | starts]
+    return [*inputs.tolist(), eos_id], [*tokens.tolist(), eos_id]
+
+
 # ------------------------------------------------------------------------------------- datasets
 class PretrainDataset:
     """The fixed list of raw token sequences of one run, and how each becomes a training example.
@@ -249,6 +266,7 @@ class PretrainDataset:
         self.seed = cfg.seed
         self.noise_density = cfg.noise_density
         self.mean_span_length = cfg.mean_span_length
+        self.objective = cfg.objective
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
         self.sentinels = sentinel_ids(tokenizer) if self.arch == "t5" else []
@@ -256,7 +274,10 @@ class PretrainDataset:
         if not docs:
             raise UserError("the pretraining corpus has no tokens")
         if self.arch == "t5":
-            raw_len, self.target_len = raw_length_for(cfg.seq_len, cfg.noise_density, cfg.mean_span_length)
+            raw_len, self.target_len = raw_length_for(cfg.seq_len, cfg.noise_density, cfg.mean_span_length,
+                                                      sentinel_per_span=self.objective == "span_corruption")
+            if self.objective == "denoising":
+                self.target_len = raw_len + 1  # the whole block back, then EOS
         else:
             raw_len, self.target_len = cfg.seq_len, cfg.seq_len
         self.raw_len = raw_len
@@ -288,6 +309,8 @@ class PretrainDataset:
             ids = toks.tolist()
             return ids, ids  # the model shifts labels internally
         rng = np.random.default_rng([self.seed, epoch, index])
+        if self.objective == "denoising":
+            return denoise(toks, self.noise_density, self.mean_span_length, self.sentinels[0], self.eos, rng)
         return span_corrupt(toks, self.noise_density, self.mean_span_length, self.sentinels, self.eos, rng)
 
     def order(self, epoch: int) -> np.ndarray:

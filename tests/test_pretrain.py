@@ -14,7 +14,7 @@ from llmcycle.errors import UserError
 from llmcycle.pretrain import PretrainConfig, count_parameters, preset_dims, train
 from llmcycle.pretrain_data import (
     IGNORE, PretrainDataset, collate, corrupted_lengths, load_corpus, random_spans_noise_mask, raw_length_for,
-    sentinel_ids, span_corrupt, train_tokenizer, useful_tokens,
+    denoise, sentinel_ids, span_corrupt, train_tokenizer, useful_tokens,
 )
 
 ANIMALS = ["cat", "dog", "bird", "fish", "horse", "mouse", "goat"]
@@ -141,6 +141,33 @@ def test_span_corruption_invariants(seq_len):
 def test_too_many_spans_for_the_sentinels():
     with pytest.raises(UserError, match="sentinel"):
         raw_length_for(4000, 0.15, 3.0)
+    assert raw_length_for(4000, 0.15, 3.0, sentinel_per_span=False)[0] > 4000  # one mask token: no limit
+
+
+@pytest.mark.parametrize("seq_len", [16, 100, 256])
+def test_denoising_masks_spans_and_targets_the_whole_block(seq_len):
+    raw, _ = raw_length_for(seq_len, 0.3, 3.0)
+    for seed in range(20):
+        block = np.random.default_rng(seed).integers(10, 900, size=raw)
+        inp, tgt = denoise(block, 0.3, 3.0, 1000, 1, np.random.default_rng(seed))
+        span_inp, _ = span_corrupt(block, 0.3, 3.0, list(range(1000, 1100)), 1, np.random.default_rng(seed))
+        assert len(inp) == seq_len and inp == [1000 if t >= 1000 else t for t in span_inp]  # same spans
+        assert tgt == [*block.tolist(), 1]  # the decoder writes the original text back
+        mask = random_spans_noise_mask(raw, 0.3, 3.0, np.random.default_rng(seed))
+        kept = [t for t in inp[:-1] if t != 1000]
+        assert kept == block[~mask].tolist() and inp.count(1000) == int((np.diff(mask.astype(int)) == 1).sum())
+
+
+def test_denoising_dataset_and_config(tmp_path):
+    cfg = tiny(objective="denoising", noise_density=0.3)
+    tok = train_tokenizer(corpus(varied=True), cfg)
+    data = PretrainDataset(cfg, tok, corpus(varied=True))
+    batch = data.batch(data.order(0)[:4], 0)
+    assert batch["input_ids"].shape == (4, 32) and batch["labels"].shape[1] == data.target_len == data.raw_len + 1
+    for r, i in enumerate(data.order(0)[:4]):
+        assert batch["labels"][r].tolist() == [*data.items[i].tolist(), tok.eos_token_id]
+    with pytest.raises(ValueError, match="needs architecture t5"):
+        tiny(architecture="gpt", objective="denoising")
 
 
 # ---------------------------------------------------------------------------------------- batching
@@ -187,12 +214,12 @@ def test_collate_pads_to_longest():
 
 
 # ---------------------------------------------------------------------------------------- training
-@pytest.mark.parametrize("arch", ["t5", "gpt"])
-def test_loss_decreases_and_model_reloads(tmp_path, arch):
+@pytest.mark.parametrize("arch,objective", [("t5", "span_corruption"), ("t5", "denoising"), ("gpt", "span_corruption")])
+def test_loss_decreases_and_model_reloads(tmp_path, arch, objective):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     logs = []
-    summary = train(tiny(architecture=arch, max_steps=60, log_every=10, lr=1e-2), corpus(), tmp_path,
+    summary = train(tiny(architecture=arch, objective=objective, max_steps=60, log_every=10, lr=1e-2), corpus(), tmp_path,
                     log=logs.append, progress=False)
     assert [m["step"] for m in logs] == [10, 20, 30, 40, 50, 60]
     losses = [m["loss"] for m in logs]
