@@ -39,6 +39,8 @@ class GenerationConfig(Section):
                                 "do_sample).")
     repetition_penalty: float = Field(1.0, gt=0, description="Divide the scores of tokens already in the "
                                       "prompt or output by this (>1 discourages repetition, 1 = off).")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this many tokens "
+                                      "within an output (3 is usual for summaries; 0 = off).")
     stop: list[str] = Field([], description="Stop sequences: generation of a prompt ends when its output "
                             "contains one; the output is cut before it.")
     seed: int = Field(0, description="Random seed for sampling. Results are reproducible for the same "
@@ -190,8 +192,9 @@ class Generator:
         """Arguments for model.generate. Sampling settings are passed explicitly (top_k 0 and top_p 1 when
         unset) so this config, not a generation_config.json shipped with the model, decides how to sample."""
         kw = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
-                  repetition_penalty=cfg.repetition_penalty, use_cache=True, pad_token_id=self.pad_id,
-                  eos_token_id=self.eos_ids or None, num_return_sequences=1)
+                  repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                  use_cache=True, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
+                  num_return_sequences=1)
         if cfg.do_sample:
             kw.update(temperature=cfg.temperature, top_k=cfg.top_k or 0,
                       top_p=1.0 if cfg.top_p is None else cfg.top_p)

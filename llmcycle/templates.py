@@ -59,6 +59,7 @@ evaluate:                          # how every evaluation prompts and generates
     batch_size: 16                 # prompts per batch (sorted by length, so little padding)
     # num_beams: 1                 # beam search when > 1
     # repetition_penalty: 1.0
+    # no_repeat_ngram_size: 3      # never repeat a 3-gram (usual for summaries)
   # limit: 500                     # evaluate on the first N eval examples only
   perplexity: true                 # also the perplexity of the references
   show_examples: 3                 # examples shown side by side in comparisons

@@ -257,6 +257,20 @@ def test_repetition_penalty_reduces_repeats(gpt2):
     assert repeats(penal) < repeats(plain)
 
 
+def test_no_repeat_ngram_size_forbids_repeated_ngrams(mt):
+    model, tok = mt
+    gen = Generator(model, tok)
+    plain = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=24))
+    capped = gen.generate(PROMPTS, GenerationConfig(max_new_tokens=24, no_repeat_ngram_size=2))
+
+    def repeated_bigrams(ids: list[int]) -> int:
+        grams = list(zip(ids, ids[1:]))
+        return len(grams) - len(set(grams))
+
+    assert sum(repeated_bigrams(r.token_ids) for r in plain) > 0  # the tiny model does loop
+    assert all(repeated_bigrams(r.token_ids) == 0 for r in capped)
+
+
 def test_progress_callback(gpt2):
     model, tok = gpt2
     seen: list[int] = []
