@@ -7,8 +7,12 @@ resets the peak (VmHWM) to the current RSS; on a GPU, torch resets its own peak 
 torch's CPU tensors come from malloc. glibc's malloc keeps what is freed (it raises its mmap
 threshold after the first large free, so later activations live on the heap) and returns it to the
 system only from the top of the heap: a training step's freed activations stay resident and the next
-phase piles new ones beside them. release_free_memory (malloc_trim) hands the free pages back between
-phases; the training loop calls it where one phase's temporaries are dead and the next's not yet made.
+phase piles new ones beside them. Two remedies, used by the training loop on CPU:
+release_free_memory (malloc_trim) hands the heap's free pages back between phases, where one phase's
+temporaries are dead and the next's not yet made (always: it costs nothing measurable); with
+gradient checkpointing (a run that chose memory over speed) also large_blocks_off_the_heap (mallopt
+M_MMAP_THRESHOLD), which keeps every block of 1 MiB or more in its own mapping, returned to the
+system the moment it is freed, at the price of fresh pages for each large tensor.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import sys
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
-_TRIM: list = []  # [malloc_trim or None], resolved once
+_LIBC: list = []  # [the C library or None], resolved once
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def reset_peak(device=None) -> bool:
@@ -51,21 +56,43 @@ def peak_mb(device=None) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _libc():
+    if not _LIBC:
+        lib = None
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            except OSError:
+                lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
 def release_free_memory() -> bool:
     """Return the C heap's free pages to the system (glibc malloc_trim); False where there is no such
     call (macOS, Windows, musl). Costs a walk over the heap's free chunks, and pages handed back fault
     in again when reused: call it between phases whose temporaries differ (after a forward pass), not
     inside them."""
-    if not _TRIM:
-        trim = None
-        if sys.platform.startswith("linux"):
-            try:
-                trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                trim = None
-        _TRIM.append(trim)
-    if _TRIM[0] is None:
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
         return False
-    _TRIM[0](0)
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
     return True
+
+
+def large_blocks_off_the_heap(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve every allocation of threshold_bytes or more from its own mapping (glibc mallopt
+    M_MMAP_THRESHOLD), for the rest of the process; False where the C library has no mallopt.
+
+    glibc starts with a 128 KiB threshold but raises it (up to 32 MiB) each time a mapped block is
+    freed, so after the first training step the activations move onto the heap, where freed holes
+    are too fragmented to reuse and stay resident: a LoRA step on a t5-small-sized model peaked about
+    300 MiB higher that way. A fixed threshold also turns the raising off. The cost is a mmap/munmap
+    and fresh (zeroed, faulted-in) pages per large tensor: a LoRA step without checkpointing on that
+    model ran ~18 % slower on 2 CPU cores."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1

@@ -373,13 +373,22 @@ def test_peak_memory_is_measured_per_piece_of_work():
     assert high - low > 300
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_gradient_checkpointing_gives_the_same_training(tmp_path, method):
-    """Recomputing activations changes memory, not results: same loss, same weights (dropout 0)."""
+@pytest.mark.parametrize("arch,method", [("t5", "lora"), ("t5", "full"), ("gpt2", "full"), ("gpt2", "prompt_tuning")])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch, arch, method):
+    """Recomputing activations (and the vocabulary logits, chunk by chunk) and keeping large blocks
+    off the heap change memory, not results: same loss, same weights (dropout 0)."""
     import torch
 
-    plain, _ = train(tmp_path / "a", "t5", steps=4, method=method, dropout=0.0)
-    ckpt, _ = train(tmp_path / "b", "t5", steps=4, method=method, dropout=0.0, gradient_checkpointing=True)
+    import llmcycle.memory
+
+    off_heap = []
+    real = llmcycle.memory.large_blocks_off_the_heap
+    monkeypatch.setattr(llmcycle.memory, "large_blocks_off_the_heap", lambda: off_heap.append(1) or real())
+    plain, _ = train(tmp_path / "a", arch, steps=4, method=method, dropout=0.0)
+    assert off_heap == []  # a run that did not choose memory over speed keeps malloc's default
+    ckpt, _ = train(tmp_path / "b", arch, steps=4, method=method, dropout=0.0, gradient_checkpointing=True)
+    assert off_heap == [1]
+    assert ckpt.summary["chunked_loss"] and not plain.summary["chunked_loss"]
     assert ckpt.summary["final_train_loss"] == pytest.approx(plain.summary["final_train_loss"], rel=1e-5)
     a = {k: v for k, v in plain.model.named_parameters() if v.requires_grad}
     b = {k: v for k, v in ckpt.model.named_parameters() if v.requires_grad}
@@ -400,6 +409,66 @@ def test_seq2seq_summed_loss_equals_the_models_own_loss(tmp_path):
     batch = collate(feats, tok.pad_token_id)
     total, n = sum_loss(model, batch, "seq2seq")
     assert float(total) / n == pytest.approx(float(model(**batch).loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch,method", [("t5", "full"), ("gpt2", "lora")])
+def test_chunked_loss_equals_the_plain_loss_and_projects_scored_tokens_only(tmp_path, monkeypatch, arch, method):
+    """sum_loss_chunked: same summed loss and gradients as sum_loss; the vocabulary projection sees
+    only scored positions (no padding, no causal prompt), at most a chunk's worth of rows at a time."""
+    import llmcycle.tune_loop as loop
+    from llmcycle.tune_data import collate, encode_examples
+
+    model, tok = load_base(str((make_t5 if arch == "t5" else make_gpt2)(tmp_path / "base")),
+                           TuneConfig(method=method, max_steps=1))
+    model = wrap(TuneConfig(method=method, max_steps=1, dropout=0.0), model, "seq2seq" if arch == "t5" else "causal")
+    kind = "seq2seq" if arch == "t5" else "causal"
+    exs = examples(6)
+    exs[0] = Example("a much longer input so that the rows are padded to different widths", ["red blue green"], {}, "x")
+    batch = collate(encode_examples(exs, [f"{e.input} ->" for e in exs], tok, kind, 128).features, tok.pad_token_id)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    monkeypatch.setattr(loop, "HEAD_CHUNK_ELEMENTS", vocab * 3)  # 3 rows per chunk: several chunks
+    rows = []
+    real = loop._head_cross_entropy
+    monkeypatch.setattr(loop, "_head_cross_entropy", lambda w, b, h, t: rows.append(h.shape[0]) or real(w, b, h, t))
+    model.train()
+
+    plain, n_plain = loop.sum_loss(model, batch, kind)
+    plain.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    chunked, n_chunked = loop.sum_loss_chunked(model, batch, kind, head)
+    chunked.backward()
+
+    assert n_chunked == n_plain and chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert "forward" not in vars(head)  # the head is itself again
+    forward_rows, recomputed = rows[:len(rows) // 2], rows[len(rows) // 2:]  # backward recomputes each chunk
+    assert recomputed == forward_rows[::-1] and max(rows) <= 3 and sum(forward_rows) == n_plain
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, grads[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_chunked_loss_is_not_used_when_the_model_changes_logits_after_the_head(tmp_path, monkeypatch):
+    """A model that rescales its logits after the head (as soft-capping models do) fails the check:
+    training falls back to the plain loss and still matches training without checkpointing."""
+    import llmcycle.tune_loop as loop
+    from llmcycle.tune_data import collate, encode_examples
+
+    model, tok = load_base(str(make_gpt2(tmp_path / "base")), TuneConfig(method="full", max_steps=1))
+    exs = examples(4)
+    batch = collate(encode_examples(exs, [f"{e.input} ->" for e in exs], tok, "causal", 128).features, tok.pad_token_id)
+    assert loop.chunkable_head(model, model, batch, "causal") is model.get_output_embeddings()
+    real_forward = type(model).forward
+
+    def capped(self, *a, **k):
+        out = real_forward(self, *a, **k)
+        out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+        return out
+
+    monkeypatch.setattr(type(model), "forward", capped)
+    assert loop.chunkable_head(model, model, batch, "causal") is None
+    assert "forward" not in vars(model.get_output_embeddings())
 
 
 # -- giving freed memory back (llmcycle/memory.py, tune_loop.py) ----------------------------------
@@ -432,6 +501,41 @@ def test_release_free_memory_hands_the_heaps_free_pages_back():
     after = _rss_mib()
     libc.free(keep)
     assert before - after > 80, (before, after)
+
+
+_FREED_RSS_DROP = """
+import ctypes, sys
+from llmcycle.memory import large_blocks_off_the_heap
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+if sys.argv[1] == "on":
+    assert large_blocks_off_the_heap()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 2 << 20
+libc.free(libc.malloc(size))  # glibc now raises its mmap threshold past 2 MiB (unless fixed)
+blocks = [libc.malloc(size) for _ in range(50)]  # 100 MiB
+for b in blocks:
+    ctypes.memset(b, 1, size)
+keep = libc.malloc(4096)  # a live block on top: the heap cannot shrink from its end
+before = rss()
+for b in blocks:
+    libc.free(b)
+print(before - rss())
+"""
+
+
+def test_large_blocks_off_the_heap_returns_freed_activations_at_once():
+    """With the threshold fixed at 1 MiB, freeing 2 MiB blocks returns their memory immediately;
+    with glibc's default (raised after the first large free) the same blocks stay resident."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt's M_MMAP_THRESHOLD is glibc's")
+    drop = {mode: float(subprocess.run([sys.executable, "-c", _FREED_RSS_DROP, mode], capture_output=True,
+                                       text=True, check=True).stdout) for mode in ("on", "off")}
+    assert drop["on"] > 90 and drop["off"] < 20, drop
 
 
 def test_backward_phase_hooks_fire_once_per_phase_and_leave_gradients_alone(tmp_path):
