@@ -89,8 +89,8 @@ def large_blocks_off_the_heap(threshold_bytes: int = 1 << 20) -> bool:
     freed, so after the first training step the activations move onto the heap, where freed holes
     are too fragmented to reuse and stay resident: a LoRA step on a t5-small-sized model peaked about
     300 MiB higher that way. A fixed threshold also turns the raising off. The cost is a mmap/munmap
-    and fresh (zeroed, faulted-in) pages per large tensor: a LoRA step without checkpointing on that
-    model ran ~18 % slower on 2 CPU cores."""
+    and fresh (zeroed, faulted-in) pages per large tensor: LoRA steps on that model ran at 0.76x the
+    speed with gradient checkpointing and 0.82x without, on 2 CPU cores."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
