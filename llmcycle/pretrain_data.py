@@ -164,7 +164,8 @@ def raw_length_for(input_length: int, noise_density: float, mean_span_length: fl
                    sentinel_per_span: bool = True) -> tuple[int, int]:
     """The longest raw block whose corrupted input fits in `input_length` tokens, and its span
     corruption target length (T5's `compute_input_and_target_lengths`). sentinel_per_span False
-    (denoising, one mask token for all spans) lifts the limit of 100 spans per block. The input length grows by 0 or 1 per raw token
+    (denoising, one mask token for all spans) lifts the limit of 100 spans per block. The input
+    length grows by 0 or 1 per raw token
     (a token is either kept or noise; a new span only starts when a noise token is added), so the
     longest fitting block gives an input of exactly `input_length` tokens."""
     raw = 1

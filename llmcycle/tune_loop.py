@@ -98,9 +98,9 @@ def sum_loss_chunked(model, batch: dict, kind: str, head):
     Over a 32k vocabulary the logits, their log-softmax and their gradient are the largest tensors of a
     causal model's checkpointed step: for 8 x 512 tokens a GPT-2-shaped model's step took 1,540 MiB
     above its weights with the plain loss and 312 MiB chunked. Padding and, for causal models, prompt
-    positions are never projected onto the vocabulary at all. The cost is one more head projection per scored token in backward. Written here
-    because no library in our stack offers it on CPU (Liger's fused linear cross-entropy is a Triton
-    GPU kernel)."""
+    positions are never projected onto the vocabulary at all. The cost is one more head projection
+    per scored token in backward. Written here because no library in our stack offers it on CPU
+    (Liger's fused linear cross-entropy is a Triton GPU kernel)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
