@@ -64,6 +64,10 @@ def _libc():
                 lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             except OSError:
                 lib = None
+        for name, args in (("malloc_trim", [ctypes.c_size_t]), ("mallopt", [ctypes.c_int, ctypes.c_int])):
+            fn = getattr(lib, name, None)  # absent outside glibc (musl has no malloc_trim)
+            if fn is not None:
+                fn.argtypes, fn.restype = args, ctypes.c_int
         _LIBC.append(lib)
     return _LIBC[0]
 
@@ -76,7 +80,6 @@ def release_free_memory() -> bool:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
         return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
 
@@ -94,5 +97,4 @@ def large_blocks_off_the_heap(threshold_bytes: int = 1 << 20) -> bool:
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
