@@ -73,6 +73,12 @@ def load(ref: str, project=None, *, dtype: str = "auto", device: str = "auto",
     return _CACHE[key]
 
 
+def forget(path: str) -> None:
+    """Drop a loaded model from the cache (select measures one candidate after another)."""
+    for key in [k for k in _CACHE if k[0] == path]:
+        del _CACHE[key]
+
+
 def load_project_model(project, ref: str | None = None) -> LoadedModel:
     """The project's model (model: section), or `ref` loaded with the project's model options."""
     cfg = project.config.model
@@ -118,7 +124,8 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
         results = loaded.generator.generate(prompts, gen_cfg, progress=advance)
     gen_s = time.perf_counter() - start
     predictions = [r.text for r in results]
-    summary, per_example = metrics.compute_all(task, predictions, references, loaded.tokenizer)
+    summary, per_example = metrics.compute_all(task, predictions, references, loaded.tokenizer,
+                                               sources=[source_text(e) for e in examples])
     if perplexity:
         summary["perplexity"] = metrics.reference_perplexity(
             loaded.model, loaded.tokenizer, prompts, [refs[0] for refs in references],
@@ -132,6 +139,7 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
         "stopped_share": sum(r.finish_reason == "stop" for r in results) / len(results),
     })
     headline_scores = per_example.get(summary["headline"])
+    invented = per_example.get("invented_entities")
     rows = []
     for i, (ex, prompt, res) in enumerate(zip(examples, prompts, results)):
         row = {"index": i, "where": ex.where, "input": ex.input, "prompt": prompt,
@@ -139,20 +147,54 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}
         if headline_scores is not None and i < len(headline_scores):
             row[summary["headline"]] = headline_scores[i]
+        if invented is not None:  # the output's entities its input does not contain
+            row["invented_entities"] = invented[i]
         rows.append(row)
     return summary, rows
 
 
-def write_predictions(run, rows: list[dict]) -> Path:
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def request_latency(generator, prompts: list[str], gen_cfg, n: int) -> dict:
+    """p50 / p95 milliseconds of the first n prompts generated one at a time (a lone request, batch 1)."""
+    sample = prompts[:n]
+    if not sample:
+        return {}
+    generator.generate(sample[:1], gen_cfg)  # warm-up: lazy initialisation is nobody's latency
+    times = []
+    for prompt in sample:
+        t0 = time.perf_counter()
+        generator.generate([prompt], gen_cfg)  # returns token lists: the device has finished
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"latency_p50_ms": round(percentile(times, 50), 3), "latency_p95_ms": round(percentile(times, 95), 3),
+            "latency_samples": len(sample)}
+
+
+def source_text(example) -> str:
+    """What an output may take its facts from: the input and the record's other text fields (a QA
+    context, say), never its references."""
+    targets = set(example.targets)
+    extra = [v for v in example.fields.values() if isinstance(v, str) and v not in targets and v != example.input]
+    return "\n".join([example.input, *extra])
+
+
+def write_predictions(run, rows: list[dict], name: str = PREDICTIONS) -> Path:
     from llmcycle.store import atomic_write_text
 
-    path = run.artifacts / PREDICTIONS
+    path = run.artifacts / name
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 
-def read_predictions(run_dir: Path) -> list[dict] | None:
-    path = Path(run_dir) / "artifacts" / PREDICTIONS
+def read_predictions(run_dir: Path, name: str = PREDICTIONS) -> list[dict] | None:
+    path = Path(run_dir) / "artifacts" / name
     if not path.exists():
         return None
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

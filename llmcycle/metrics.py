@@ -25,9 +25,11 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 LENGTH_NAMES = ("len_words_mean", "len_words_median", "len_words_max",
                 "len_tokens_mean", "len_tokens_median", "len_tokens_max", "empty_share")
 METRIC_NAMES = (*ROUGE_TYPES, "bleu", "chrf", "exact_match", "f1", "accuracy", "macro_f1",
-                "perplexity", *LENGTH_NAMES)
+                "perplexity", "hallucinated_entity_rate", *LENGTH_NAMES)
 # Lower is better for these; length statistics describe outputs and have no better direction.
-_LOWER_IS_BETTER = {"perplexity", "empty_share"}
+_LOWER_IS_BETTER = {"perplexity", "empty_share", "hallucinated_entity_rate"}
+# Tasks whose outputs state facts of their input: scored for faithfulness (llmcycle/faithfulness.py).
+GROUNDED_TASKS = ("summarization", "qa")
 
 
 def higher_is_better(name: str) -> bool | None:
@@ -355,14 +357,16 @@ def _causal_row(tokenizer, prompt: str, reference: str, window: int) -> tuple[li
 # --- all together ------------------------------------------------------------------------------------
 
 def compute_all(task: str, predictions: list[str], references: list[list[str]], tokenizer=None,
-                bootstrap: bool = True, n_resamples: int = 1000, seed: int = 0) -> tuple[dict, dict]:
+                bootstrap: bool = True, n_resamples: int = 1000, seed: int = 0,
+                sources: list[str] | None = None) -> tuple[dict, dict]:
     """Score predictions for a task: (summary, per_example).
 
     summarization / generation: ROUGE + BLEU + chrF; qa: exact match + F1 + ROUGE; classification:
     accuracy + macro-F1. The summary also holds n_examples, the length statistics, `headline` (the
     metric's name), `headline_value` and the bootstrap 95% interval of the headline
     (`headline_ci_low` / `headline_ci_high`, None with bootstrap=False). A reference given as a plain
-    string is taken as a one-element list.
+    string is taken as a one-element list. With `sources` (each example's input), summarization and QA
+    outputs are also scored for faithfulness: the hallucinated-entity rate with its interval.
     """
     if task not in HEADLINE:
         raise UserError(f"unknown task '{task}'{suggest(task, HEADLINE)}; tasks: {', '.join(HEADLINE)}")
@@ -384,6 +388,8 @@ def compute_all(task: str, predictions: list[str], references: list[list[str]], 
         summary.update(s)
         per.update(p)
     summary.update(length_stats(preds, tokenizer))
+    if sources is not None and task in GROUNDED_TASKS:
+        _faithfulness(summary, per, preds, refs, sources, bootstrap, n_resamples, seed)
 
     name = HEADLINE[task]
     summary["headline"], summary["headline_value"] = name, summary[name]
@@ -394,6 +400,24 @@ def compute_all(task: str, predictions: list[str], references: list[list[str]], 
         low, high = bootstrap_ci(per[name], n_resamples=n_resamples, seed=seed)
     summary["headline_ci_low"], summary["headline_ci_high"] = low, high
     return summary, per
+
+
+def _faithfulness(summary: dict, per: dict, preds, refs, sources, bootstrap: bool, n_resamples: int,
+                  seed: int) -> None:
+    """Adds the hallucinated-entity rate (and its interval over the outputs that have entities)."""
+    from llmcycle import faithfulness
+
+    if len(sources) != len(preds):
+        raise UserError(f"{len(preds)} predictions but {len(sources)} sources")
+    lexicon = faithfulness.name_lexicon([*sources, *(r for rs in refs for r in rs)])
+    s, p = faithfulness.scores(preds, sources, lexicon)
+    rated = [r for r in p["hallucinated_entity_rate"] if r is not None]
+    low = high = None
+    if bootstrap and rated:
+        low, high = bootstrap_ci(rated, n_resamples=n_resamples, seed=seed)
+    s["hallucinated_entity_rate_ci_low"], s["hallucinated_entity_rate_ci_high"] = low, high
+    summary.update(s)
+    per.update(p)
 
 
 def _mean(values) -> float:

@@ -201,30 +201,6 @@ def save_folder(model, tokenizer, dest: Path, info: dict) -> Path:
     return dest
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def request_latency(generator, prompts: list[str], gen_cfg, n: int) -> dict:
-    """p50 / p95 milliseconds of the first n prompts generated one at a time (a lone request, batch 1)."""
-    sample = prompts[:n]
-    if not sample:
-        return {}
-    generator.generate(sample[:1], gen_cfg)  # warm-up: lazy initialisation is nobody's latency
-    times = []
-    for prompt in sample:
-        t0 = time.perf_counter()
-        generator.generate([prompt], gen_cfg)  # returns token lists: the device has finished
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"latency_p50_ms": round(percentile(times, 50), 3), "latency_p95_ms": round(percentile(times, 95), 3),
-            "latency_samples": len(sample)}
-
-
 # ------------------------------------------------------------------------------------------- export
 def export(cfg: OptimizeConfig, source_path: str, dest: Path, opts: dict, info: dict, onnx_dir: Path) -> dict:
     """A merged Hugging Face folder; with format onnx, also an ONNX export of it through optimum."""
@@ -327,7 +303,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     metrics, rows = harness.evaluate(loaded, fitted.prompts, examples, project.config.project.task,
                                      ev.generation, perplexity=ev.perplexity, progress=progress,
                                      label=f"eval optimize.{variant}")
-    latency = request_latency(loaded.generator, fitted.prompts, ev.generation, cfg.latency_samples)
+    latency = harness.request_latency(loaded.generator, fitted.prompts, ev.generation, cfg.latency_samples)
     harness.write_predictions(run, rows)
     size = weights_mb(dest)
     summary = {**metrics, **latency, **facts,
