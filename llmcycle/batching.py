@@ -175,12 +175,47 @@ class _CausalRows:
         self.mask, self.positions = mask[:, start:], self.positions[rows]
 
 
+class _DecoderPositions:
+    """BART-style decoders embed absolute positions counted from the cache's length, the same for every
+    row. A row that joined the batch later sits behind left padding, so its true position is smaller.
+    While `current` holds each row's true position, a hook on the position embedding gives every row its
+    own (one new token per row per step, as the engine decodes). T5's relative positions need none of this."""
+
+    _by_model: "weakref.WeakKeyDictionary" = None
+
+    def __init__(self, embedding):
+        self.current = None
+        embedding.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        import torch.nn.functional as F
+
+        if self.current is None:
+            return None  # generate() and training: the module's own positions
+        return F.embedding(self.current[:, None] + module.offset, module.weight)  # (rows, 1, width)
+
+    @classmethod
+    def of(cls, model):
+        """The one hook object of this model's decoder, or None when it has no absolute positions."""
+        import weakref
+
+        embedding = getattr(model.get_decoder(), "embed_positions", None)
+        if embedding is None or not hasattr(embedding, "offset") or not hasattr(embedding, "weight"):
+            return None
+        if cls._by_model is None:
+            cls._by_model = weakref.WeakKeyDictionary()
+        if embedding not in cls._by_model:
+            cls._by_model[embedding] = cls(embedding)
+        return cls._by_model[embedding]
+
+
 class _Seq2SeqRows:
     """Encoder states (right-padded) and decoder cache (left-padded) of encoder-decoder rows."""
 
     def __init__(self, model, pad_id: int, start_id: int):
         self.model, self.pad_id, self.start_id = model, pad_id, start_id
         self.cache = self.enc = self.enc_mask = self.dec_mask = None
+        self.positions = _DecoderPositions.of(model)
 
     def prefill(self, prompts: list[list[int]]):
         import torch
@@ -199,9 +234,15 @@ class _Seq2SeqRows:
         from transformers.modeling_outputs import BaseModelOutput
 
         dec_mask = torch.cat([self.dec_mask, self.dec_mask.new_ones((len(tokens), 1))], dim=1)
-        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.enc), attention_mask=self.enc_mask,
-                         decoder_input_ids=tokens[:, None], decoder_attention_mask=dec_mask,
-                         past_key_values=self.cache, use_cache=True)
+        if self.positions is not None:
+            self.positions.current = self.dec_mask.sum(1)  # tokens each row has: the new one's position
+        try:
+            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=self.enc), attention_mask=self.enc_mask,
+                             decoder_input_ids=tokens[:, None], decoder_attention_mask=dec_mask,
+                             past_key_values=self.cache, use_cache=True)
+        finally:
+            if self.positions is not None:
+                self.positions.current = None
         self.dec_mask = dec_mask
         return out.logits[:, -1, :]
 

@@ -21,7 +21,7 @@ from llmcycle.batching import BatchEngine, SamplingParams
 from llmcycle.errors import UserError
 from llmcycle.generation import GenerationConfig, Generator, generate_one_by_one
 from test_generation import PROMPTS, _train
-from tiny import make_gpt2, make_t5
+from tiny import make_bert, make_gpt2, make_t5
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -42,11 +42,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _trained(path, **load_kw):
+def _trained(path, steps: int = 60, **load_kw):
     """The model at `path` through harness.load (as `serve` loads it), trained a little so that its outputs
     depend on the prompt (random weights repeat one token for every prompt)."""
     loaded = harness.load(str(path), device="cpu", **load_kw)
-    _train(loaded.model, loaded.tokenizer)
+    _train(loaded.model, loaded.tokenizer, steps)
     return loaded
 
 
@@ -58,6 +58,16 @@ def t5(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     return _trained(make_gpt2(tmp_path_factory.mktemp("gpt2"), n_positions=256))
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """An encoder-decoder warm-started from a tiny BERT (llmcycle/warm_start.py): a BART model."""
+    from llmcycle.warm_start import WarmStartConfig, build
+
+    root = tmp_path_factory.mktemp("warm")
+    build(WarmStartConfig(encoder=str(make_bert(root / "bert")), decoder_layers=1), root / "ws")
+    return _trained(root / "ws", steps=200)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +109,7 @@ def drive(engine: BatchEngine, seqs, limit: int = 10_000) -> None:
 
 
 # ------------------------------------------------------------------------------------------- engine
-@pytest.mark.parametrize("name", ["t5", "gpt2"])
+@pytest.mark.parametrize("name", ["t5", "gpt2", "warm"])
 def test_engine_greedy_equals_one_by_one(name, request):
     """Rows join a running batch (cache merged mid-flight), wait for a slot, and leave as they finish:
     every row's tokens are still exactly those of model.generate on that prompt alone."""
