@@ -26,7 +26,8 @@ from typing import Callable
 from .errors import UserError
 from .tune_loop import answer_logits  # the forward every training loss here shares (tune, DPO, this)
 
-ARCHITECTURES = {"t5": "t5", "mt5": "t5", "gpt2": "gpt"}  # model_type -> pretrain's architecture name
+# model_type -> pretrain's architecture name (bart: warm-started encoder-decoders, llmcycle/warm_start.py)
+ARCHITECTURES = {"t5": "t5", "mt5": "t5", "gpt2": "gpt", "bart": "bart"}
 # a layer's weights: encoder.block.3.… (t5), transformer.h.3.… (gpt2), model.layers.3.…
 LAYER_KEY = re.compile(r"^(?P<stack>(?:.*?\.)?(?:block|h|layers))\.(?P<index>\d+)\.(?P<rest>.*)$")
 
@@ -61,6 +62,9 @@ def _teacher_dims(config) -> dict:
     if ARCHITECTURES.get(config.model_type) == "t5":
         return {"d_model": config.d_model, "n_heads": config.num_heads, "d_ff": config.d_ff,
                 "layers": (config.num_layers, config.num_decoder_layers or config.num_layers)}
+    if ARCHITECTURES.get(config.model_type) == "bart":
+        return {"d_model": config.d_model, "n_heads": config.encoder_attention_heads, "d_ff": config.encoder_ffn_dim,
+                "layers": (config.encoder_layers, config.decoder_layers)}
     return {"d_model": config.n_embd, "n_heads": config.n_head, "d_ff": config.n_inner or 4 * config.n_embd,
             "layers": (config.n_layer,)}
 
@@ -73,8 +77,11 @@ def student_config(teacher_config, student):
 
     arch = ARCHITECTURES.get(teacher_config.model_type)
     if arch is None:
-        raise UserError(f"optimize: distillation builds students for t5 and gpt2 models, not model type "
+        raise UserError(f"optimize: distillation builds students for t5, bart and gpt2 models, not model type "
                         f"'{teacher_config.model_type}'")
+    if arch == "bart" and student.preset:
+        raise UserError("optimize: student.preset names t5 / gpt sizes; for a bart teacher set ratio, n_layers "
+                        "or the dimensions")
     teacher = _teacher_dims(teacher_config)
     dims = dict(PRESETS[arch][student.preset]) if student.preset else \
         {k: teacher[k] for k in ("d_model", "n_heads", "d_ff")}
@@ -93,6 +100,11 @@ def student_config(teacher_config, student):
         if width_changed:  # per-head size as in T5's presets; kept when the width is the teacher's
             config.d_kv = max(1, dims["d_model"] // dims["n_heads"])
         config.num_layers, config.num_decoder_layers = layers
+        return config
+    if arch == "bart":
+        config.d_model, config.encoder_layers, config.decoder_layers = dims["d_model"], *layers
+        config.encoder_attention_heads = config.decoder_attention_heads = dims["n_heads"]
+        config.encoder_ffn_dim = config.decoder_ffn_dim = dims["d_ff"]
         return config
     if dims["d_model"] % dims["n_heads"]:
         raise UserError(f"optimize: student d_model {dims['d_model']} must be divisible by n_heads "
