@@ -212,8 +212,8 @@ class _DecoderPositions:
 class _Seq2SeqRows:
     """Encoder states (right-padded) and decoder cache (left-padded) of encoder-decoder rows."""
 
-    def __init__(self, model, pad_id: int, start_id: int):
-        self.model, self.pad_id, self.start_id = model, pad_id, start_id
+    def __init__(self, model, pad_id: int, prefix: list[int]):
+        self.model, self.pad_id, self.prefix = model, pad_id, prefix
         self.cache = self.enc = self.enc_mask = self.dec_mask = None
         self.positions = _DecoderPositions.of(model)
 
@@ -227,7 +227,9 @@ class _Seq2SeqRows:
         self.enc_mask = mask
         self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         self.dec_mask = mask.new_ones((len(prompts), 0))
-        return self.step(torch.full((len(prompts),), self.start_id, dtype=torch.long, device=dev))
+        for token in self.prefix:  # the start token, then a forced first token where there is one
+            logits = self.step(torch.full((len(prompts),), token, dtype=torch.long, device=dev))
+        return logits
 
     def step(self, tokens):
         import torch
@@ -309,9 +311,10 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.eos_ids = list(generator.eos_ids)
         if self.kind == "seq2seq":
-            start = getattr(self.model.config, "decoder_start_token_id", None)
-            start = generator.pad_id if start is None else start
-            self._new_rows = lambda: _Seq2SeqRows(self.model, generator.pad_id, int(start))
+            from .models import decoder_prefix
+
+            prefix = decoder_prefix(generator.model)
+            self._new_rows = lambda: _Seq2SeqRows(self.model, generator.pad_id, prefix)
         else:
             keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
             self._new_rows = lambda: _CausalRows(self.model, generator.pad_id, keep)

@@ -191,7 +191,7 @@ class Generator:
     def generate_kwargs(self, cfg: GenerationConfig) -> dict:
         """Arguments for model.generate. Sampling settings are passed explicitly (top_k 0 and top_p 1 when
         unset) so this config, not a generation_config.json shipped with the model, decides how to sample."""
-        kw = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+        kw = dict(max_new_tokens=cfg.max_new_tokens + self.forced_tokens, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
                   repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
                   use_cache=True, pad_token_id=self.pad_id, eos_token_id=self.eos_ids or None,
                   num_return_sequences=1)
@@ -248,9 +248,18 @@ class Generator:
         hits = [p for p in (text.find(s) for s in stops) if p >= 0]
         return min(hits) if hits else None
 
+    @property
+    def forced_tokens(self) -> int:
+        """Tokens `generate` forces after a seq2seq decoder's start token (a warm start's [MASK], BART's
+        BOS: models.decoder_prefix); they count in its max_new_tokens but are not output."""
+        from .models import decoder_prefix
+
+        return len(decoder_prefix(self.model)) - 1 if self.kind == "seq2seq" else 0
+
     def _completions(self, out, prompt_width: int) -> list[list[int]]:
-        # Causal output = padded prompt + new tokens; seq2seq output = decoder start token + new tokens.
-        start = prompt_width if self.kind == "causal" else 1
+        # Causal output = padded prompt + new tokens; seq2seq output = the decoder prefix (start token, and
+        # a forced first token where the model has one) + new tokens.
+        start = prompt_width if self.kind == "causal" else 1 + self.forced_tokens
         return out[:, start:].tolist()
 
     # -- the entry point ------------------------------------------------------------------------------

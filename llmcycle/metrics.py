@@ -314,11 +314,9 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
         batch_p, batch_r = prompts[start:start + batch_size], references[start:start + batch_size]
         if seq2seq:
             enc = tokenizer(batch_p, padding=True, truncation=True, max_length=window, return_tensors="pt")
-            labels = tokenizer(text_target=batch_r, padding=True, truncation=True, max_length=window,
-                               return_tensors="pt")
-            targets = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
+            targets, decoder_in = _seq2seq_targets(model, tokenizer, batch_r, window, pad)
             inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                      "labels": targets}  # the model builds decoder inputs by shifting the labels
+                      "decoder_input_ids": decoder_in}
         else:
             rows = [_causal_row(tokenizer, p, r, window) for p, r in zip(batch_p, batch_r)]
             width = max(len(ids) for ids, _ in rows)
@@ -329,8 +327,8 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
             inputs = {"input_ids": ids, "attention_mask": mask}
         with torch.inference_mode():
             logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
-        if not seq2seq:
-            logits = logits[:, :-1]
+        # position t predicts token t + 1; seq2seq: the first reference token comes after the decoder prefix
+        logits = logits[:, decoder_in.shape[1] - targets.shape[1]:] if seq2seq else logits[:, :-1]
         targets = targets.to(device)
         total_nll += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                      ignore_index=-100, reduction="sum").item()
@@ -338,6 +336,21 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     if total_tokens == 0:
         raise UserError("the references have no tokens to score")
     return math.exp(total_nll / total_tokens)
+
+
+def _seq2seq_targets(model, tokenizer, references: list[str], window: int, pad: int):
+    """(targets, decoder inputs) for references, encoded as fine-tuning encodes them (the text, then EOS:
+    tune_data.encode_target) and read behind the decoder prefix, as generation reads them."""
+    import torch
+
+    from llmcycle.models import decoder_prefix
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows = [(tokenizer(r, add_special_tokens=False)["input_ids"] + eos)[:window] for r in references]
+    width = max(len(r) for r in rows)
+    targets = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    shifted = torch.cat([torch.tensor(decoder_prefix(model)).expand(len(rows), -1), targets[:, :-1]], dim=1)
+    return targets, shifted.masked_fill(shifted == -100, pad)
 
 
 def _causal_row(tokenizer, prompt: str, reference: str, window: int) -> tuple[list[int], int]:
@@ -358,7 +371,7 @@ def _causal_row(tokenizer, prompt: str, reference: str, window: int) -> tuple[li
 
 def compute_all(task: str, predictions: list[str], references: list[list[str]], tokenizer=None,
                 bootstrap: bool = True, n_resamples: int = 1000, seed: int = 0,
-                sources: list[str] | None = None) -> tuple[dict, dict]:
+                sources: list[str] | None = None, lexicon=None) -> tuple[dict, dict]:
     """Score predictions for a task: (summary, per_example).
 
     summarization / generation: ROUGE + BLEU + chrF; qa: exact match + F1 + ROUGE; classification:
@@ -366,7 +379,8 @@ def compute_all(task: str, predictions: list[str], references: list[list[str]], 
     metric's name), `headline_value` and the bootstrap 95% interval of the headline
     (`headline_ci_low` / `headline_ci_high`, None with bootstrap=False). A reference given as a plain
     string is taken as a one-element list. With `sources` (each example's input), summarization and QA
-    outputs are also scored for faithfulness: the hallucinated-entity rate with its interval.
+    outputs are also scored for faithfulness: the hallucinated-entity rate with its interval; `lexicon`
+    adds names (lowercased) known from elsewhere, e.g. the training data (faithfulness.name_lexicon).
     """
     if task not in HEADLINE:
         raise UserError(f"unknown task '{task}'{suggest(task, HEADLINE)}; tasks: {', '.join(HEADLINE)}")
@@ -389,7 +403,7 @@ def compute_all(task: str, predictions: list[str], references: list[list[str]], 
         per.update(p)
     summary.update(length_stats(preds, tokenizer))
     if sources is not None and task in GROUNDED_TASKS:
-        _faithfulness(summary, per, preds, refs, sources, bootstrap, n_resamples, seed)
+        _faithfulness(summary, per, preds, refs, sources, set(lexicon or ()), bootstrap, n_resamples, seed)
 
     name = HEADLINE[task]
     summary["headline"], summary["headline_value"] = name, summary[name]
@@ -402,14 +416,14 @@ def compute_all(task: str, predictions: list[str], references: list[list[str]], 
     return summary, per
 
 
-def _faithfulness(summary: dict, per: dict, preds, refs, sources, bootstrap: bool, n_resamples: int,
-                  seed: int) -> None:
+def _faithfulness(summary: dict, per: dict, preds, refs, sources, lexicon: set, bootstrap: bool,
+                  n_resamples: int, seed: int) -> None:
     """Adds the hallucinated-entity rate (and its interval over the outputs that have entities)."""
     from llmcycle import faithfulness
 
     if len(sources) != len(preds):
         raise UserError(f"{len(preds)} predictions but {len(sources)} sources")
-    lexicon = faithfulness.name_lexicon([*sources, *(r for rs in refs for r in rs)])
+    lexicon = lexicon | faithfulness.name_lexicon([*sources, *(r for rs in refs for r in rs)])
     s, p = faithfulness.scores(preds, sources, lexicon)
     rated = [r for r in p["hallucinated_entity_rate"] if r is not None]
     low = high = None

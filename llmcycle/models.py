@@ -270,6 +270,19 @@ def context_window(config, tokenizer=None, override: int | None = None) -> int:
     return 512
 
 
+def decoder_prefix(model_or_config) -> list[int]:
+    """The tokens an encoder-decoder's decoder reads before its first output: the start token, then the
+    forced first token where the model has one (BART's forced BOS; a warm start's, llmcycle/warm_start.py).
+    Training, scoring and every decoding loop feed this same prefix, and the first output is predicted
+    after all of it, as `generate` does; for T5 it is the start token alone."""
+    config = getattr(model_or_config, "config", model_or_config)
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
+    forced = getattr(getattr(model_or_config, "generation_config", None), "forced_bos_token_id", None)
+    if forced is None:
+        forced = getattr(config, "forced_bos_token_id", None)
+    return [int(start)] + ([int(forced)] if forced is not None else [])
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(total, trainable) parameter counts; tied weights (shared embeddings) count once."""
     total = trainable = 0

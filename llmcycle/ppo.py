@@ -42,6 +42,7 @@ from .checkpoints import (check_same_run, config_hash, latest_checkpoint, load_t
                           restore_training_state, save_checkpoint, unusable)
 from .configbase import Section
 from .errors import UserError
+from .models import decoder_prefix
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 FULL_POLICY_FILE = "policy.safetensors"
@@ -270,6 +271,8 @@ class PPOTrainer:
         gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
         eos = ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [tokenizer.eos_token_id]
         self.eos_ids = list(dict.fromkeys(int(e) for e in eos))
+        # tokens generate() forces after a seq2seq start token (models.decoder_prefix): not the response's
+        self.forced_tokens = len(decoder_prefix(policy)) - 1 if actual == "seq2seq" else 0
         self.is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "peft_config")
         # Prompt tuning adds virtual tokens inside the PEFT forward, which the bare encoder does not see.
         self.reuse_encoder = actual == "seq2seq" and not (self.is_peft and policy.active_peft_config.is_prompt_learning)
@@ -346,10 +349,12 @@ class PPOTrainer:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._step_seed(step, 1))
             out = self.policy.generate(
-                **inputs, attention_mask=query_mask, do_sample=True, max_new_tokens=self.response_length(step),
+                **inputs, attention_mask=query_mask, do_sample=True,
+                max_new_tokens=self.response_length(step) + self.forced_tokens,
                 temperature=self.s.temperature, top_k=self.s.top_k, top_p=self.s.top_p, num_beams=1,
                 repetition_penalty=1.0, pad_token_id=self.pad_id, eos_token_id=self.eos_ids, use_cache=True)
-        response = out[:, width:] if self.kind == "causal" else out[:, 1:]  # seq2seq: drop the start token
+        # seq2seq: drop the decoder prefix (the start token, and a forced first token where there is one)
+        response = out[:, width:] if self.kind == "causal" else out[:, 1 + self.forced_tokens:]
         response, mask = end_at_eos(response, self.eos_ids, self.pad_id)
         texts = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(response, mask)]
         return Rollout(query, query_mask, response, mask, texts, hidden)
@@ -380,14 +385,14 @@ class PPOTrainer:
         keep = qm.any(0)  # drop columns that are padding in every row: the same result, less compute
         q, qm = q[:, keep], qm[:, keep]
         if self.kind == "seq2seq":
-            cfg = self.policy.config
-            start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
-            decoder_in = torch.cat([r.new_full((len(r), 1), start), r[:, :-1]], dim=1)
+            prefix = decoder_prefix(self.policy)
+            decoder_in = torch.cat([r.new_tensor(prefix).expand(len(r), -1), r[:, :-1]], dim=1)
             inputs = ({"encoder_outputs": (roll.encoder_hidden[rows][:, keep],)} if reuse_encoder
                       else {"input_ids": q})
             out = model(**inputs, attention_mask=qm, decoder_input_ids=decoder_in, output_hidden_states=values,
                         use_cache=False)
-            logits, hidden = out.logits, out.decoder_hidden_states[-1] if values else None
+            cut = len(prefix) - 1  # the first response token is predicted after the whole prefix
+            logits, hidden = out.logits[:, cut:], out.decoder_hidden_states[-1][:, cut:] if values else None
         else:
             ids, attn = torch.cat([q, r], 1), torch.cat([qm, roll.mask[rows].long()], 1)
             # positions from the mask: a left-padded row is computed as the prompt alone (as in generate)

@@ -26,7 +26,8 @@ def test_weights_map_one_to_one_and_the_encoder_computes_what_bert_computes(tmp_
     from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
     bert_dir = make_bert(tmp_path / "bert")
-    facts = build(WarmStartConfig(encoder=str(bert_dir), decoder_layers=1, add_tokens=[]), tmp_path / "ws")
+    facts = build(WarmStartConfig(encoder=str(bert_dir), decoder_layers=1, add_tokens=[], cross_attention="random"),
+                  tmp_path / "ws")
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "ws").eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "ws")
     bert = AutoModel.from_pretrained(bert_dir).eval()
