@@ -174,11 +174,12 @@ def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress:
     """The task metric on the held-out prompts (the project's generation settings) and, with a
     (reward model, label) pair, the toxic probability of every output."""
     from . import harness
-    from .evaluate import settings
+    from .evaluate import name_lexicon, settings
 
     ev = settings(project)
     summary, rows = harness.evaluate(loaded, prompts, examples, project.config.project.task, ev.generation,
-                                     perplexity=ev.perplexity, progress=progress, label=label)
+                                     perplexity=ev.perplexity, progress=progress, label=label,
+                                     lexicon=name_lexicon(project))
     if toxicity is not None:
         model, tox_label = toxicity
         scores = model.probabilities([r["prediction"] for r in rows], tox_label)

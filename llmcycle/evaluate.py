@@ -35,6 +35,28 @@ def project_template(project) -> str:
     return settings(project).template or DEFAULT_TEMPLATES[project.config.project.task]
 
 
+_LEXICONS: dict[str, frozenset] = {}
+
+
+def name_lexicon(project) -> frozenset:
+    """Names (lowercased) the project's data writes capitalised mid-sentence, train and eval together, so
+    the faithfulness score recognises a name an uncased model invented from its training data
+    (faithfulness.name_lexicon); once per process and data config."""
+    import json
+
+    from llmcycle.data import load_splits
+    from llmcycle.faithfulness import name_lexicon as lexicon_of
+
+    cfg = project.config.data
+    if cfg is None or project.config.project.task not in ("summarization", "qa"):
+        return frozenset()
+    key = f"{project.dir}:{json.dumps(cfg.model_dump(), sort_keys=True)}"
+    if key not in _LEXICONS:
+        splits = load_splits(cfg, project.dir)
+        _LEXICONS[key] = frozenset(lexicon_of(t for ex in splits.train + splits.eval for t in (ex.input, *ex.targets)))
+    return _LEXICONS[key]
+
+
 def eval_examples(project, data_file: str | None = None, limit: int | None = None):
     """The examples to evaluate on: a given file, or the project's eval split; first `limit`."""
     from llmcycle.data import load_records, load_splits, to_examples
@@ -72,7 +94,7 @@ def evaluate_model(project, run, model_ref: str | None = None, *, data_file: str
                          shot_format="", separator="", on_overflow="refuse", variant="eval")
     summary, rows = harness.evaluate(loaded, fitted.prompts, examples, project.config.project.task,
                                      cfg.generation, perplexity=cfg.perplexity, progress=progress,
-                                     label=f"eval {loaded.name}")
+                                     label=f"eval {loaded.name}", lexicon=name_lexicon(project))
     harness.write_predictions(run, rows)
     summary.update({"model": loaded.name, "model_path": loaded.path, "template": template,
                     "data": data_file or "eval split", "generation": cfg.generation.model_dump()})

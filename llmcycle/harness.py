@@ -109,8 +109,10 @@ def count_tokens(loaded: LoadedModel):
 
 
 def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_cfg, *,
-             perplexity: bool = True, progress: bool = True, label: str = "eval") -> tuple[dict, list[dict]]:
-    """Generate for every prompt, score against the examples' references; (summary, rows)."""
+             perplexity: bool = True, progress: bool = True, label: str = "eval",
+             lexicon=None) -> tuple[dict, list[dict]]:
+    """Generate for every prompt, score against the examples' references; (summary, rows). `lexicon`:
+    names known from the project's data, for the faithfulness score (evaluate.name_lexicon)."""
     from llmcycle import metrics
 
     if not prompts:
@@ -125,7 +127,7 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
     gen_s = time.perf_counter() - start
     predictions = [r.text for r in results]
     summary, per_example = metrics.compute_all(task, predictions, references, loaded.tokenizer,
-                                               sources=[source_text(e) for e in examples])
+                                               sources=[source_text(e) for e in examples], lexicon=lexicon)
     if perplexity:
         summary["perplexity"] = metrics.reference_perplexity(
             loaded.model, loaded.tokenizer, prompts, [refs[0] for refs in references],

@@ -241,7 +241,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     import gc
 
     from . import harness
-    from .evaluate import eval_examples, project_template, settings
+    from .evaluate import eval_examples, name_lexicon, project_template, settings
     from .generation import Generator
     from .memory import peak_mb, reset_peak
     from .models import load_model, resolve_device
@@ -302,7 +302,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                          shot_format="", separator="", on_overflow="refuse", variant=f"optimize.{variant}")
     metrics, rows = harness.evaluate(loaded, fitted.prompts, examples, project.config.project.task,
                                      ev.generation, perplexity=ev.perplexity, progress=progress,
-                                     label=f"eval optimize.{variant}")
+                                     label=f"eval optimize.{variant}", lexicon=name_lexicon(project))
     latency = harness.request_latency(loaded.generator, fitted.prompts, ev.generation, cfg.latency_samples)
     harness.write_predictions(run, rows)
     size = weights_mb(dest)

@@ -81,7 +81,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     from llmcycle import harness
     from llmcycle.data import load_splits
     from llmcycle.errors import UserError
-    from llmcycle.evaluate import eval_examples, settings
+    from llmcycle.evaluate import eval_examples, name_lexicon, settings
     from llmcycle.prompts import check_template, fit_prompts, load_embedder, select_shots
 
     v = variant_grid(project)[variant]
@@ -108,7 +108,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                          on_overflow=v["on_overflow"], variant=variant)
     summary, rows = harness.evaluate(loaded, fitted.prompts, queries, project.config.project.task, gen,
                                      perplexity=settings(project).perplexity, progress=progress,
-                                     label=f"prompt {variant}")
+                                     label=f"prompt {variant}", lexicon=name_lexicon(project))
     for row, used in zip(rows, fitted.shots_used):
         row["shots_used"] = used
     harness.write_predictions(run, rows)

@@ -74,3 +74,27 @@ def test_no_entities_anywhere_gives_none_not_zero():
     summary, _ = F.scores(["a nice chat", "they talk"], ["x", "y"], set())
     assert summary["hallucinated_entity_rate"] is None
     assert summary["outputs_without_entities"] == 2
+
+
+def test_names_known_from_the_training_data_are_caught_in_lowercase_outputs():
+    # "anna" is nowhere in the evaluated examples, so only a lexicon from the training data knows it
+    preds, refs = ["anna sees doctor grace"], [["Rosa sees Doctor Grace."]]
+    alone, _ = compute_all("summarization", preds, refs, sources=[DOCTOR])
+    assert alone["hallucinated_entity_rate"] == 0.0  # doctor, grace: supported; anna: not recognised
+    with_train, per = compute_all("summarization", preds, refs, sources=[DOCTOR], lexicon={"anna"})
+    assert with_train["hallucinated_entity_rate"] == pytest.approx(1 / 3)
+    assert per["invented_entities"] == [["anna"]]
+
+
+def test_project_lexicon_reads_train_and_eval(tmp_path):
+    import json
+
+    from llmcycle.config import load_project
+    from llmcycle.evaluate import name_lexicon
+
+    rows = [{"d": "#Person1#: It is Anna. We meet on Friday.", "s": "Anna books it."},
+            {"d": "#Person1#: I see Doctor Hugo today.", "s": "They meet."}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "llmcycle.yaml").write_text("project: {task: summarization}\n"
+                                            "data: {train: t.jsonl, input: d, target: s, eval_size: 1}\n")
+    assert name_lexicon(load_project(tmp_path / "llmcycle.yaml")) == {"anna", "friday", "doctor", "hugo"}
