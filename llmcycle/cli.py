@@ -105,6 +105,48 @@ def pretrain(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt
     _report_outcomes(outcomes, as_json)
 
 
+@app.command("select")
+def select_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+               force: bool = typer.Option(False, "--force", help="Measure candidates again even when unchanged."),
+               as_json: bool = JsonOpt):
+    """Measure the candidate base models on the project's data (optionally after a short probe
+    fine-tune) and choose one: `model.name: run:select/best` then uses it."""
+    from llmcycle import lifecycle
+
+    proj = _project(project, overrides)
+    names = list(lifecycle.variants(proj, "select"))
+    if not names:
+        raise UserError(f"{proj.path}: no select section configured (add `select: {{candidates: ...}}`)")
+    outcomes = [lifecycle.execute_variant(proj, "select", name, force=force, progress=not as_json)
+                for name in names]
+    if as_json:
+        emit_json([o.to_dict() for o in outcomes])
+    else:
+        _show_selection(outcomes)
+    _exit_if_failed(outcomes)
+
+
+def _show_selection(outcomes) -> None:
+    from llmcycle.runs_view import select_table
+
+    for o in outcomes:
+        if o.stage == "select" and "candidates" in o.summary:
+            out.print(select_table(o.summary))
+            for note in o.summary.get("notes", []):
+                out.print(f"[yellow]note:[/] {note}")
+            out.print(f"[dim]later stages use it as run:select/best (run {o.run_id})[/]")
+
+
+def _exit_if_failed(outcomes) -> None:
+    """Alternatives that failed (recorded, the others went on) still make the command exit 2."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        for o in failed:
+            print(f"error: {o.stage}.{o.variant} failed: {o.summary.get('error')} (recorded as run "
+                  f"{o.run_id}; the other variants went on)", file=sys.stderr)
+        raise typer.Exit(2)
+
+
 @app.command()
 def tune(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
          variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
@@ -457,8 +499,10 @@ def run_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
     elif not outcomes:
         out.print("nothing to run: no stage is configured in " + str(proj.path))
     else:
+        _show_selection(outcomes)
         _compare_evaluated(outcomes, proj)
         out.print(f"runs recorded in {proj.store().root}; compare them with `llmcycle runs compare`")
+    _exit_if_failed(outcomes)
 
 
 def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
@@ -587,8 +631,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False, prog_name="llmcycle")
-        return 0
+        status = app(args=args, standalone_mode=False, prog_name="llmcycle")
+        return status if isinstance(status, int) else 0  # click returns a command's typer.Exit code
     except typer.Exit as exc:  # --help, or a command's explicit exit
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):

@@ -24,6 +24,7 @@ from llmcycle.optimize import OptimizeConfig
 from llmcycle.pretrain import PretrainConfig
 from llmcycle.prompt import PromptConfig
 from llmcycle.scope import ScopeConfig
+from llmcycle.select import SelectConfig
 from llmcycle.serve_augment import AugmentConfig
 from llmcycle.tune import TuneConfig
 
@@ -43,6 +44,7 @@ class ProjectConfig(Section):
     data: DataConfig | None = None
     model: ModelConfig | None = None
     pretrain: dict[str, PretrainConfig] = Field(default_factory=dict)
+    select: SelectConfig | None = None  # candidate base models, measured; run:select/best is the choice
     evaluate: EvaluateConfig | None = None
     prompt: PromptConfig | None = None
     tune: dict[str, TuneConfig] = Field(default_factory=dict)

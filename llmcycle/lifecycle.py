@@ -17,10 +17,12 @@ import llmcycle
 from llmcycle.errors import UserError, suggest
 
 # The lifecycle's order. Stages not built yet are absent, not stubbed.
-STAGES = ("scope", "pretrain", "prompt", "tune", "align", "optimize")
+STAGES = ("scope", "pretrain", "select", "prompt", "tune", "align", "optimize")
 # Stages that evaluate the project's model: its identity is one of their inputs, and the run that
-# produced it (if any) is their parent.
-USES_MODEL = ("scope", "prompt", "tune", "align", "optimize")
+# produced it (if any) is their parent. (select's candidates name their own models.)
+USES_MODEL = ("scope", "select", "prompt", "tune", "align", "optimize")
+# Stages whose variants are alternatives: one that fails is recorded and the others go on.
+ALTERNATIVES = ("select",)
 # Config keys of a stage variant that name further models (run:..., folders, Hub ids): inputs too.
 MODEL_KEYS = ("reward", "toxicity_model", "encoder")
 
@@ -50,10 +52,28 @@ def variants(project, stage: str) -> dict[str, dict]:
         from llmcycle.prompt import variant_grid
 
         return variant_grid(project)
+    if stage == "select":
+        from llmcycle.select import BEST, variant_configs
+
+        out = variant_configs(project)
+        if BEST in out:  # what `best` chooses among: each candidate's current measurement, by content
+            out[BEST]["candidate_runs"] = _candidate_runs(project, out, BEST)
+        return out
     section = getattr(cfg, stage)
     out = {name: v.model_dump() for name, v in section.items()}
     if stage == "align":  # reward models first: policy variants use them
         out = dict(sorted(out.items(), key=lambda item: not item[1]["method"].startswith("reward_")))
+    return out
+
+
+def _candidate_runs(project, configs: dict, best: str) -> dict:
+    """For each select candidate, its completed run with the current config and inputs (or None)."""
+    store = project.store()
+    out = {}
+    for name, config in configs.items():
+        if name != best:
+            cached = store.find_cached("select", name, content_hash(project, "select", name, config))
+            out[name] = cached.id if cached else None
     return out
 
 
@@ -97,6 +117,11 @@ def _stage_model_name(project, stage: str, config: dict) -> str | None:
     it names one, else the project's. A reward model trained by align starts from its `encoder` instead."""
     if stage == "align" and str(config.get("method", "")).startswith("reward_"):
         return config.get("encoder")
+    if stage == "select":  # a candidate names its model (a warm start's checkpoints count separately)
+        run_ref = config.get("run")
+        if run_ref:
+            return run_ref if run_ref.startswith("run:") else f"run:{run_ref}"
+        return config.get("model")
     for key in ("base", "policy", "source"):
         if config.get(key):
             return config[key]
@@ -115,8 +140,12 @@ def content_hash(project, stage: str, variant: str, config: dict) -> str:
     inputs = {"stage": stage, "variant": variant, "config": config, "task": project.config.project.task,
               "data": _data_identity(project), "llmcycle": llmcycle.__version__}
     if stage in USES_MODEL:
-        inputs["model"] = _model_identity(project, _stage_model_name(project, stage, config))
-    if stage in ("prompt", "tune", "align", "optimize"):
+        name = _stage_model_name(project, stage, config)
+        inputs["model"] = _model_identity(project, name) if name or stage != "select" else None
+    if isinstance(config.get("warm_start"), dict):  # the checkpoints a warm start is built from
+        ws = config["warm_start"]
+        inputs["warm_start"] = {k: _model_identity(project, ws[k]) for k in ("encoder", "decoder") if ws.get(k)}
+    if stage in ("select", "prompt", "tune", "align", "optimize"):
         inputs["evaluate"] = project.config.evaluate.model_dump() if project.config.evaluate else None
     inputs["models"] = {key: _model_identity(project, config[key]) for key in MODEL_KEYS
                         if isinstance(config.get(key), str)}
@@ -237,6 +266,8 @@ def _execute(project, stage: str, variant: str, *, force: bool, resume: bool, pr
                             f"in {store.root}")
         resume_ref = unfinished.id
     module = _stage_module(stage)
+    if stage in USES_MODEL:
+        _check_model_reference(project, stage, variant, config)
     parent = model_parent(project, _stage_model_name(project, stage, config)) if stage in USES_MODEL else None
     with store.start(stage, variant, config, parent=parent, content_hash=digest,
                      resume_ref=resume_ref, project_dir=project.dir) as run:
@@ -244,6 +275,23 @@ def _execute(project, stage: str, variant: str, *, force: bool, resume: bool, pr
             on_start(run)
         summary = module.run(project, variant, run, resume=resume, progress=progress)
     return Outcome(stage, variant, "completed", run.id, summary)
+
+
+def _check_model_reference(project, stage: str, variant: str, config: dict) -> None:
+    """A `run:` model that does not resolve stops the stage before a run is recorded, naming the key
+    that refers to it (e.g. `model.name: run:select/best` before any select run)."""
+    if stage == "scope":
+        return  # the plan notes a model that is not trained yet
+    name = _stage_model_name(project, stage, config)
+    if not name or not name.startswith("run:"):
+        return
+    try:
+        project.store().get(name[4:])
+    except UserError as exc:
+        prefix = f"select.candidates.{variant}" if stage == "select" else f"{stage}.{variant}"
+        key = next((f"{prefix}.{k}" for k in ("base", "policy", "source", "run", "encoder")
+                    if config.get(k) and name.endswith(str(config[k]))), "model.name")
+        raise UserError(f"{key}: {name}: {exc}") from None
 
 
 def plan_stages(only: list[str] | None = None, start: str | None = None) -> list[str]:
@@ -261,12 +309,33 @@ def plan_stages(only: list[str] | None = None, start: str | None = None) -> list
 
 
 def run_all(project, *, only=None, start=None, force=False, progress=True, on_outcome=None) -> list[Outcome]:
-    """Every configured variant of every selected stage, in lifecycle order."""
+    """Every configured variant of every selected stage, in lifecycle order. A failed alternative
+    (a select candidate) is recorded as such and the rest go on; any other failure stops the walk."""
     outcomes = []
     for stage in plan_stages(only, start):
         for variant in variants(project, stage):
-            outcome = execute(project, stage, variant, force=force, progress=progress)
+            outcome = execute_variant(project, stage, variant, force=force, progress=progress)
             outcomes.append(outcome)
             if on_outcome:
                 on_outcome(outcome)
     return outcomes
+
+
+def execute_variant(project, stage: str, variant: str, **options) -> Outcome:
+    """`execute`, except that an alternative that fails becomes a failed Outcome (its run is recorded
+    failed with the reason) instead of stopping the other alternatives."""
+    if stage not in ALTERNATIVES or _chooser(stage, variant):
+        return execute(project, stage, variant, **options)
+    try:
+        return execute(project, stage, variant, **options)
+    except Exception as exc:  # noqa: BLE001 - recorded in the run and reported; the others go on
+        failed = project.store().latest_unfinished(stage, variant)
+        return Outcome(stage, variant, "failed", failed.id if failed else None,
+                       {"error": str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"})
+
+
+def _chooser(stage: str, variant: str) -> bool:
+    """The variant of an alternatives stage that chooses among the others (select's `best`)."""
+    from llmcycle.select import BEST
+
+    return stage == "select" and variant == BEST

@@ -34,6 +34,9 @@ from llmcycle.errors import UserError
 
 STORE_DIRNAME = "runs"
 INDEX_NAME = "index.sqlite"
+# A run whose model lives elsewhere (a select candidate that is a Hub id, a folder or another run's
+# model; the select run `best`) writes this in its artifacts instead of a copy: {"model": path or id}.
+MODEL_REF = "model_ref.json"
 TERMINAL = ("completed", "failed", "incomplete")
 
 
@@ -279,7 +282,7 @@ class RunStore:
     def get(self, ref: str) -> RunRecord:
         """A run by id, unique id prefix, `latest`, or `STAGE/VARIANT` (its latest completed run)."""
         runs = self._scan()
-        if not runs:
+        if not runs and "/" not in ref:
             raise UserError(f"run '{ref}' not found: the run store {self.root} has no runs yet")
         if ref == "latest":
             return runs[-1]
@@ -288,7 +291,8 @@ class RunStore:
             done = [r for r in runs if r.stage == stage and r.variant == variant
                     and r.status == "completed"]
             if not done:
-                raise UserError(f"no completed run of stage '{stage}' variant '{variant}' in {self.root}")
+                raise UserError(f"no completed run of stage '{stage}' variant '{variant}' in {self.root} "
+                                f"(run `llmcycle {stage}` first, or `llmcycle run`)")
             return done[-1]
         exact = [r for r in runs if r.id == ref]
         if exact:
@@ -302,12 +306,25 @@ class RunStore:
 
         raise UserError(f"run '{ref}' not found in {self.root}{suggest(ref, [r.id for r in runs])}")
 
-    def resolve_model(self, ref: str) -> Path:
-        """The model folder a run produced (`artifacts/model`), for `model: run:REF` references."""
+    def resolve_model(self, ref: str) -> Path | str:
+        """The model folder a run produced (`artifacts/model`), for `model: run:REF` references; for a
+        run that refers to a model kept elsewhere (artifacts/model_ref.json), that folder or Hub id."""
         rec = self.get(ref)
         path = rec.artifacts / "model"
         if rec.status != "completed":
             raise UserError(f"run {rec.id} is {rec.status}; only a completed run's model can be used")
+        pointer = rec.artifacts / MODEL_REF
+        if pointer.is_file():
+            try:
+                target = json.loads(pointer.read_text())["model"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise UserError(f"run {rec.id}: {pointer} is unreadable ({exc}); run its stage again") from None
+            if Path(target).is_absolute():
+                if not Path(target).exists():
+                    raise UserError(f"run {rec.id} refers to the model folder {target}, which no longer "
+                                    "exists; run its stage again")
+                return Path(target)
+            return target  # a Hub id
         if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
             raise UserError(f"run {rec.id} ({rec.stage}) has no model folder at {path}")
         return path

