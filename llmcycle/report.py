@@ -33,7 +33,7 @@ from llmcycle.errors import UserError
 
 FORMATS = ("html", "md")
 # The lifecycle's order, for sorting; `scope` runs are plans, shown in the scope section only.
-ORDER = ("pretrain", "prompt", "tune", "align", "optimize", "eval", "augment")
+ORDER = ("pretrain", "select", "prompt", "tune", "align", "optimize", "eval", "augment")
 # Config keys that name the model a stage variant started from (see lifecycle._stage_model_name).
 MODEL_REFS = ("source", "base", "policy", "encoder")
 N_RESAMPLES, SEED = 1000, 0  # the bootstrap of metrics.compute_all, so a recomputed interval matches
@@ -180,6 +180,8 @@ def variant_row(item: Item, by_id: dict, project, metric: str) -> dict:
            "latency_p50_ms": number("latency_p50_ms"), "latency_p95_ms": number("latency_p95_ms"),
            "peak_memory_mb": number("peak_memory_mb"), "size_mb": size, "size_from_parent": size_from_parent,
            "trainable_pct": number("trainable_pct"), "missing": item.missing,
+           "hallucinated": number("hallucinated_entity_rate"),
+           "hallucinated_ci": [s.get("hallucinated_entity_rate_ci_low"), s.get("hallucinated_entity_rate_ci_high")],
            "success": meets_threshold(scope, metric, s.get(metric)), "metric_value": number(metric)}
     row["over_budget"] = budget_reasons(scope, size, row["latency_p95_ms"]) if headline else None
     return row
@@ -294,7 +296,14 @@ def build(project) -> dict:
                            scope.size_budget_mb if scope else None, threshold,
                            "no evaluated run has a model folder to measure")]
     view["examples"] = _examples(project, chosen)
+    view["selection"] = _selection(chosen)
     return view
+
+
+def _selection(chosen: list[Item]) -> dict | None:
+    """The latest select/best choice (its candidates' figures and the reasons), if there is one."""
+    best = next((i for i in chosen if i.stage == "select" and "candidates" in i.summary), None)
+    return {"run": best.id, **best.summary} if best else None
 
 
 def _examples(project, chosen: list[Item]) -> list[dict]:
@@ -311,6 +320,7 @@ def _examples(project, chosen: list[Item]) -> list[dict]:
         return []
     for ex in examples:
         ex["outputs"] = {names.get(k, k): v for k, v in ex["outputs"].items()}
+        ex["invented"] = {names.get(k, k): v for k, v in ex.get("invented", {}).items()}
     return examples
 
 

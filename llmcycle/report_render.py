@@ -24,7 +24,7 @@ tr:nth-child(even) td{background:#fbfbfb}
 ul.tree.top{border-left:none;padding-left:0}ul.tree li{margin:.15em 0}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:12px}
 pre{white-space:pre-wrap;margin:0;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}
-details summary{cursor:pointer;color:#444}
+details summary{cursor:pointer;color:#444}mark{background:#ffd6d6;color:#a00000}
 """
 
 
@@ -42,6 +42,13 @@ def _quality_cell(row) -> tuple[str, str]:
     else:  # neither recorded nor recomputable from per-example scores: say so, never guess
         text += " [CI n/a]"
     return text, "nw"
+
+
+def _hallucinated_cell(row) -> tuple[str, str]:
+    rate, (low, high) = row.get("hallucinated"), row.get("hallucinated_ci") or (None, None)
+    if rate is None:
+        return "n/a", "dim"
+    return f"{rate:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else ""), "nw"
 
 
 def _success_cell(row, metric: str) -> tuple[str, str]:
@@ -75,7 +82,8 @@ def _row_cells(row, view) -> list:
     label = f"{row['stage']}/{row['variant']}" + (" (earlier run)" if row["earlier"] else "")
     label += " ★ deployed" if deployed else ""
     return [(label, "deployed" if deployed else ""),
-            (row["id"][-4:], "dim"), row["status"], _quality_cell(row), _success_cell(row, view["metric"]),
+            (row["id"][-4:], "dim"), row["status"], _quality_cell(row), _hallucinated_cell(row),
+            _success_cell(row, view["metric"]),
             _budget_cell(row, view["scope"]), (latency, "num"),
             (_num(row["peak_memory_mb"], 0), "num"), (size, "num"), (_num(row["trainable_pct"], 2), "num"),
             (("missing: " + ", ".join(row["missing"])) if row["missing"] else "", "missing")]
@@ -121,6 +129,8 @@ def blocks(view) -> list[tuple]:
     else:
         out.append(("p", f"Nothing to deploy: {view['deploy_note']}"))
 
+    if view.get("selection"):
+        out += _selection_blocks(view["selection"])
     out += [("h2", "Lineage"), ("p", "Each run under the run whose model it started from (run.json's parent)."),
             ("tree", view["lineage"])]
 
@@ -128,8 +138,11 @@ def blocks(view) -> list[tuple]:
             ("p", "The latest completed run of each stage variant. Quality is the headline metric with its "
                   "95% bootstrap interval as recorded; † recomputed here from the per-example scores in "
                   "predictions.jsonl (seeded, 1000 resamples); ‡ size of the model it evaluated (its parent "
-                  "run's). n/a: the run did not record it.")]
-    headers = ["variant", "run", "status", "quality [95% CI]", _criterion(view).split(" (")[0], "budgets",
+                  "run's). n/a: the run did not record it. Hallucinated entities: of the names and numbers "
+                  "in an output, the share its input does not contain (lower is better; mean over outputs "
+                  "with such entities).")]
+    headers = ["variant", "run", "status", "quality [95% CI]", "hallucinated entities [95% CI]",
+               _criterion(view).split(" (")[0], "budgets",
                "latency p50 / p95 ms", "peak MB", "size MB", "trainable %", "files"]
     out.append(("table", headers, [_row_cells(r, view) for r in view["rows"]]))
     if view["earlier"]:
@@ -143,12 +156,14 @@ def blocks(view) -> list[tuple]:
     out.append(("h2", "Sample outputs side by side"))
     if not view["examples"]:
         out.append(("p", "No evaluated run has its predictions.jsonl: no outputs to show."))
+    elif any(any(ex.get("invented", {}).values()) for ex in view["examples"]):
+        out.append(("p", "Marked: names and numbers an output states that its input does not contain."))
     for ex in view["examples"]:
         rows = [[("input", "dim"), (ex["input"], "pre")]]
         rows += [[(f"reference {i + 1}" if len(ex["references"]) > 1 else "reference", "dim"), (ref, "pre")]
                  for i, ref in enumerate(ex["references"])]
-        rows += [[(label, ""), (text if text and text.strip() else "(empty)", "pre")]
-                 for label, text in ex["outputs"].items()]
+        rows += [[(label, ""), (text, "marked", ex.get("invented", {}).get(label, [])) if text and text.strip()
+                  else ("(empty)", "pre")] for label, text in ex["outputs"].items()]
         out += [("h3", f"Example {ex['index']} ({ex['where']})"), ("table", ["", "text"], rows)]
 
     gone = [i for i in view["items"] if i.missing]
@@ -156,6 +171,36 @@ def blocks(view) -> list[tuple]:
         out.append(("h2", "Missing files"))
         out.append(("list", [f"{i.label} `{i.id}`: {', '.join(i.missing)}" for i in gone]))
     return out
+
+
+def _selection_blocks(sel: dict) -> list[tuple]:
+    """The select stage's choice: every candidate with its figures and why it was or was not chosen."""
+    metric, probed = sel["metric"], sel.get("after_probe")
+    headers = ["candidate", "parameters", "size MB", "serve MB", "latency p50 / p95 ms", "prompts over window",
+               "tokenizer", f"{metric} zero-shot"] + ([f"{metric} after probe [95% CI]"] if probed else []) + \
+              ["hallucinated entities", "decision"]
+    rows = []
+    for r in sel["candidates"]:
+        if r["status"] != "completed":
+            rows.append([(r["candidate"], ""), *[("", "")] * (len(headers) - 2), (r.get("why", ""), "bad")])
+            continue
+        ci = r.get("probe_ci") or [None, None]
+        probe = [(_num(r.get("probe"), 3) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else ""), "nw")]
+        rate = r.get("probe_hallucinated_entity_rate") if probed else r.get("hallucinated_entity_rate")
+        rows.append([(r["candidate"] + (" ★" if r.get("chosen") else ""), "deployed" if r.get("chosen") else ""),
+                     (f"{r['parameters']:,}" if r.get("parameters") else "n/a", "num"), (_num(r.get("size_mb")), "num"),
+                     (_num(r.get("serve_memory_mb")), "num"),
+                     (f"{_num(r.get('latency_p50_ms'), 0)} / {_num(r.get('latency_p95_ms'), 0)}", "num"),
+                     (f"{100 * r.get('overflow_share', 0):.0f}%", "num"),
+                     "uncased (outputs lowercase)" if r.get("lowercases") else "cased",
+                     (_num(r.get("zero_shot"), 3), "num"), *(probe if probed else []),
+                     (_num(rate, 3), "num"), (r.get("why", ""), "")])
+    note = (f"Each candidate scored on the eval set with the project's prompt, then after the same short "
+            f"fine-tune (the probe); the choice uses {metric} after the probe." if probed else
+            f"Each candidate scored zero-shot on the eval set with the project's prompt; the choice uses {metric}.")
+    return [("h2", "Base model selection"), ("p", f"{note} Chosen: {sel['chosen']} (`{sel['run']}`); later "
+            "stages use it as `run:select/best`."), ("table", headers, rows),
+            *[("p", f"Note: {n}") for n in sel.get("notes", [])]]
 
 
 def _node_text(node, view) -> tuple[str, str]:
@@ -181,10 +226,25 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
+def _marked(text: str, invented, mark) -> str:
+    """`text` with each invented entity passed through `mark`, the rest through `plain`."""
+    from llmcycle.faithfulness import spans
+
+    out, last = [], 0
+    for start, end in spans(text, invented):
+        out += [mark(text[last:start], False), mark(text[start:end], True)]
+        last = end
+    return "".join(out + [mark(text[last:], False)])
+
+
 def _cell_html(cell, tag: str = "td") -> str:
-    text, cls = (cell, "") if isinstance(cell, str) else cell
+    text, cls = (cell, "") if isinstance(cell, str) else cell[:2]
     if cls == "pre":  # cls "pre" marks free text (inputs, outputs) shown as written
         return f"<{tag}><pre>{html.escape(text)}</pre></{tag}>"
+    if cls == "marked":  # an output, with the entities its input does not contain marked
+        body = _marked(text, cell[2], lambda part, hit: f"<mark>{html.escape(part)}</mark>" if hit
+                       else html.escape(part))
+        return f"<{tag}><pre>{body}</pre></{tag}>"
     attr = f' class="{cls}"' if cls else ""
     return f"<{tag}{attr}>{html.escape(text)}</{tag}>"
 
@@ -233,6 +293,8 @@ def render_html(view) -> str:
 # -- Markdown -------------------------------------------------------------------------------------
 def _cell_md(cell) -> str:
     text = cell if isinstance(cell, str) else cell[0]
+    if not isinstance(cell, str) and cell[1] == "marked":
+        text = _marked(text, cell[2], lambda part, hit: f"**{part}**" if hit and part else part)
     return text.replace("|", "\\|").replace("\n", "<br>") or " "
 
 

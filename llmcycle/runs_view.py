@@ -62,13 +62,14 @@ def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:
 
 # Columns of the comparison, in this order when present; other scalar figures follow in --json only.
 COMPARE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match", "f1",
-                "accuracy", "macro_f1", "headline_before", "toxicity_mean", "toxicity_std",
+                "accuracy", "macro_f1", "hallucinated_entity_rate", "headline_before", "toxicity_mean", "toxicity_std",
                 "toxicity_before_mean", "toxicity_change_pct", "perplexity", "len_words_mean", "stopped_share",
                 "prompts_lost_shots", "examples_per_s", "completion_tokens_per_s", "latency_p50_ms",
                 "latency_p95_ms", "size_mb", "trainable_pct", "peak_memory_mb",
                 "train_wall_s", "final_loss", "parameters", "useful_tokens_per_s")
 # The table's columns (a terminal has room for about a dozen); --json and `runs show` have every figure.
-TABLE_KEYS = ("rouge1", "rouge2", "bleu", "chrf", "exact_match", "f1", "accuracy", "macro_f1", "headline_before",
+TABLE_KEYS = ("rouge1", "rouge2", "bleu", "chrf", "exact_match", "f1", "accuracy", "macro_f1",
+              "hallucinated_entity_rate", "headline_before",
               "toxicity_mean", "toxicity_change_pct", "perplexity", "len_words_mean", "prompts_lost_shots",
               "examples_per_s", "latency_p95_ms", "size_mb", "trainable_pct", "peak_memory_mb")
 # Short column titles keep the table readable in a terminal; --json keeps the full names.
@@ -79,7 +80,7 @@ SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_sh
          "headline_before": "before", "toxicity_mean": "toxic", "toxicity_std": "toxic sd",
          "toxicity_before_mean": "toxic before", "toxicity_change_pct": "toxic Δ%",
          "completion_tokens_per_s": "tok/s", "latency_p50_ms": "p50 ms", "latency_p95_ms": "p95 ms",
-         "size_mb": "MB"}
+         "size_mb": "MB", "hallucinated_entity_rate": "halluc."}
 # Figures that are not metrics.py names but have a direction.
 _DIRECTION = {"examples_per_s": True, "useful_tokens_per_s": True, "toxicity_mean": False,
               "toxicity_change_pct": False, "completion_tokens_per_s": True, "latency_p50_ms": False,
@@ -176,8 +177,23 @@ def side_by_side(records, n: int = 3) -> list[dict]:
         first = next(iter(outputs.values()))[idx]
         examples.append({"index": idx, "where": first["where"], "input": first["input"],
                          "references": first["references"],
-                         "outputs": {label: rows[idx]["prediction"] for label, rows in outputs.items()}})
+                         "outputs": {label: rows[idx]["prediction"] for label, rows in outputs.items()},
+                         # the output's entities its input lacks (faithfulness.py), to mark them
+                         "invented": {label: rows[idx].get("invented_entities") or []
+                                      for label, rows in outputs.items()}})
     return examples
+
+
+def marked(text: str, invented) -> "Text":
+    """The output as rich Text with its invented entities in red (never parsed as markup)."""
+    from rich.text import Text
+
+    from llmcycle.faithfulness import spans
+
+    out = Text(text)
+    for start, end in spans(text, invented):
+        out.stylize("bold red underline", start, end)
+    return out
 
 
 def print_side_by_side(examples: list[dict], console, width: int = 400) -> None:
@@ -190,8 +206,10 @@ def print_side_by_side(examples: list[dict], console, width: int = 400) -> None:
         for i, ref in enumerate(ex["references"]):
             table.add_row("reference" + (f" {i + 1}" if len(ex["references"]) > 1 else ""), ref)
         for label, output in ex["outputs"].items():
-            table.add_row(label, output or "[dim](empty)[/]")
+            table.add_row(label, marked(output, ex.get("invented", {}).get(label, [])) if output else "[dim](empty)[/]")
         console.print(table)
+    if any(any(ex.get("invented", {}).values()) for ex in examples):
+        console.print("[dim]red: entities (names, numbers) the output states but its input does not contain[/]")
 
 
 def compare(records, console, n_examples: int = 3) -> None:
@@ -207,3 +225,47 @@ def _fmt(value) -> str:
     if isinstance(value, (list, tuple)) and len(str(value)) > 60:
         return f"[{len(value)} items]"
     return str(value)
+
+
+def _count(n) -> str:
+    """12,345,678 -> 12.3M: parameter counts at a glance."""
+    if not isinstance(n, (int, float)):
+        return ""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def select_table(summary: dict) -> Table:
+    """`select/best`'s choice: every candidate with its figures and why it was or was not chosen."""
+    from rich import box
+
+    metric, probed = summary["metric"], summary.get("after_probe")
+    table = Table(title=f"select: candidates on the eval set (chosen: {summary['chosen']})", box=box.SIMPLE_HEAD)
+    for title in ("candidate", "params", "MB", "p95 ms", "over", "case", f"{metric} 0-shot"):
+        table.add_column(title, justify="left" if title in ("candidate", "case") else "right", no_wrap=True)
+    if probed:
+        table.add_column(f"{metric} probe [95% CI]", justify="right", no_wrap=True)
+    table.add_column("halluc.", justify="right", no_wrap=True)
+    table.add_column("decision")
+    for row in summary["candidates"]:
+        cells = [("* " if row.get("chosen") else "") + row["candidate"]]
+        if row["status"] != "completed":
+            table.add_row(*cells, *[""] * (len(table.columns) - 2), row.get("why", row["status"]))
+            continue
+        cells += [_count(row.get("parameters")), _fmt(row.get("size_mb")) if row.get("size_mb") is not None else "n/a",
+                  _fmt(row.get("latency_p95_ms")) if row.get("latency_p95_ms") is not None else "",
+                  f"{100 * row.get('overflow_share', 0):.0f}%", "uncased" if row.get("lowercases") else "cased",
+                  _fmt(row.get("zero_shot")) if row.get("zero_shot") is not None else ""]
+        if probed:
+            value, ci = row.get("probe"), row.get("probe_ci") or [None, None]
+            cell = _fmt(value) if value is not None else ""
+            if ci[0] is not None:
+                cell += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+            cells.append(cell)
+        rate = row.get("probe_hallucinated_entity_rate") if probed else row.get("hallucinated_entity_rate")
+        cells.append(f"{rate:.2f}" if isinstance(rate, (int, float)) else "")
+        cells.append(row.get("why", ""))
+        table.add_row(*cells)
+    return table
