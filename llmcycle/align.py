@@ -138,7 +138,7 @@ def resolve_ref(project, ref: str) -> tuple[str, str | None]:
     from . import harness
 
     if ref == DEFAULT_ENCODER:
-        from .models import minilm_path
+        from .bundled import minilm_path
 
         return minilm_path(f"encoder {DEFAULT_ENCODER}"), None
     return harness.resolve(ref, project)

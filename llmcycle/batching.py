@@ -181,7 +181,7 @@ class _DecoderPositions:
     While `current` holds each row's true position, a hook on the position embedding gives every row its
     own (one new token per row per step, as the engine decodes). T5's relative positions need none of this."""
 
-    _by_model: "weakref.WeakKeyDictionary" = None
+    _by_model = None  # a WeakKeyDictionary: position embedding module -> its one hook object
 
     def __init__(self, embedding):
         self.current = None
@@ -311,9 +311,7 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.eos_ids = list(generator.eos_ids)
         if self.kind == "seq2seq":
-            from .models import decoder_prefix
-
-            prefix = decoder_prefix(generator.model)
+            prefix = generator.decoder_prefix
             self._new_rows = lambda: _Seq2SeqRows(self.model, generator.pad_id, prefix)
         else:
             keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters

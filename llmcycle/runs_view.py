@@ -184,7 +184,7 @@ def side_by_side(records, n: int = 3) -> list[dict]:
     return examples
 
 
-def marked(text: str, invented) -> "Text":
+def marked(text: str, invented):
     """The output as rich Text with its invented entities in red (never parsed as markup)."""
     from rich.text import Text
 
@@ -238,34 +238,38 @@ def _count(n) -> str:
 
 
 def select_table(summary: dict) -> Table:
-    """`select/best`'s choice: every candidate with its figures and why it was or was not chosen."""
+    """`select/best`'s candidates with their figures (the reasons are `select_reasons`); fits 100 columns."""
     from rich import box
 
     metric, probed = summary["metric"], summary.get("after_probe")
-    table = Table(title=f"select: candidates on the eval set (chosen: {summary['chosen']})", box=box.SIMPLE_HEAD)
-    for title in ("candidate", "params", "MB", "p95 ms", "over", "case", f"{metric} 0-shot"):
+    table = Table(title=f"select: {metric} of each candidate on the eval set (* chosen)", box=box.SIMPLE_HEAD)
+    for title in ("candidate", "params", "MB", "p95 ms", "over", "case", "0-shot"):
         table.add_column(title, justify="left" if title in ("candidate", "case") else "right", no_wrap=True)
     if probed:
-        table.add_column(f"{metric} probe [95% CI]", justify="right", no_wrap=True)
+        table.add_column("probe [95% CI]", justify="right", no_wrap=True)
     table.add_column("halluc.", justify="right", no_wrap=True)
-    table.add_column("decision")
     for row in summary["candidates"]:
-        cells = [("* " if row.get("chosen") else "") + row["candidate"]]
+        name = ("* " if row.get("chosen") else "") + row["candidate"]
         if row["status"] != "completed":
-            table.add_row(*cells, *[""] * (len(table.columns) - 2), row.get("why", row["status"]))
+            table.add_row(name, *[""] * (len(table.columns) - 2), row["status"])
             continue
-        cells += [_count(row.get("parameters")), _fmt(row.get("size_mb")) if row.get("size_mb") is not None else "n/a",
-                  _fmt(row.get("latency_p95_ms")) if row.get("latency_p95_ms") is not None else "",
-                  f"{100 * row.get('overflow_share', 0):.0f}%", "uncased" if row.get("lowercases") else "cased",
-                  _fmt(row.get("zero_shot")) if row.get("zero_shot") is not None else ""]
+        cells = [name, _count(row.get("parameters")), _fixed(row.get("size_mb"), 1),
+                 _fixed(row.get("latency_p95_ms"), 0),
+                 f"{100 * row.get('overflow_share', 0):.0f}%", "uncased" if row.get("lowercases") else "cased",
+                 _fixed(row.get("zero_shot"), 3)]
         if probed:
-            value, ci = row.get("probe"), row.get("probe_ci") or [None, None]
-            cell = _fmt(value) if value is not None else ""
-            if ci[0] is not None:
-                cell += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-            cells.append(cell)
+            ci = row.get("probe_ci") or [None, None]
+            cells.append(_fixed(row.get("probe"), 3) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""))
         rate = row.get("probe_hallucinated_entity_rate") if probed else row.get("hallucinated_entity_rate")
-        cells.append(f"{rate:.2f}" if isinstance(rate, (int, float)) else "")
-        cells.append(row.get("why", ""))
+        cells.append(_fixed(rate, 2))
         table.add_row(*cells)
     return table
+
+
+def select_reasons(summary: dict) -> list[str]:
+    """One line per candidate: why it was or was not chosen."""
+    return [f"{row['candidate']}: {row.get('why', row['status'])}" for row in summary["candidates"]]
+
+
+def _fixed(value, digits: int) -> str:
+    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else "n/a"

@@ -23,7 +23,6 @@ scope's success metric (after the probe when there is one) among those within bu
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from typing import Literal
@@ -45,7 +44,7 @@ class CandidateConfig(Section):
     warm_start: WarmStartConfig | None = Field(
         None, description="an encoder-decoder warm-started from pretrained encoder checkpoints")
     context_window: int | None = Field(None, ge=1, description="tokens the candidate reads; default: "
-                                       "what its own config says")
+                                       "model.context_window, else what its own config says")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -153,10 +152,17 @@ def _load(project, name: str, path: str, cand: CandidateConfig):
     opts = project.config.model.model_dump() if project.config.model else {}
     try:
         return harness.load(path, project, dtype=opts.get("dtype", "auto"), device=opts.get("device", "auto"),
-                            context_window=cand.context_window,
+                            context_window=_window(project, cand),
                             trust_remote_code=opts.get("trust_remote_code", False))
     except UserError as exc:
         raise UserError(f"select.candidates.{name}: {exc}") from None
+
+
+def _window(project, cand: CandidateConfig) -> int | None:
+    """The candidate's own context_window, else the project's model.context_window (later stages read
+    the chosen model with that one), else None: what the model's config says."""
+    model = project.config.model
+    return cand.context_window or (model.context_window if model is not None else None)
 
 
 def _fitting(loaded, prompts: list[str], max_new_tokens: int) -> list[int]:
@@ -252,7 +258,7 @@ def _probe(project, name: str, path: str, probe: ProbeConfig, examples, prompts,
     cand = project.config.select.candidates[name]
     trained = fit(tune_cfg, path, train, examples, project_template(project), work, log=log, progress=progress,
                   task=project.config.project.task, gen_cfg=ev.generation, dtype=opts.get("dtype", "auto"),
-                  device=opts.get("device", "auto"), context_window=cand.context_window,
+                  device=opts.get("device", "auto"), context_window=_window(project, cand),
                   trust_remote_code=opts.get("trust_remote_code", False))
     shutil.rmtree(work, ignore_errors=True)  # checkpoints of a pilot are not kept: only its score
     model = trained.model.eval()

@@ -177,10 +177,11 @@ def load_base(path: str, cfg: TuneConfig, *, dtype: str = "auto", device: str = 
     return model, models.load_tokenizer(path, trust_remote_code)
 
 
-def wrap(cfg: TuneConfig, model, kind: str, new_modules: list[str] = ()):
+def wrap(cfg: TuneConfig, model, kind: str, new_modules: list[str] = (), new_tokens: list[int] = ()):
     """The model ready to train: PEFT-wrapped for lora / prompt_tuning, all weights trainable for full.
-    `new_modules` (a warm start's cross-attention, which has no pretrained weights for a low-rank
-    update to adapt) are trained fully beside LoRA's adapters and saved with them."""
+    What a warm start added without pretrained weights trains beside LoRA's adapters and is saved with
+    them: `new_modules` (its cross-attention: nothing for a low-rank update to adapt) fully, and the
+    embedding rows of `new_tokens` (tags such as #Person1#; with tied embeddings also their output rows)."""
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -192,6 +193,8 @@ def wrap(cfg: TuneConfig, model, kind: str, new_modules: list[str] = ()):
         if new_modules:
             new = {"modules_to_save": list(new_modules),
                    "exclude_modules": r".*\.(" + "|".join(new_modules) + r")\..*"}  # no adapters inside them
+        if new_tokens:
+            new["trainable_token_indices"] = list(new_tokens)
         peft_cfg = LoraConfig(task_type=task_type(kind), r=cfg.r, lora_alpha=cfg.alpha,
                               lora_dropout=cfg.dropout, target_modules=lora_targets(cfg, model), **new)
         return get_peft_model(model, peft_cfg)

@@ -328,7 +328,9 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full":
             model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
-    model = wrap(cfg, model, kind, new_modules=(warm_start_facts(base_path) or {}).get("new_modules", []))
+    warm = warm_start_facts(base_path) or {}
+    model = wrap(cfg, model, kind, new_modules=warm.get("new_modules", []),
+                 new_tokens=[tok.convert_tokens_to_ids(t) for t in warm.get("added_tokens", [])])
     if ckpt is not None:
         model = _load_weights(model, ckpt, cfg.method, torch.float32)
     # see `trim` below; removed before returning, so the trained model carries no hooks

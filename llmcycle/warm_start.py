@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from llmcycle.configbase import Section
 from llmcycle.errors import UserError
-from llmcycle.models import MINILM
+from llmcycle.bundled import MINILM
 
 MARKER = "llmcycle_warm_start.json"
 # The module names (last components) a warm start adds without pretrained weights: LoRA cannot adapt
@@ -73,7 +73,8 @@ class WarmStartConfig(Section):
 
 def resolve_checkpoint(name: str, base_dir: Path | None = None) -> str:
     """A folder or Hub id for a warm-start checkpoint; all-MiniLM-L6-v2 is found in its pip package."""
-    from llmcycle.models import is_minilm, minilm_path, resolve_model_path
+    from llmcycle.bundled import is_minilm, minilm_path
+    from llmcycle.models import resolve_model_path
 
     if is_minilm(name):
         return minilm_path("warm_start")

@@ -93,12 +93,13 @@ def test_lora_on_a_warm_start_trains_cross_attention_fully(tmp_path):
     from llmcycle.tune_loop import fit
     from llmcycle.warm_start import WarmStartConfig, build
 
-    build(WarmStartConfig(encoder=str(make_bert(tmp_path / "bert")), decoder_layers=1), tmp_path / "ws")
+    build(WarmStartConfig(encoder=str(make_bert(tmp_path / "bert")), decoder_layers=1), tmp_path / "ws",
+          texts=[e.input for e in TAGGED])
     cfg = TuneConfig(method="lora", max_steps=3, lr=1e-2, batch_size=4)
-    trained = fit(cfg, str(tmp_path / "ws"), examples(), examples(4, 100), "{input} ->", tmp_path / "w",
-                  progress=False)
+    trained = fit(cfg, str(tmp_path / "ws"), TAGGED, TAGGED[:4], "{input} ->", tmp_path / "w", progress=False)
     names = [n for n, p in trained.model.named_parameters() if p.requires_grad]
     assert any("encoder_attn.modules_to_save" in n for n in names)
+    assert any("trainable_tokens_delta" in n for n in names)  # the added #Person1# row trains too
     assert not any("encoder_attn" in n and "lora_" in n for n in names)  # no adapters inside them
     assert any("self_attn.q_proj.lora_A" in n for n in names)
     assert not any("fc1" in n for n in names)
@@ -130,18 +131,21 @@ def test_pick_and_budgets(tmp_path):
 def test_a_candidate_that_fails_is_recorded_and_the_others_go_on(tmp_path):
     make_gpt2(tmp_path / "gpt")
     select = {"candidates": {"broken": {"warm_start": {"encoder": "gpt"}}, "t5": {"model": "t5"},
-                             "missing": {"model": "./nowhere"}}, "latency_samples": 0}
+                             "missing": {"model": "./nowhere"}, "unmade": {"run": "pretrain/nope"}},
+              "latency_samples": 0}
     outcomes = run_select(make_project(tmp_path, select))
     assert [(o.variant, o.status) for o in outcomes] == [("broken", "failed"), ("t5", "completed"),
-                                                         ("missing", "failed"), ("best", "completed")]
+                                                         ("missing", "failed"), ("unmade", "failed"),
+                                                         ("best", "completed")]
     assert "is a 'gpt2' model" in outcomes[0].summary["error"]
     assert "select.candidates.missing: model folder not found" in outcomes[2].summary["error"]
+    assert "select.candidates.unmade: no completed run of stage 'pretrain'" in outcomes[3].summary["error"]
     best = outcomes[-1].summary
     assert best["chosen"] == "t5"
     why = {r["candidate"]: r["why"] for r in best["candidates"]}
     assert why["broken"].startswith("failed: warm_start.encoder")
     store = RunStore.for_project(tmp_path)
-    assert store.get(outcomes[0].run_id).status == "failed"
+    assert all(store.get(o.run_id).status == "failed" for o in outcomes if o.status == "failed")
 
 
 def test_cli_select_prints_the_table_and_exits_2_when_a_candidate_failed(tmp_path, capsys):
@@ -151,7 +155,8 @@ def test_cli_select_prints_the_table_and_exits_2_when_a_candidate_failed(tmp_pat
     path = make_project(tmp_path, select)
     assert main(["select", "-p", str(path)]) == 2
     captured = capsys.readouterr()
-    assert "chosen: t5" in captured.out and "* t5" in captured.out
+    assert "* t5" in captured.out and "t5: chosen: best rougeL zero-shot" in captured.out
+    assert "missing: failed: select.candidates.missing: model folder not found" in captured.out
     assert "error: select.missing failed: select.candidates.missing: model folder not found" in captured.err
     assert main(["select", "-p", str(path), "--json"]) == 2
     rows = json.loads(capsys.readouterr().out)
@@ -193,7 +198,7 @@ def test_a_warm_started_base_goes_through_every_later_stage(tmp_path):
         "tune": {"full": {"method": "full", "max_steps": 3, "batch_size": 4, "lr": 1e-3},
                  "lora": {"method": "lora", "max_steps": 3, "batch_size": 4, "lr": 1e-3},
                  "soft": {"method": "prompt_tuning", "max_steps": 2, "batch_size": 4, "num_virtual_tokens": 4}},
-        "align": {"rm": {"method": "reward_classifier", "encoder": "bert", "data": "labelled.jsonl",
+        "align": {"rm": {"method": "reward_classifier", "encoder": "run:select/best", "data": "labelled.jsonl",
                          "max_steps": 3, "batch_size": 8, "max_length": 16},
                   "detox": {"method": "ppo", "policy": "run:tune/lora", "reward": "run:align/rm",
                             "reward_label": "not_toxic", "max_steps": 2, "batch_size": 4, "mini_batch_size": 2,
@@ -215,6 +220,13 @@ def test_a_warm_started_base_goes_through_every_later_stage(tmp_path):
         if key[0] != "select" and s.get("headline") == "rougeL":
             assert "hallucinated_entity_rate" in s, key
     assert done[("optimize", "int8")]["size_mb"] < done[("optimize", "merged")]["size_mb"]
+    # the report shows the choice and the faithfulness column; `eval` takes run:select/best
+    from llmcycle.cli import main
+    from llmcycle.report import write_report
+
+    page = Path(write_report(load_project(path))["report"]).read_text()
+    assert "Base model selection" in page and "hallucinated entities" in page
+    assert main(["eval", "--model", "run:select/best", "-p", str(path), "--json"]) == 0
 
     from llmcycle import harness
     from llmcycle.serve import create_app
