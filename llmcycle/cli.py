@@ -114,9 +114,7 @@ def select_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetO
     from llmcycle import lifecycle
 
     proj = _project(project, overrides)
-    names = list(lifecycle.variants(proj, "select"))
-    if not names:
-        raise UserError(f"{proj.path}: no select section configured (add `select: {{candidates: ...}}`)")
+    names = _variants_of(proj, "select", "no select section configured (add `select: {candidates: ...}`)")
     outcomes = [lifecycle.execute_variant(proj, "select", name, force=force, progress=not as_json)
                 for name in names]
     if as_json:
@@ -124,6 +122,16 @@ def select_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetO
     else:
         _show_selection(outcomes)
     _exit_if_failed(outcomes)
+
+
+def _variants_of(proj, stage: str, missing: str) -> list[str]:
+    """The stage's configured variants, or a one-line error saying what to add."""
+    from llmcycle import lifecycle
+
+    names = list(lifecycle.variants(proj, stage))
+    if not names:
+        raise UserError(f"{proj.path}: {missing}")
+    return names
 
 
 def _show_selection(outcomes) -> None:
@@ -137,7 +145,7 @@ def _show_selection(outcomes) -> None:
             for line in select_reasons(o.summary):
                 out.print(escape(line))
             for note in o.summary.get("notes", []):
-                out.print(f"[yellow]note:[/] {note}")
+                out.print(f"[yellow]note:[/] {escape(note)}")
             out.print(f"[dim]later stages use it as run:select/best (run {o.run_id})[/]")
 
 
@@ -472,9 +480,7 @@ def prompt(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
     from llmcycle import lifecycle
 
     proj = _project(project, overrides)
-    names = list(lifecycle.variants(proj, "prompt"))
-    if not names:
-        raise UserError(f"{proj.path}: no prompt sweep configured (add a `prompt:` section)")
+    names = _variants_of(proj, "prompt", "no prompt sweep configured (add a `prompt:` section)")
     outcomes = [lifecycle.execute(proj, "prompt", name, force=force, progress=not as_json)
                 for name in names]
     _report_outcomes(outcomes, as_json, proj)

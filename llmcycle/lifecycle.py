@@ -336,7 +336,7 @@ def execute_variant(project, stage: str, variant: str, *, force: bool = False, p
     except Exception as exc:  # noqa: BLE001 - recorded in the run and reported; the others go on
         if not started:
             raise  # not the candidate's failure: nothing was recorded, so nothing may be hidden
-        return Outcome(stage, variant, "failed", started[0] if started else None,
+        return Outcome(stage, variant, "failed", started[0],
                        {"error": str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"})
 
 
