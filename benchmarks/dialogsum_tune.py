@@ -8,8 +8,9 @@ Rothe et al. 2020). The script writes an llmcycle project (benchmarks/out/dialog
   1. builds the warm-started model and scores it zero-shot with the course's prompt on the dev set
      (`select.candidates.minilm`; the run `select/best` is the base of what follows),
   2. fine-tunes it on DialogSum train in full (`tune.full`) and with LoRA (`tune.lora`: r 32, alpha 32,
-     dropout 0.05, the course's settings; the warm start's new cross-attention trains fully beside the
-     adapters), each scored on the same dev dialogues,
+     dropout 0.05, the course's settings, on every linear layer rather than the course's q and v: a base
+     that never generated has more to change; the warm start's new cross-attention trains fully beside
+     the adapters), each scored on the same dev dialogues,
 
 runs `python -m llmcycle run -p DIR --json` as a user would, and prints the course's table (ROUGE-1/2/L/Lsum
 with the ROUGE-L interval) with the hallucinated-entity rate, the share of the most frequent output,
@@ -64,7 +65,7 @@ def project_config(args, train: Path, dev: Path) -> dict:
         "tune": {
             "full": {"method": "full", "lr": args.full_lr, **common},
             "lora": {"method": "lora", "r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.05,
-                     "lr": args.lora_lr, **common},
+                     "lr": args.lora_lr, "target_modules": args.lora_targets.split(","), **common},
         },
     }
 
@@ -77,7 +78,7 @@ def fitting_dev(dev: Path, out: Path, limit: int) -> tuple[Path, int]:
 
     tok = AutoTokenizer.from_pretrained(minilm_path("the benchmark"))
     rows = [json.loads(line) for line in dev.read_text().splitlines() if line.strip()][:limit]
-    keep = [r for r in rows if len(tok(TEMPLATE.format(dialogue=r["dialogue"]))["input_ids"]) <= 512]
+    keep = [r for r in rows if len(tok(TEMPLATE.format(dialogue=r["dialogue"]), verbose=False)["input_ids"]) <= 512]
     path = out / "dev_fitting.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
     return path, len(rows) - len(keep)
@@ -118,6 +119,9 @@ def parse_args():
                    help="train in float32 (default on CPU: bf16 autocast, precision: bfloat16)")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,out_proj,fc1,fc2",
+                   help="comma-separated layers LoRA adapts (the course: q,v; here every linear layer: 100 "
+                        "steps gave ROUGE-L 0.193 vs 0.183 with q_proj,v_proj, benchmarks/README.md)")
     return ap.parse_args()
 
 
