@@ -147,6 +147,8 @@ def _load_tokenizer(path: str, key: str, vocab_size: int):
     tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
     # one segment: no token_type_ids for the model (BART takes none), saved with the tokenizer
     tok.model_input_names = tok.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
+    # WordPiece splits "it's" into it ' s; without the clean-up a generated summary reads "it ' s"
+    tok.clean_up_tokenization_spaces = tok.init_kwargs["clean_up_tokenization_spaces"] = True
     return tok
 
 

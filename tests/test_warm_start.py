@@ -159,3 +159,6 @@ def test_real_minilm_warm_start(tmp_path):
         assert torch.allclose(model.model.encoder(**plain).last_hidden_state, bert(**plain).last_hidden_state,
                               atol=1e-4)
     assert tok.decode(batch["input_ids"][0], skip_special_tokens=True).startswith("#Person1# :")
+    # WordPiece splits contractions; the saved tokenizer joins them again when it decodes
+    assert tok.decode(tok("#Person2#'s friend won't go.")["input_ids"], skip_special_tokens=True) == \
+        "#Person2#'s friend won't go."
