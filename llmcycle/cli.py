@@ -224,7 +224,7 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
                                             "run within the scope's budgets), a model folder or a Hub id; "
                                             "default: the project's model."),
           host: str = typer.Option("127.0.0.1", "--host"),
-          port: int = typer.Option(8000, "--port"),
+          port: int = typer.Option(8000, "--port", min=1, max=65535),
           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCYCLE_API_KEY",
                                                 help="Require `Authorization: Bearer KEY`."),
           max_batch_size: int = typer.Option(16, "--max-batch-size", help="Requests decoded together."),
@@ -268,7 +268,7 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
 @app.command()
 def ui(project: Path = ProjectOpt,
        host: str = typer.Option("127.0.0.1", "--host"),
-       port: int = typer.Option(8765, "--port"),
+       port: int = typer.Option(8765, "--port", min=1, max=65535),
        model_url: str = typer.Option("http://127.0.0.1:8000", "--model-url", help="The OpenAI-compatible "
                                      "server the playground talks to (e.g. `llmcycle serve`)."),
        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCYCLE_API_KEY",
@@ -447,7 +447,7 @@ def ask(question: str = typer.Argument(..., help="The question."),
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model)."),
              data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file instead of the eval split."),
-             limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
+             limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples."),
              project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Evaluate any model with the project's prompt and record a run with per-example outputs."""
     from llmcycle import harness

@@ -100,6 +100,9 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
         if isinstance(n, yaml.MappingNode):
             for key, value in n.value:
                 path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                if path in lines and key.value != "<<":  # PyYAML keeps the last value silently
+                    raise UserError(f"{source}:{key.start_mark.line + 1}: duplicate key '{path}' (first on "
+                                    f"line {lines[path]}); keep one of them")
                 lines[path] = key.start_mark.line + 1
                 walk(value, path)
         elif isinstance(n, yaml.SequenceNode):

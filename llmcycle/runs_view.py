@@ -23,15 +23,17 @@ def list_table(runs) -> Table:
 
 
 def show(rec, console) -> None:
+    from llmcycle.textsafe import as_text
+
     console.print(f"[bold]{rec.id}[/]  {rec.stage}.{rec.variant}  status: {rec.status}")
     console.print(f"folder: {rec.dir}")
     if rec.parent:
         console.print(f"parent: {rec.parent}")
     if rec.error:
-        console.print(f"[red]error:[/] {rec.error}")
+        console.print("[red]error:[/]", as_text(rec.error))
     for key in ("git_revision", "command"):
         if rec.meta.get(key):
-            console.print(f"{key}: {rec.meta[key]}")
+            console.print(f"{key}:", as_text(str(rec.meta[key])))
     versions = rec.meta.get("versions") or {}
     if versions:
         console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -41,7 +43,7 @@ def show(rec, console) -> None:
         table.add_column("key")
         table.add_column("value")
         for key, value in flatten(summary).items():
-            table.add_row(key, _fmt(value))
+            table.add_row(as_text(key), as_text(_fmt(value)))
         console.print(table)
     metrics = rec.metrics()
     if metrics:
@@ -186,27 +188,30 @@ def side_by_side(records, n: int = 3) -> list[dict]:
 
 def marked(text: str, invented):
     """The output as rich Text with its invented entities in red (never parsed as markup)."""
-    from rich.text import Text
-
     from llmcycle.faithfulness import spans
+    from llmcycle.textsafe import as_text
 
-    out = Text(text)
+    out = as_text(text)  # one symbol for each control character: the spans' offsets hold
     for start, end in spans(text, invented):
         out.stylize("bold red underline", start, end)
     return out
 
 
 def print_side_by_side(examples: list[dict], console, width: int = 400) -> None:
+    """Each example's input, references and outputs, printed as text (data may look like markup)."""
+    from llmcycle.textsafe import as_text
+
     for ex in examples:
-        table = Table(title=f"example {ex['index']} ({ex['where']})", show_header=False, expand=True)
+        table = Table(title=as_text(f"example {ex['index']} ({ex['where']})"), show_header=False, expand=True)
         table.add_column("", style="bold", no_wrap=True)
         table.add_column("")
         text = ex["input"]
-        table.add_row("input", text if len(text) <= width else text[:width] + " …")
+        table.add_row("input", as_text(text if len(text) <= width else text[:width] + " …"))
         for i, ref in enumerate(ex["references"]):
-            table.add_row("reference" + (f" {i + 1}" if len(ex["references"]) > 1 else ""), ref)
+            table.add_row("reference" + (f" {i + 1}" if len(ex["references"]) > 1 else ""), as_text(ref))
         for label, output in ex["outputs"].items():
-            table.add_row(label, marked(output, ex.get("invented", {}).get(label, [])) if output else "[dim](empty)[/]")
+            cell = marked(output, ex.get("invented", {}).get(label, [])) if output else "[dim](empty)[/]"
+            table.add_row(as_text(label), cell)
         console.print(table)
     if any(any(ex.get("invented", {}).values()) for ex in examples):
         console.print("[dim]red: entities (names, numbers) the output states but its input does not contain[/]")

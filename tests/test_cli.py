@@ -59,12 +59,16 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["runs", "show", "nope", "-p", str(path)], "not found"),
         (["run", "-p", str(path), "--only", "pretrian"], "did you mean 'pretrain'"),
         (["pretrain", "-p", str(path)], "no pretrain variants"),
+        (["serve", "-p", str(path), "--port", "99999"], "'--port'"),
+        (["ui", "-p", str(path), "--port", "0"], "'--port'"),
+        (["eval", "-p", str(path), "--limit", "-5"], "'--limit'"),
     ]
     for args, needle in cases:
         code, _, err = cli(*args)
         assert code == 2, (args, err)
         assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
         assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("eval-*"))  # refused first
 
 
 def test_empty_dataset_and_missing_targets(tmp_path):

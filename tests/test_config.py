@@ -103,6 +103,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_project(write(tmp_path, "a: 1\n b: [\n"))
 
 
+def test_duplicate_keys_name_both_lines(tmp_path):
+    text = "project:\n  name: x\n  task: summarization\n  task: qa\n"
+    with pytest.raises(UserError, match=r"llmcycle.yaml:4: duplicate key 'project.task' \(first on line 3\)"):
+        load_project(write(tmp_path, text))
+
+
 def test_malformed_override():
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         apply_overrides({}, ["pretrain.tiny.lr"])
