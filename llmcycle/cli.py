@@ -224,7 +224,7 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
                                             "run within the scope's budgets), a model folder or a Hub id; "
                                             "default: the project's model."),
           host: str = typer.Option("127.0.0.1", "--host"),
-          port: int = typer.Option(8000, "--port", min=1, max=65535),
+          port: int = typer.Option(8000, "--port", min=0, max=65535, help="0: any free port"),
           api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCYCLE_API_KEY",
                                                 help="Require `Authorization: Bearer KEY`."),
           max_batch_size: int = typer.Option(16, "--max-batch-size", help="Requests decoded together."),
@@ -268,7 +268,7 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
 @app.command()
 def ui(project: Path = ProjectOpt,
        host: str = typer.Option("127.0.0.1", "--host"),
-       port: int = typer.Option(8765, "--port", min=1, max=65535),
+       port: int = typer.Option(8765, "--port", min=0, max=65535, help="0: any free port"),
        model_url: str = typer.Option("http://127.0.0.1:8000", "--model-url", help="The OpenAI-compatible "
                                      "server the playground talks to (e.g. `llmcycle serve`)."),
        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCYCLE_API_KEY",

@@ -238,7 +238,11 @@ def _marked(text: str, invented, mark) -> str:
 
 
 def _cell_html(cell, tag: str = "td") -> str:
+    from llmcycle.textsafe import visible
+
     text, cls = (cell, "") if isinstance(cell, str) else cell[:2]
+    if cls in ("pre", "marked"):  # free text: its control characters shown, one symbol for each
+        text = visible(text)
     if cls == "pre":  # cls "pre" marks free text (inputs, outputs) shown as written
         return f"<{tag}><pre>{html.escape(text)}</pre></{tag}>"
     if cls == "marked":  # an output, with the entities its input does not contain marked
@@ -291,11 +295,29 @@ def render_html(view) -> str:
 
 
 # -- Markdown -------------------------------------------------------------------------------------
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}()#+!|~>-])")
+
+
+def _md_literal(text: str) -> str:
+    """Free text (inputs, outputs, references) for a Markdown table cell, shown as written: HTML and
+    Markdown syntax escaped (a model's `<script>` or `[x](javascript:...)` stays text), control
+    characters visible."""
+    from llmcycle.textsafe import visible
+
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(visible(text), quote=False))
+
+
 def _cell_md(cell) -> str:
     text = cell if isinstance(cell, str) else cell[0]
-    if not isinstance(cell, str) and cell[1] == "marked":
-        text = _marked(text, cell[2], lambda part, hit: f"**{part}**" if hit and part else part)
-    return text.replace("|", "\\|").replace("\n", "<br>") or " "
+    kind = None if isinstance(cell, str) else cell[1]
+    if kind == "marked":
+        text = _marked(text, cell[2], lambda part, hit: f"**{_md_literal(part)}**" if hit and part
+                       else _md_literal(part))
+    elif kind == "pre":
+        text = _md_literal(text)
+    else:  # the report's own text and figures; names from the project file may hold HTML too
+        text = html.escape(text, quote=False).replace("|", "\\|")
+    return text.replace("\n", "<br>") or " "
 
 
 def _tree_md(nodes, view, depth: int = 0) -> list[str]:

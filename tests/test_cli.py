@@ -60,7 +60,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["run", "-p", str(path), "--only", "pretrian"], "did you mean 'pretrain'"),
         (["pretrain", "-p", str(path)], "no pretrain variants"),
         (["serve", "-p", str(path), "--port", "99999"], "'--port'"),
-        (["ui", "-p", str(path), "--port", "0"], "'--port'"),
+        (["ui", "-p", str(path), "--port", "70000"], "'--port'"),
         (["eval", "-p", str(path), "--limit", "-5"], "'--limit'"),
     ]
     for args, needle in cases:

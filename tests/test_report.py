@@ -284,3 +284,19 @@ def test_quality_plots_show_only_the_success_metric(tmp_path, monkeypatch):
     labels = [r["label"] for r in seen["rows"]]
     assert {r["headline"] for r in seen["rows"]} == {"rougeL"} and len(labels) == 3  # prompt, tune, int8
     assert "align/toxicity" in (tmp_path / "report.html").read_text()  # still in the table
+
+
+def test_text_from_data_and_models_stays_text_in_both_formats(tmp_path):
+    project = make(tmp_path)
+    nasty = "[/INST] <script>alert(1)</script> <img src=x onerror=alert(2)> [x](javascript:y) a|b \x1b[31m"
+    preds = [{"index": 0, "where": "eval.jsonl:1", "input": "Ben: " + nasty, "references": ["<b>ref</b>"],
+              "prediction": "Ben paid 40 " + nasty, "rougeL": 0.5, "invented_entities": ["40"]}]
+    record(project, "tune", "full", evaluated(0.5), preds=preds)
+    write_report(project, tmp_path / "r.md")
+    write_report(project, tmp_path / "r.html")
+    for name in ("r.md", "r.html"):
+        text = (tmp_path / name).read_text()
+        assert "<script>" not in text and "<img src=x" not in text and "<b>ref" not in text, name
+        assert "\x1b" not in text and "\u241b" in text and "&lt;script&gt;" in text, name
+    md = (tmp_path / "r.md").read_text()
+    assert "\\[/INST\\]" in md and "](javascript:" not in md  # shown literally by a Markdown viewer
