@@ -91,14 +91,35 @@ def git_revision(path: Path) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_started(pid: int | None = None) -> float | None:
+    """When a process started (seconds since the epoch), or None when that cannot be read. psutil comes
+    with accelerate; it reads this on Linux, macOS and Windows alike."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - no such process, no permission, or no psutil: unknown
+        return None
+
+
+def _process_identity() -> dict:
+    """What identifies this process later: its PID and when it started (a PID alone is reused)."""
+    return {"pid": os.getpid(), "pid_started": _process_started(), "host": socket.gethostname()}
+
+
+def _pid_alive(pid: int, started: float | None = None) -> bool:
+    """Whether the process that recorded a run still runs: its PID exists and, when the run recorded
+    the process's start time, the process with that PID started then (not a later one reusing it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    if started is None:
         return True
-    return True
+    now_started = _process_started(pid)
+    return now_started is None or abs(now_started - started) < 1.0
 
 
 @dataclass
@@ -259,7 +280,7 @@ class RunStore:
                         error=data.get("error"),
                         meta={k: v for k, v in data.items() if k not in known})
         if rec.status == "running" and rec.meta.get("host") == socket.gethostname() \
-                and not _pid_alive(int(rec.meta.get("pid", 0))):
+                and not _pid_alive(int(rec.meta.get("pid", 0)), rec.meta.get("pid_started")):
             # Its process is gone without finishing: killed or crashed hard.
             rec.status = "incomplete"
             rec.error = rec.error or "the process recording this run stopped before it finished"
@@ -356,8 +377,7 @@ class RunStore:
         rec = RunRecord(id=run_id, stage=stage, variant=variant, status="running", dir=run_dir,
                         parent=parent, created=time.time(), content_hash=content_hash,
                         config=config,
-                        meta={"pid": os.getpid(), "host": socket.gethostname(),
-                              "versions": package_versions(),
+                        meta={**_process_identity(), "versions": package_versions(),
                               "git_revision": git_revision(project_dir or self.root.parent),
                               "command": " ".join(sys.argv)})
         self._write_record(rec)
@@ -370,8 +390,7 @@ class RunStore:
             raise UserError(f"run {rec.id} already completed; nothing to resume")
         if rec.status == "running":
             raise UserError(f"run {rec.id} is still running (pid {rec.meta.get('pid')})")
-        rec.meta.update(pid=os.getpid(), host=socket.gethostname(),
-                        resumed=rec.meta.get("resumed", 0) + 1)
+        rec.meta.update(**_process_identity(), resumed=rec.meta.get("resumed", 0) + 1)
         rec.error = None
         self._set_status(rec, "running")
         return Run(self, rec)

@@ -161,3 +161,20 @@ def test_find_cached_matches_hash_of_completed_runs_only(tmp_path):
         run.finish({})
     assert store.find_cached("pretrain", "tiny", "h1").id == run.id
     assert store.find_cached("pretrain", "tiny", "h2") is None
+
+
+def test_a_reused_pid_is_not_taken_for_the_run(tmp_path):
+    """After a container restart or PID wraparound another process may hold the recorded PID: the
+    recorded start time tells them apart."""
+    store = RunStore(tmp_path / "runs")
+    run = store.create("tune", "lora", {})
+    assert store.get(run.id).status == "running"  # this very process: alive
+    path = run.dir / "run.json"
+    data = json.loads(path.read_text())
+    assert data["pid"] == os.getpid() and data["pid_started"] is not None
+    data["pid_started"] -= 3600.0  # the PID is alive, but that process started an hour later
+    path.write_text(json.dumps(data))
+    assert store.get(run.id).status == "incomplete"
+    reopened = store.reopen(run.id)  # --resume takes it, and records the new process
+    assert json.loads(path.read_text())["pid_started"] == pytest.approx(data["pid_started"] + 3600.0, abs=1)
+    reopened.finish({})
