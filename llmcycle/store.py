@@ -403,7 +403,10 @@ class RunStore:
     def start(self, stage: str, variant: str, config: dict, *, parent: str | None = None,
               content_hash: str | None = None, resume_ref: str | None = None,
               project_dir: Path | None = None) -> Iterator[Run]:
-        """Create (or reopen) a run and make sure it ends in a terminal status whatever happens."""
+        """Create (or reopen) a run and make sure it ends in a terminal status whatever happens. A resume
+        the stage refuses (a UserError before it logged a step) leaves the run's record as it was."""
+        before = self.get(resume_ref) if resume_ref else None
+        steps_before = len(before.metrics()) if before is not None else 0
         run = self.reopen(resume_ref) if resume_ref else self.create(
             stage, variant, config, parent=parent, content_hash=content_hash,
             project_dir=project_dir)
@@ -411,6 +414,12 @@ class RunStore:
             yield run
         except KeyboardInterrupt:
             run.fail("interrupted", status="incomplete")
+            raise
+        except UserError:
+            if before is not None and len(run.record.metrics()) == steps_before:
+                self._write_record(before)  # refused before any work: its status and error stay
+            else:
+                run.fail(f"UserError: {sys.exc_info()[1]}")
             raise
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
             run.fail(f"{type(exc).__name__}: {exc}")

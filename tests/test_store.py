@@ -178,3 +178,21 @@ def test_a_reused_pid_is_not_taken_for_the_run(tmp_path):
     reopened = store.reopen(run.id)  # --resume takes it, and records the new process
     assert json.loads(path.read_text())["pid_started"] == pytest.approx(data["pid_started"] + 3600.0, abs=1)
     reopened.finish({})
+
+
+def test_a_refused_resume_leaves_the_killed_run_as_it_was(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    run = store.create("tune", "full", {})
+    run.log({"step": 10, "loss": 2.0})
+    run.fail("killed at step 10", status="incomplete")
+    with pytest.raises(UserError, match="checkpoint"):
+        with store.start("tune", "full", {}, resume_ref=run.id):
+            raise UserError("the checkpoint does not match the config")  # refused before any step
+    rec = store.get(run.id)
+    assert (rec.status, rec.error) == ("incomplete", "killed at step 10")
+    assert store.latest_unfinished("tune", "full").id == run.id  # still there to resume
+    with pytest.raises(UserError):
+        with store.start("tune", "full", {}, resume_ref=run.id) as resumed:
+            resumed.log({"step": 20, "loss": 1.5})  # resumed work happened: this failure is the run's
+            raise UserError("disk full")
+    assert store.get(run.id).status == "failed" and "disk full" in store.get(run.id).error
