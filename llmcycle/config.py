@@ -247,6 +247,9 @@ def load_project(path: str | Path = PROJECT_FILE, overrides: list[str] | None = 
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise UserError(f"{path}: the project file must be a mapping of sections")
+    if not data and not overrides:
+        raise UserError(f"{path}: the project file is empty; it needs a `project:` section (name, task) and "
+                        "`data:` (train, eval) at least (`llmcycle init DIR` writes a commented one)")
     apply_overrides(data, overrides or [])
     config = validate(data, str(path), lines)
     return Project(config, path.resolve(), data)

@@ -47,7 +47,7 @@ def test_yaml_1_2_floats():
 def test_every_section_is_optional(tmp_path):
     project = load_project(write(tmp_path, "project:\n  name: x\n"))
     assert project.config.data is None and project.config.pretrain == {}
-    assert load_project(write(tmp_path, "")).config.model is None
+    assert load_project(write(tmp_path, "project: {name: x}\n")).config.model is None
 
 
 def test_set_overrides_dotted_keys_with_typed_values(tmp_path):
@@ -101,6 +101,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_project(tmp_path / "nope.yaml")
     with pytest.raises(UserError, match=r"llmcycle.yaml:2: invalid YAML"):
         load_project(write(tmp_path, "a: 1\n b: [\n"))
+
+
+def test_an_empty_project_file_says_what_it_needs(tmp_path):
+    with pytest.raises(UserError, match=r"llmcycle.yaml: the project file is empty; it needs a `project:`"):
+        load_project(write(tmp_path, "# nothing yet\n"))
 
 
 def test_duplicate_keys_name_both_lines(tmp_path):
