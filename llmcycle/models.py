@@ -95,6 +95,45 @@ def _hub_error(name: str, err: Exception) -> UserError:
         f"your network (and `huggingface-cli login` for gated models), or pass a local path.")
 
 
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hub's host accepts a connection within 3 s (asked once per process)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    if host not in _HUB_REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+            _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return _HUB_REACHABLE[host]
+
+
+def _check_hub_or_cache(name: str) -> None:
+    """A Hub id that is neither cached nor reachable fails at once: huggingface_hub would retry for
+    about 26 s before giving the same answer."""
+    if os.path.isdir(name) or hub_offline():
+        return  # a folder; or offline, where transformers answers from the cache alone, at once
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except Exception:  # noqa: BLE001 - not a valid repo id: transformers gives the clearer error
+        return
+    if not _hub_reachable():
+        raise UserError(
+            f"model '{name}' is not a local folder, not in the Hugging Face cache (HF_HOME={_hf_home()}), and "
+            f"the Hub ({os.environ.get('HF_ENDPOINT') or 'https://huggingface.co'}) cannot be reached. Fix: "
+            "check the name (a run reference is run:STAGE/VARIANT), pass a local path, or fill the cache "
+            "where the Hub is reachable.")
+
+
 def _check_folder(path: str, needs_tokenizer: bool) -> None:
     folder = Path(path)
     if not folder.is_dir():
@@ -128,6 +167,7 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     if base is not None:
         return load_config(base, trust_remote_code)
     _check_folder(name_or_path, needs_tokenizer=False)
+    _check_hub_or_cache(name_or_path)
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:  # includes huggingface_hub's HFValidationError and offline errors
@@ -142,6 +182,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     _check_folder(name_or_path, needs_tokenizer=True)
+    _check_hub_or_cache(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -174,3 +174,25 @@ def test_tiny_builders_are_reusable(tmp_path):
     tok = load_tokenizer(str(folder))
     text = "unseen words, ünïcode & 123"
     assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeypatch):
+    import time
+
+    import huggingface_hub.constants
+
+    from llmcycle import models
+    from llmcycle.models import load_config, load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    monkeypatch.setattr(models, "_HUB_REACHABLE", {})
+    for load in (load_config, load_tokenizer):
+        started = time.perf_counter()
+        with pytest.raises(UserError) as info:
+            load("someone/no-such-model")
+        assert time.perf_counter() - started < 10  # huggingface_hub alone retries for ~26 s
+        msg = str(info.value)
+        assert msg.startswith("model 'someone/no-such-model' is not a local folder, not in the Hugging Face cache")
+        assert "http://127.0.0.1:9" in msg and "cannot be reached" in msg and "\n" not in msg
