@@ -272,11 +272,15 @@ def ui(project: Path = ProjectOpt,
        model_url: str = typer.Option("http://127.0.0.1:8000", "--model-url", help="The OpenAI-compatible "
                                      "server the playground talks to (e.g. `llmcycle serve`)."),
        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCYCLE_API_KEY",
-                                             help="The model server's key, when it has one.")):
-    """A local dashboard: runs with filters, comparisons with plots and outputs, a streaming playground."""
+                                             help="The model server's key, when it has one."),
+       allow_host: Optional[List[str]] = typer.Option(None, "--allow-host", help="Another name the dashboard "
+                                                      "answers to besides localhost and --host (repeatable).")):
+    """A local dashboard: runs with filters, comparisons with plots and outputs, a streaming playground.
+    It answers only requests addressed to its own names and POSTs from its own page."""
     from llmcycle.ui import serve_ui
 
-    serve_ui(_store(project), host=host, port=port, model_url=model_url, api_key=api_key)
+    serve_ui(_store(project), host=host, port=port, model_url=model_url, api_key=api_key,
+             allowed_hosts=allow_host or [])
 
 
 @app.command()

@@ -160,7 +160,49 @@ def _upstream_error(response_body: bytes, status: int) -> str:
         return f"HTTP {status}: {response_body[:200].decode('utf-8', 'replace')}"
 
 
-def create_ui_app(store, *, model_url: str = "http://127.0.0.1:8000", api_key: str | None = None):
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def request_refusal(scope, allowed_hosts) -> tuple[int, str] | None:
+    """Why the dashboard refuses a request, or None. A foreign Host is a DNS-rebinding page reading the
+    runs; a POST from another origin is a web page using the playground (and the model server's API key
+    the dashboard holds). Browsers send Origin with every POST, and a JSON body cannot be sent across
+    origins without a CORS preflight, which the dashboard never answers."""
+    from urllib.parse import urlsplit
+
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    host = headers.get("host", "")
+    name = (urlsplit("//" + host).hostname or "") if host else ""
+    if name.lower() not in allowed_hosts:
+        return 403, (f"Host {host!r} is not an address of this dashboard (it answers to "
+                     f"{', '.join(sorted(allowed_hosts))}); start it with `--allow-host NAME` to add one")
+    if scope.get("method", "GET") in ("GET", "HEAD", "OPTIONS"):
+        return None
+    origin = headers.get("origin")
+    if origin is None or urlsplit(origin).netloc != host:
+        return 403, f"cross-origin request refused: Origin {origin!r} is not this dashboard ({host})"
+    if not headers.get("content-type", "").startswith("application/json"):
+        return 415, "send the request body as application/json"
+    return None
+
+
+class SameOriginOnly:
+    """ASGI middleware applying `request_refusal` (plain ASGI, so streamed answers pass untouched)."""
+
+    def __init__(self, app, allowed_hosts):
+        self.app, self.allowed_hosts = app, {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        refusal = request_refusal(scope, self.allowed_hosts) if scope["type"] == "http" else None
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+
+
+def create_ui_app(store, *, model_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
+                  allowed_hosts=()):
     """The dashboard's FastAPI app over `store` (a RunStore). The playground talks to `model_url`.
 
     Why a proxy rather than a model loaded in-process: the dashboard stays light (no torch, no weights)
@@ -183,6 +225,8 @@ def create_ui_app(store, *, model_url: str = "http://127.0.0.1:8000", api_key: s
 
     app = FastAPI(title="llmcycle ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.model_url = model_url
+    # the loopback names, and the names it was started under (--host, --allow-host)
+    app.add_middleware(SameOriginOnly, allowed_hosts=[*LOOPBACK_NAMES, *allowed_hosts])
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -313,12 +357,13 @@ def _require_ui() -> None:
 
 
 def serve_ui(store, *, host: str = "127.0.0.1", port: int = 8765, model_url: str = "http://127.0.0.1:8000",
-             api_key: str | None = None, log_level: str = "warning") -> None:
+             api_key: str | None = None, allowed_hosts=(), log_level: str = "warning") -> None:
     """Serve the dashboard until Ctrl-C. A taken port is a UserError before anything starts."""
     from .serve import _listen
 
     _require_ui()
-    app = create_ui_app(store, model_url=model_url, api_key=api_key)
+    named = [] if host in ("0.0.0.0", "::", "") else [host]  # a wildcard address is no name to answer to
+    app = create_ui_app(store, model_url=model_url, api_key=api_key, allowed_hosts=[*named, *allowed_hosts])
     sock = _listen(host, port)
     import uvicorn
 

@@ -28,6 +28,13 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402  (fastapi comes with uvicorn in the serve extra)
 
 from llmcycle.ui import MAX_POINTS, STATIC, check_model_url, create_ui_app, curves  # noqa: E402
+
+LOCAL = "http://127.0.0.1:8765"
+
+
+def local_client(app):
+    """A client as the dashboard's own page is one: addressed to 127.0.0.1, POSTs with its Origin."""
+    return TestClient(app, base_url=LOCAL, headers={"Origin": LOCAL})
 from servers import running  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("LLMCYCLE_TEST_ARTIFACTS") or Path(__file__).parent / "_artifacts")
@@ -92,7 +99,7 @@ def project(tmp_path_factory):
 @pytest.fixture()
 def api(project):
     folder, store, ids = project
-    with TestClient(create_ui_app(store, model_url=f"http://127.0.0.1:{_free_port()}")) as client:
+    with local_client(create_ui_app(store, model_url=f"http://127.0.0.1:{_free_port()}")) as client:
         yield client, ids
 
 
@@ -180,7 +187,7 @@ def test_long_curves_are_thinned_keeping_the_last_point():
 
 
 def test_empty_project_and_static_files(tmp_path):
-    with TestClient(create_ui_app(RunStore.for_project(tmp_path))) as client:
+    with local_client(create_ui_app(RunStore.for_project(tmp_path))) as client:
         data = client.get("/api/runs").json()
         assert data["total"] == 0 and data["runs"] == []
         assert not (tmp_path / "runs").exists()  # looking must not create a store
@@ -236,7 +243,7 @@ def model_url(tmp_path_factory):
 
 def test_playground_relays_the_stream(project, model_url):
     _, store, _ = project
-    with TestClient(create_ui_app(store, model_url=model_url + "/v1")) as client:
+    with local_client(create_ui_app(store, model_url=model_url + "/v1")) as client:
         assert client.get("/api/models").json() == {"url": model_url, "models": ["tiny-gpt2"]}
         body = {"prompt": "the quick brown", "max_tokens": 12, "temperature": 0}
         with client.stream("POST", "/api/playground", json=body) as r:
@@ -398,3 +405,26 @@ def test_browser_empty_project_and_model_server_down(page, tmp_path):
         _shot(page, "ui_playground_error.png")
         page.click("nav a[data-view=runs]")  # the rest of the page still works
         page.wait_for_selector("#view-runs:not([hidden]) #runs-message:not([hidden])")
+
+
+def test_foreign_hosts_and_cross_origin_posts_are_refused(tmp_path):
+    """DNS rebinding (a foreign Host reading the runs) and a web page posting to the playground (which
+    relays with the dashboard's API key) are refused before any handler runs."""
+    app = create_ui_app(RunStore.for_project(tmp_path), model_url=f"http://127.0.0.1:{_free_port()}",
+                        allowed_hosts=["dash.internal"])
+    with TestClient(app, base_url="http://evil.example:8765") as client:
+        r = client.get("/api/runs")
+        assert r.status_code == 403 and "Host 'evil.example:8765'" in r.json()["error"]
+    with TestClient(app, base_url="http://dash.internal:8765") as client:  # an allowed name
+        assert client.get("/api/runs").status_code == 200
+    with local_client(app) as client:
+        body = '{"prompt": "hello"}'
+        for headers, status in (({"Origin": "http://evil.example", "Content-Type": "text/plain"}, 403),
+                                ({"Origin": "http://127.0.0.1:9999", "Content-Type": "application/json"}, 403),
+                                ({"Origin": LOCAL, "Content-Type": "text/plain"}, 415)):
+            r = client.post("/api/playground", content=body, headers=headers)
+            assert r.status_code == status, (headers, r.text)
+        no_origin = TestClient(app, base_url=LOCAL).post("/api/playground", json={"prompt": "hello"})
+        assert no_origin.status_code == 403 and "cross-origin" in no_origin.json()["error"]
+        # its own page passes (and meets the unreachable model server)
+        assert client.post("/api/playground", json={"prompt": "hello"}).status_code == 502
