@@ -74,7 +74,7 @@ def test_eval_a_causal_model_and_another_data_file(tmp_path):
 def test_eval_errors(tmp_path):
     path = make_project(tmp_path)
     (tmp_path / "empty.jsonl").write_text("")
-    cases = [(["--limit", "0"], "0"),
+    cases = [(["--limit", "0"], "'--limit': Input should be greater than or equal to 1"),
              (["--data", str(tmp_path / "empty.jsonl")], "no records"),
              (["--model", str(tmp_path / "missing-model")], "missing-model"),
              (["--set", "evaluate.template=Summarize {dialog}"], "'dialog'"),
