@@ -135,17 +135,16 @@ def _variants_of(proj, stage: str, missing: str) -> list[str]:
 
 
 def _show_selection(outcomes) -> None:
-    from rich.markup import escape
-
     from llmcycle.runs_view import select_reasons, select_table
+    from llmcycle.textsafe import as_text
 
     for o in outcomes:
         if o.stage == "select" and "candidates" in o.summary:
             out.print(select_table(o.summary))
             for line in select_reasons(o.summary):
-                out.print(escape(line))
+                out.print(as_text(line))
             for note in o.summary.get("notes", []):
-                out.print(f"[yellow]note:[/] {escape(note)}")
+                out.print("[yellow]note:[/]", as_text(note))
             out.print(f"[dim]later stages use it as run:select/best (run {o.run_id})[/]")
 
 

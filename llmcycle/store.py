@@ -415,14 +415,13 @@ class RunStore:
         except KeyboardInterrupt:
             run.fail("interrupted", status="incomplete")
             raise
-        except UserError:
-            if before is not None and len(run.record.metrics()) == steps_before:
-                self._write_record(before)  # refused before any work: its status and error stay
-            else:
-                run.fail(f"UserError: {sys.exc_info()[1]}")
-            raise
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unchanged
-            run.fail(f"{type(exc).__name__}: {exc}")
+            refused = isinstance(exc, UserError) and before is not None \
+                and len(run.record.metrics()) == steps_before
+            if refused:
+                self._write_record(before)  # a resume refused before any work: its status and error stay
+            else:
+                run.fail(f"{type(exc).__name__}: {exc}")
             raise
         else:
             if run.record.status == "running":
