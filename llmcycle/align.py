@@ -337,7 +337,7 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
         trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), settings, window=window)
         train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
         result = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
-                               log=run.log, progress=progress)
+                               log=run.log, progress=progress, on_resume=run.rewind)
         # every step's figures are in metrics.jsonl (run.log); the summary keeps where PPO started and ended
         history = result.get("history") or []
         trained = {k: v for k, v in result.items() if k != "history"}
@@ -376,7 +376,8 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
     merge = cfg.policy_method == "lora" and (Path(path) / ADAPTER_CONFIG).is_file()
     to_save = policy.merge_and_unload() if merge else policy
     model_dir = save_model(to_save, tokenizer, run.artifacts / "model",
-                           {"base": ref, "base_path": path, "base_run": source_run, "method": cfg.method})
+                           {"base": ref, "base_path": path, "base_run": source_run, "method": cfg.method},
+                           project_dir=project.dir)
     saved = loaded_now(f"align/{variant}") if not merge else harness.LoadedModel(
         f"align/{variant}", str(model_dir), to_save.eval(), tokenizer, Generator(to_save, tokenizer, window), run.id)
     after, rows = evaluate_policy(project, saved, examples, prompts, label=f"after align.{variant}",

@@ -191,6 +191,15 @@ def check_same_run(path: Path, state: dict, config: dict, data_hash: str, extra:
                         + "; ".join(diffs) + " (restore them, or start a fresh run without --resume)")
 
 
+def resumed_from(ckpt: Path | None, state: dict) -> dict | None:
+    """What a summary records of a resume: the step and checkpoint it continued from, and when that
+    checkpoint was written (None for a run that started fresh)."""
+    if ckpt is None:
+        return None
+    return {"step": state.get("step"), "checkpoint": f"{Path(ckpt).parent.name}/{Path(ckpt).name}",
+            "checkpoint_time": state.get("time")}
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
     """Linear warmup to the peak lr over `warmup` steps, then linear or cosine decay to 0 at `total`."""
     if step < warmup:

@@ -20,13 +20,11 @@ def folder_mb(path: Path) -> float:
 
 def model_size_mb(model_dir: Path) -> float:
     """Size on disk of what serving the model loads: an adapter folder counts its local base too."""
-    import json
-
-    from llmcycle.tune import ADAPTER_CONFIG, BASE_FILE
+    from llmcycle.tune import ADAPTER_CONFIG, BASE_FILE, adapter_base
 
     size = folder_mb(model_dir)
     if (model_dir / ADAPTER_CONFIG).is_file() and (model_dir / BASE_FILE).is_file():
-        base = json.loads((model_dir / BASE_FILE).read_text()).get("base_path")
+        base = adapter_base(model_dir)
         if base and Path(base).is_dir():
             size += folder_mb(Path(base))
     return size

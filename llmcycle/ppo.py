@@ -39,7 +39,7 @@ from typing import Callable
 from pydantic import Field
 
 from .checkpoints import (check_same_run, config_hash, latest_checkpoint, load_trainer_state, read_state,
-                          restore_training_state, save_checkpoint, unusable)
+                          restore_training_state, resumed_from, save_checkpoint, unusable)
 from .configbase import Section
 from .errors import UserError
 from .models import decoder_prefix
@@ -499,8 +499,12 @@ class PPOTrainer:
         return config, config_hash(prompts), {"kind": self.kind, "policy": "adapter" if self.is_peft else "full"}
 
     def train(self, prompts: list[str], *, checkpoint_dir: Path | None = None, resume: bool = False,
-              log: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
-        """Run PPO until settings.steps steps are done; returns {"steps", "seconds", "history"}."""
+              log: Callable[[dict], None] | None = None, progress: bool = True,
+              on_resume: Callable[[int], object] | None = None) -> dict:
+        """Run PPO until settings.steps steps are done; returns {"steps", "seconds", "history",
+        "resumed_from"}. A resumed run's history and seconds include the steps before its checkpoint
+        (kept in the checkpoint), so its summary equals an uninterrupted run's; on_resume(step) is
+        called once a resume is accepted."""
         from .progress import bar
 
         if not prompts:
@@ -508,10 +512,19 @@ class PPOTrainer:
         self.encode_prompts(prompts)  # every prompt checked before the first step
         config, data_hash, extra = self._run_identity(prompts)
         root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        found, state = None, {}
         if resume and root is not None and (found := latest_checkpoint(root)) is not None:
-            check_same_run(found, read_state(found), config, data_hash, extra)
+            state = read_state(found)
+            check_same_run(found, state, config, data_hash, extra)
             self.load_checkpoint(found)
-        t0, history = time.perf_counter(), []
+            if on_resume is not None:
+                on_resume(self.steps_done)
+        t0, history, seconds_before = time.perf_counter(), list(state.get("history", [])), state.get("seconds", 0.0)
+
+        def identity() -> dict:
+            return {"config": config, "data_hash": data_hash, **extra, "history": history,
+                    "seconds": seconds_before + time.perf_counter() - t0, "time": time.time()}
+
         with bar(self.s.steps, "ppo", enabled=progress, unit="step") as advance:
             advance(self.steps_done)
             while self.steps_done < self.s.steps:
@@ -521,9 +534,10 @@ class PPOTrainer:
                 if log is not None and (self.steps_done % self.s.log_every == 0 or last):
                     log(stats)
                 if root is not None and (self.steps_done % self.s.checkpoint_every == 0 or last):
-                    self.save_checkpoint(root, {"config": config, "data_hash": data_hash, **extra})
+                    self.save_checkpoint(root, identity())
                 advance(self.steps_done)
-        return {"steps": self.steps_done, "seconds": time.perf_counter() - t0, "history": history}
+        return {"steps": self.steps_done, "seconds": seconds_before + time.perf_counter() - t0,
+                "history": history, "resumed_from": resumed_from(found, state)}
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, root: Path, state: dict | None = None) -> Path:

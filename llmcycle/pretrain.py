@@ -26,7 +26,7 @@ from typing import Callable, Literal
 from pydantic import Field, model_validator
 
 from .checkpoints import (check_same_run, config_hash, fsync_tree, latest_checkpoint, load_trainer_state,
-                          lr_factor, quiet_saves, read_state, restore_training_state, save_checkpoint,
+                          lr_factor, quiet_saves, read_state, restore_training_state, resumed_from, save_checkpoint,
                           training_bar, unusable)
 from .configbase import Section
 from .errors import UserError
@@ -170,14 +170,16 @@ def _load_checkpoint(path: Path, cfg: PretrainConfig):
 # --------------------------------------------------------------------------------------- training
 def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool = False,
           log: Callable[[dict], None] | None = None, progress: bool = True,
-          project_dir: Path | None = None, tokenizer=None) -> dict:
+          project_dir: Path | None = None, tokenizer=None,
+          on_resume: Callable[[int], object] | None = None) -> dict:
     """Train tokenizer + model in `work_dir` and return a summary (see module docstring).
 
     texts: the documents to train on (the project's training texts); files in cfg.corpus, resolved
     against project_dir (default: the current directory), are added to them. resume=True continues
     from the newest checkpoint so the result equals an uninterrupted run with the same settings.
     tokenizer: use this already-trained tokenizer instead of training one (e.g. to share one across
-    runs); it is saved to work_dir/tokenizer like a trained one. Ignored when resuming."""
+    runs); it is saved to work_dir/tokenizer like a trained one. Ignored when resuming.
+    on_resume(step): called once a resume from the checkpoint of `step` is accepted."""
     import numpy as np
     import torch
     from transformers import AutoTokenizer
@@ -204,6 +206,8 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot resume: tokenizer in {tok_dir} does not load ({exc})") from None
+        if on_resume is not None:
+            on_resume(state["step"])
     else:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with an older one's checkpoints
         if tokenizer is None:
@@ -243,8 +247,9 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     window: list[float] = list(state.get("loss_window", []))  # losses since the last log line
     last_loss = state.get("last_loss")
     n_params = sum(p.numel() for p in model.parameters())
-    sess_tokens = sess_useful = 0
     step_time = 0.0  # time in training steps only (not tokenizer training or checkpoint I/O)
+    # step and wall time of the steps before the checkpoint resumed from (rates cover the whole run)
+    done = {"step_time": 0.0, "wall_s": 0.0, **state.get("done", {})}
     win_tokens = win_useful = 0
     win_time = 0.0
 
@@ -252,7 +257,9 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
         return {"step": step, "epoch": epoch, "position": position, "config_hash": config_hash(_relevant(cfg)),
                 "config": _relevant(cfg), "data_hash": data_hash, "tokens_seen": tokens_seen,
                 "useful_tokens": useful_seen, "loss_window": window, "last_loss": last_loss,
-                "total_steps": total_steps}
+                "total_steps": total_steps, "time": time.time(),
+                "done": {"step_time": done["step_time"] + step_time,
+                         "wall_s": done["wall_s"] + time.perf_counter() - t_start}}
 
     with training_bar(progress) as bar:
         task = bar.add_task(f"pretrain {cfg.architecture}", total=total_steps, completed=step, loss="-", tps="-")
@@ -274,7 +281,7 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
             useful, total = batch_token_counts(batch, cfg.architecture)
             step, position = step + 1, position + 1
             tokens_seen, useful_seen = tokens_seen + total, useful_seen + useful
-            sess_tokens, sess_useful, step_time = sess_tokens + total, sess_useful + useful, step_time + dt
+            step_time += dt
             win_tokens, win_useful, win_time = win_tokens + total, win_useful + useful, win_time + dt
             window.append(float(loss.detach()))
             if position == batches_per_epoch:  # the saved position is where the *next* step starts
@@ -301,16 +308,17 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     fsync_tree(tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
+    all_step_time = done["step_time"] + step_time
     return {
         "architecture": cfg.architecture, "dims": preset_dims(cfg), "vocab_size": len(tokenizer),
         "parameters": n_params, "steps": step, "total_steps": total_steps, "examples": len(data),
         "tokens_seen": tokens_seen, "useful_tokens": useful_seen,
         "padding_fraction": 1 - useful_seen / tokens_seen if tokens_seen else 0.0,
         "final_loss": last_loss,
-        "tokens_per_s": sess_tokens / step_time if step_time else None,
-        "useful_tokens_per_s": sess_useful / step_time if step_time else None,
-        "wall_s": time.perf_counter() - t_start, "model_dir": str(model_dir),
-        "resumed_from": str(ckpt) if ckpt is not None else None,
+        "tokens_per_s": tokens_seen / all_step_time if all_step_time else None,
+        "useful_tokens_per_s": useful_seen / all_step_time if all_step_time else None,
+        "wall_s": done["wall_s"] + time.perf_counter() - t_start, "model_dir": str(model_dir),
+        "resumed_from": resumed_from(ckpt, state),
     }
 
 
@@ -332,6 +340,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     if project.config.data is not None and project.config.data.train:
         texts = corpus_texts(load_splits(project.config.data, project.dir, require_target=False).train)
     summary = train(cfg, texts, run.artifacts, resume=resume, log=run.log, progress=progress,
-                    project_dir=project.dir)
+                    project_dir=project.dir, on_resume=run.rewind)
     run.finish(summary)
     return summary

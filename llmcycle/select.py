@@ -132,7 +132,7 @@ def _candidate_model(project, name: str, cand: CandidateConfig, run) -> tuple[st
         path, producer = harness.resolve(ref, project)
     except UserError as exc:
         raise UserError(f"select.candidates.{name}: {exc}") from None
-    atomic_write_json(run.artifacts / MODEL_REF, {"model": path, "run": producer})
+    atomic_write_json(run.artifacts / MODEL_REF, project.store().model_pointer(path, producer))
     return path, producer, {"source": "run" if cand.run else "model", "reference": ref}
 
 
@@ -345,7 +345,8 @@ def choose(project, run) -> dict:
     notes = [] if len(counts) == 1 else [
         "candidates were scored on different numbers of eval examples (prompts over a candidate's window "
         "are not scored): " + ", ".join(f"{r['candidate']} {r['n_examples']}" for r in measured)]
-    atomic_write_json(run.artifacts / MODEL_REF, {"model": chosen["model_path"], "run": chosen["run"]})
+    # the chosen candidate's model as its own run resolves it (summaries hold project-relative paths)
+    atomic_write_json(run.artifacts / MODEL_REF, store.model_pointer(store.resolve_model(chosen["run"]), chosen["run"]))
     run.record.parent = chosen["run"]  # lineage: the chosen candidate's run made this model
     summary = {"chosen": chosen["candidate"], "chosen_run": chosen["run"], "model_path": chosen["model_path"],
                "metric": metric, "after_probe": probed, "picked": cfg.pick is not None, "candidates": rows,

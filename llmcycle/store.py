@@ -10,6 +10,9 @@ Layout, inside the project folder::
         summary.json               # final figures, written when the run completes
         artifacts/                 # what the run produced (a model folder, outputs, ...)
 
+Paths inside the project folder are recorded relative to it (summaries, model pointers, checkpoints),
+so a project can be moved or copied and its runs still resolve; what lies outside stays absolute.
+
 The run folder is the source of truth; the SQLite index only speeds up queries. Every file is written
 atomically (temporary file + os.replace), so a killed process leaves either the old or the new file,
 never half of one. A run whose process died while "running" is reported as "incomplete".
@@ -194,8 +197,20 @@ class Run:
         with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(line)
 
+    def rewind(self, step: int) -> dict:
+        """A resume from the checkpoint of `step`: metrics rows logged after it (the steps about to be
+        redone) are dropped, so curves do not double back, and the resume is recorded in run.json."""
+        rows = self.record.metrics()
+        kept = [r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= step]
+        if len(kept) != len(rows):
+            atomic_write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in kept))
+        resumed = {"step": step, "time": round(time.time(), 3), "dropped_metrics_rows": len(rows) - len(kept)}
+        self.record.meta["resumed_from"] = resumed
+        self.store._write_record(self.record)
+        return resumed
+
     def finish(self, summary: dict) -> None:
-        atomic_write_json(self.dir / "summary.json", summary)
+        atomic_write_json(self.dir / "summary.json", self.store.portable_tree(summary))
         self.store._set_status(self.record, "completed")
 
     def fail(self, error: str, status: str = "failed") -> None:
@@ -337,8 +352,9 @@ class RunStore:
         pointer = rec.artifacts / MODEL_REF
         if pointer.is_file():
             try:
-                target = json.loads(pointer.read_text())["model"]
-            except (OSError, ValueError, KeyError) as exc:
+                data = json.loads(pointer.read_text())
+                target = str((self.project_dir / data["path"]).resolve()) if data.get("path") else data["model"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"run {rec.id}: {pointer} is unreadable ({exc}); run its stage again") from None
             if Path(target).is_absolute():
                 if not Path(target).exists():
@@ -350,12 +366,46 @@ class RunStore:
             raise UserError(f"run {rec.id} ({rec.stage}) has no model folder at {path}")
         return path
 
+    def model_pointer(self, model: str | Path, run: str | None = None) -> dict:
+        """What MODEL_REF holds for a model kept elsewhere: a folder inside the project as "path"
+        (relative to it), anything else (a folder outside, a Hub id) as "model"."""
+        portable = self.portable(model)
+        if Path(str(model)).is_absolute() and not Path(portable).is_absolute():
+            return {"path": portable, "run": run}
+        return {"model": str(model), "run": run}
+
     def find_cached(self, stage: str, variant: str, content_hash: str) -> RunRecord | None:
         """The latest completed run of this stage/variant with the same config and inputs."""
         for rec in reversed(self.list(stage, variant, "completed")):
             if rec.content_hash == content_hash:
                 return rec
         return None
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def project_dir(self) -> Path:
+        return self.root.parent
+
+    def portable(self, path: str | Path) -> str:
+        """`path` relative to the project folder when it lies inside it (as posix), else unchanged."""
+        text = str(path)
+        if not Path(text).is_absolute():
+            return text
+        try:
+            return Path(text).resolve().relative_to(self.project_dir.resolve()).as_posix()
+        except ValueError:
+            return text
+
+    def portable_tree(self, data: Any) -> Any:
+        """`data` with every string that names an existing absolute path inside the project made
+        relative to it (summaries are written this way, so they survive a moved project)."""
+        if isinstance(data, dict):
+            return {k: self.portable_tree(v) for k, v in data.items()}
+        if isinstance(data, (list, tuple)):
+            return [self.portable_tree(v) for v in data]
+        if isinstance(data, str) and data.startswith(os.sep) and "\n" not in data and os.path.exists(data):
+            return self.portable(data)
+        return data
 
     # -- writing -----------------------------------------------------------------------------
     def _new_id(self, stage: str, variant: str) -> str:

@@ -227,8 +227,7 @@ def load_trained(path, dtype: str = "auto", device: str = "auto", trust_remote_c
         return models.load_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     from peft import PeftModel
 
-    meta = json.loads((path / BASE_FILE).read_text()) if (path / BASE_FILE).is_file() else {}
-    base = meta.get("base_path") or json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    base = adapter_base(path)
     if not base:
         raise UserError(f"adapter folder {path} does not say which base model it belongs to")
     model, _ = models.load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -242,9 +241,30 @@ def load_trained(path, dtype: str = "auto", device: str = "auto", trust_remote_c
     return model, tokenizer
 
 
-def save_model(model, tokenizer, dest: Path, meta: dict | None = None) -> Path:
-    """Write the trained model (the adapter, or the whole model for full) to `dest` atomically."""
+def adapter_base(path: Path) -> str | None:
+    """The base model an adapter folder belongs to: llmcycle_base.json's base_relative (a base inside
+    the same project, relative to the adapter folder, so a moved project still finds it), else its
+    base_path, else what peft wrote in adapter_config.json."""
+    path = Path(path)
+    meta = json.loads((path / BASE_FILE).read_text()) if (path / BASE_FILE).is_file() else {}
+    if meta.get("base_relative") and (path / meta["base_relative"]).is_dir():
+        return str((path / meta["base_relative"]).resolve())
+    if meta.get("base_path"):
+        return meta["base_path"]
+    if (path / ADAPTER_CONFIG).is_file():
+        return json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    return None
+
+
+def save_model(model, tokenizer, dest: Path, meta: dict | None = None, project_dir: Path | None = None) -> Path:
+    """Write the trained model (the adapter, or the whole model for full) to `dest` atomically. An
+    adapter whose base folder lies inside project_dir records it relative to itself too."""
     from .checkpoints import fsync_tree, quiet_saves
+
+    base = Path(str((meta or {}).get("base_path", "")))
+    if project_dir is not None and base.is_absolute() and base.is_dir() \
+            and base.resolve().is_relative_to(Path(project_dir).resolve()):
+        meta = {**meta, "base_relative": os.path.relpath(base.resolve(), Path(dest).resolve())}
 
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -299,14 +319,16 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                   resume=resume, log=run.log, progress=progress, task=project.config.project.task,
                   gen_cfg=ev.generation, dtype=opts.get("dtype", "auto"), device=opts.get("device", "auto"),
                   context_window=opts.get("context_window"),
-                  trust_remote_code=opts.get("trust_remote_code", False))
+                  trust_remote_code=opts.get("trust_remote_code", False),
+                  base_key=project.store().portable(base_path), on_resume=run.rewind)
     summary = dict(trained.summary)
     summary.update({"method": cfg.method, "base": ref, "base_path": base_path, "parent": base_run})
     if not trained.is_main:  # another data-parallel rank: rank 0 saves and evaluates
         return summary
 
     model_dir = save_model(trained.model, trained.tokenizer, run.artifacts / "model",
-                           {"base": ref, "base_path": base_path, "base_run": base_run, "method": cfg.method})
+                           {"base": ref, "base_path": base_path, "base_run": base_run, "method": cfg.method},
+                           project_dir=project.dir)
     summary["model_dir"] = str(model_dir)
 
     # The final evaluation: the unmerged trained model, the project's prompt, the whole eval split,

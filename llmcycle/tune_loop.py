@@ -28,7 +28,7 @@ from typing import Callable
 
 from .errors import UserError
 from .checkpoints import (COMPLETE_MARKER, check_same_run, config_hash, fsync_dir, fsync_tree,
-                          latest_checkpoint, load_trainer_state, lr_factor, quiet_saves, read_state,
+                          latest_checkpoint, load_trainer_state, lr_factor, quiet_saves, read_state, resumed_from,
                           restore_training_state, save_checkpoint, training_bar)
 
 # Fields that do not change the trained weights: they may differ when resuming.
@@ -239,8 +239,13 @@ def _load_weights(model, path: Path, method: str, cfg_dtype):
 def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_dir: Path, *,
         resume: bool = False, log: Callable[[dict], None] | None = None, progress: bool = True,
         task: str = "summarization", gen_cfg=None, dtype: str = "auto", device: str = "auto",
-        context_window: int | None = None, trust_remote_code: bool = False) -> Trained:
-    """Fine-tune the model at `base_path` as `cfg` says; checkpoints go under work_dir/checkpoints."""
+        context_window: int | None = None, trust_remote_code: bool = False, base_key: str | None = None,
+        on_resume: Callable[[int], object] | None = None) -> Trained:
+    """Fine-tune the model at `base_path` as `cfg` says; checkpoints go under work_dir/checkpoints.
+
+    base_key names the base in checkpoints (default base_path; the stage passes a project-relative
+    path, so a moved project resumes). on_resume(step) is called once a resume from the checkpoint of
+    `step` is accepted (the run store drops metrics rows of the steps to be redone)."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -303,9 +308,14 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     ckpt_root = Path(work_dir) / "checkpoints"
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     state: dict = {}
+    base_key = base_key or base_path
     if ckpt is not None:
         state = read_state(ckpt)
-        check_same_run(ckpt, state, relevant, data_hash, extra={"base": base_path})
+        # checkpoints written before bases were named relative to the project hold the absolute path
+        check_same_run(ckpt, state, relevant, data_hash,
+                       extra={"base": base_path if state.get("base") == base_path else base_key})
+        if main and on_resume is not None:
+            on_resume(state["step"])
     elif main:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with older checkpoints
     if main and ckpt_root.is_dir():
@@ -401,15 +411,23 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     stopped_early = state.get("stopped_early", False)
     window_losses: list[float] = list(state.get("loss_window", []))
     last_loss = state.get("last_loss")
+    # tokens, step time and wall time of the steps before the checkpoint resumed from: the summary's
+    # rates and times cover the whole run, not only this process's share of it
+    done = {"tokens": 0, "useful_tokens": 0, "step_time": 0.0, "wall_s": 0.0, **state.get("done", {})}
     sess_tokens = sess_useful = 0
     step_time = 0.0
     win_tokens, win_time = 0, 0.0
 
+    def so_far() -> dict:
+        return {"tokens": done["tokens"] + sess_tokens, "useful_tokens": done["useful_tokens"] + sess_useful,
+                "step_time": done["step_time"] + step_time,
+                "wall_s": done["wall_s"] + time.perf_counter() - t_start}
+
     def checkpoint_state() -> dict:
-        return {"step": step, "epoch": epoch, "position": position, "config": relevant, "base": base_path,
+        return {"step": step, "epoch": epoch, "position": position, "config": relevant, "base": base_key,
                 "config_hash": config_hash(relevant), "data_hash": data_hash, "best": best, "best_step": best_step,
                 "bad_evals": bad, "stopped_early": stopped_early, "loss_window": window_losses,
-                "last_loss": last_loss, "total_steps": total_steps}
+                "last_loss": last_loss, "total_steps": total_steps, "done": so_far(), "time": time.time()}
 
     with training_bar(progress and main) as bar:
         task_id = bar.add_task(f"tune {cfg.method}", total=total_steps, completed=step, loss="-", tps="-")
@@ -488,16 +506,18 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
         handle.remove()
     if window_losses:
         last_loss = sum(window_losses) / len(window_losses)
+    whole_run = so_far()
     summary = {
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
         "train_examples": len(features), "skipped_overlong": len(enc.skipped), "skipped": enc.skipped[:10],
         "steps": step, "total_steps": total_steps, "epochs_done": round(step / steps_per_epoch, 4),
         "final_train_loss": last_loss, "best_step": best_step, "best_headline": best,
         "stopped_early": stopped_early, "stopped_at": step if stopped_early else None,
-        "train_wall_s": round(time.perf_counter() - t_start, 3),
-        "tokens_per_s": sess_tokens / step_time if step_time else None,
-        "useful_tokens_per_s": sess_useful / step_time if step_time else None,
-        "world_size": world, "resumed_from": str(ckpt) if ckpt is not None else None,
+        "train_wall_s": round(whole_run["wall_s"], 3),
+        "tokens_per_s": whole_run["tokens"] / whole_run["step_time"] if whole_run["step_time"] else None,
+        "useful_tokens_per_s": (whole_run["useful_tokens"] / whole_run["step_time"]
+                                if whole_run["step_time"] else None),
+        "world_size": world, "resumed_from": resumed_from(ckpt, state),
         "chunked_loss": head is not None,  # the vocabulary logits recomputed chunk by chunk
     }
     return Trained(inner, tok, kind, window, accel.device, main, summary)

@@ -249,9 +249,15 @@ def test_resume_ends_where_an_uninterrupted_run_ends(dirs, tmp_path, kind, lora)
     assert (ckpt / "model" / ("adapter_model.safetensors" if lora else "policy.safetensors")).is_file()
 
     resumed = PPOTrainer(*make(), kind, count_bangs, settings(steps=4, **s))
-    rest = resumed.train(PROMPTS, checkpoint_dir=tmp_path, resume=True, progress=False)["history"]
-    assert [h["step"] for h in rest] == [3, 4]
-    for a, b in zip(full_history[2:], rest):
+    rewound = []
+    result = resumed.train(PROMPTS, checkpoint_dir=tmp_path, resume=True, progress=False, on_resume=rewound.append)
+    # the history (what the summary's first/last figures are computed from) covers every step,
+    # the two before the checkpoint read back from it
+    history = result["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and rewound == [2]
+    assert result["resumed_from"]["step"] == 2 and result["resumed_from"]["checkpoint"].endswith("step-2")
+    assert result["seconds"] >= sum(h["seconds"] for h in history)  # the first session's steps included
+    for a, b in zip(full_history, history):
         assert a["score_mean"] == b["score_mean"] and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
     assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value, rel=1e-9)
     assert straight.kl_ctl.value != pytest.approx(0.2)

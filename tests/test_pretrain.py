@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,9 +269,16 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, arch):
         train(cfg, texts, tmp_path / "part", log=crash_at_9, progress=False)
     assert sorted(p.name for p in (tmp_path / "part/checkpoints").iterdir()) == ["step-4", "step-8"]
     part_logs.clear()
+    rewound = []
+    started = time.perf_counter()
     summary = train(cfg.model_copy(update={"checkpoint_every": 5}), texts, tmp_path / "part", resume=True,
-                    log=part_logs.append, progress=False)  # checkpoint_every may change
-    assert summary["resumed_from"].endswith("step-8") and summary["steps"] == 14
+                    log=part_logs.append, progress=False, on_resume=rewound.append)  # checkpoint_every may change
+    session = time.perf_counter() - started
+    assert summary["resumed_from"]["checkpoint"] == "checkpoints/step-8" and summary["steps"] == 14
+    assert summary["resumed_from"]["step"] == 8 and rewound == [8]
+    # the summary covers the whole run: every token, and the first session's time up to step 8 too
+    assert summary["tokens_seen"] == part_logs[-1]["tokens"] == full_logs[-1]["tokens"]
+    assert summary["wall_s"] > session
     assert [m["step"] for m in part_logs] == [9, 12, 14]
     assert part_logs[-1]["loss"] == pytest.approx(full_logs[-1]["loss"], abs=1e-6)
     assert part_logs[0]["loss"] == pytest.approx(full_logs[2]["loss"], abs=1e-6)

@@ -196,3 +196,55 @@ def test_a_refused_resume_leaves_the_killed_run_as_it_was(tmp_path):
             resumed.log({"step": 20, "loss": 1.5})  # resumed work happened: this failure is the run's
             raise UserError("disk full")
     assert store.get(run.id).status == "failed" and "disk full" in store.get(run.id).error
+
+
+def test_rewind_drops_the_rows_of_steps_to_be_redone_and_records_the_resume(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    with store.start("tune", "v", {}) as run:
+        for step in (10, 20, 30):
+            run.log({"step": step, "loss": 1.0 / step})
+        run.log({"phase": "probe"})  # rows without a step stay
+        run.log({"step": 20, "val_loss": 0.5})
+        run.fail("killed", status="incomplete")
+    run = store.reopen(run.id)
+    resumed = run.rewind(20)
+    rows = store.get(run.id).metrics()
+    assert [(r.get("step"), "loss" in r) for r in rows] == [(10, True), (20, True), (None, False), (20, False)]
+    assert resumed["step"] == 20 and resumed["dropped_metrics_rows"] == 1
+    assert store.get(run.id).meta["resumed_from"] == resumed
+    run.log({"step": 30, "loss": 0.03})
+    assert [r.get("step") for r in store.get(run.id).metrics()] == [10, 20, None, 20, 30]
+
+
+def test_paths_inside_the_project_are_recorded_relative_to_it(tmp_path):
+    store = RunStore(tmp_path / "proj" / "runs")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with store.start("eval", "v", {}) as run:
+        inside = run.artifacts / "model"
+        inside.mkdir()
+        run.finish({"model_dir": str(inside), "nested": [{"p": str(inside)}], "outside": str(outside),
+                    "missing": str(tmp_path / "proj" / "gone"), "text": "hello", "n": 3})
+    saved = json.loads((run.dir / "summary.json").read_text())
+    assert saved["model_dir"] == saved["nested"][0]["p"] == f"runs/{run.id}/artifacts/model"
+    assert saved["outside"] == str(outside) and saved["missing"] == str(tmp_path / "proj" / "gone")
+    assert saved["text"] == "hello" and saved["n"] == 3
+    assert store.model_pointer(inside, "r1") == {"path": f"runs/{run.id}/artifacts/model", "run": "r1"}
+    assert store.model_pointer(outside) == {"model": str(outside), "run": None}
+    assert store.model_pointer("org/model") == {"model": "org/model", "run": None}
+
+
+def test_a_model_pointer_inside_the_project_resolves_after_a_move(tmp_path):
+    import shutil
+
+    store = RunStore(tmp_path / "a" / "runs")
+    with store.start("select", "x", {}) as made:
+        (made.artifacts / "model").mkdir()
+        (made.artifacts / "model" / "config.json").write_text("{}")
+        made.finish({})
+    with store.start("select", "best", {}) as best:
+        atomic_write_json(best.artifacts / "model_ref.json", store.model_pointer(made.artifacts / "model", made.id))
+        best.finish({})
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    moved = RunStore(tmp_path / "b" / "runs")
+    assert moved.resolve_model("select/best") == tmp_path / "b" / "runs" / made.id / "artifacts" / "model"

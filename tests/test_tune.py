@@ -2,6 +2,7 @@
 learning, bad input, validation and early stopping, kill -9 + resume, merging."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from llmcycle.config import load_project
 from llmcycle.data import Example
 from llmcycle.errors import UserError
-from llmcycle.tune import TuneConfig, load_base, load_trained, wrap
+from llmcycle.tune import TuneConfig, adapter_base, load_base, load_trained, wrap
 from llmcycle.tune_loop import fit
 from tiny import make_gpt2, make_t5
 
@@ -301,18 +302,48 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     runs = project(path).store().list("tune")
     assert [r.status for r in runs] == ["incomplete"], "the run must be killed mid-way"
 
+    # the project is moved before it is resumed: nothing may point back into the old folder
+    shutil.copytree(tmp_path / "killed", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "killed")
+    path = tmp_path / "moved" / "llmcycle.yaml"
     changed = run(tune_command(path, resume=True, sets=["tune.v.lr=0.0002"]), check=False)
     assert changed.returncode == 2 and "lr: 0.0001 → 0.0002" in changed.stderr, changed.stderr
+    assert project(path).store().get(runs[0].id).status == "incomplete", "a refused resume changes nothing"
 
     resumed = json.loads(run(tune_command(path, resume=True)).stdout)[0]
-    assert resumed["run_id"] == runs[0].id and resumed["summary"]["resumed_from"]
+    assert resumed["run_id"] == runs[0].id
     assert resumed["summary"]["steps"] == 120 and resumed["summary"]["best_step"] == done["best_step"]
     assert resumed["summary"]["final_train_loss"] == pytest.approx(done["final_train_loss"], abs=1e-5)
     a, b = _adapter(Path(done["model_dir"])), _adapter(Path(resumed["summary"]["model_dir"]))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
-    assert project(path).store().get(runs[0].id).status == "completed"
+    rec = project(path).store().get(runs[0].id)
+    assert rec.status == "completed"
+
+    # bookkeeping of the whole run: where it resumed, each step logged once, times over both sessions
+    at = rec.meta["resumed_from"]["step"]
+    assert at % 20 == 0 and 0 < at < 120
+    assert resumed["summary"]["resumed_from"] == {"step": at, "checkpoint": f"checkpoints/step-{at}",
+                                                  "checkpoint_time": pytest.approx(rec.created, abs=300)}
+    train_steps = [m["step"] for m in rec.metrics() if "loss" in m]
+    assert train_steps == list(range(10, 121, 10))
+    assert [m["step"] for m in rec.metrics() if "val_loss" in m] == [40, 80, 120]
+    assert resumed["summary"]["train_wall_s"] > rec.finished - rec.meta["resumed_from"]["time"]
+
+    # what was recorded resolves in the new folder: relative paths, the adapter's base found
+    shown = run([sys.executable, "-m", "llmcycle", "runs", "show", rec.id, "-p", str(path), "--json"]).stdout
+    shown_fields = {k: v for k, v in json.loads(shown).items() if k != "command"}  # the command as typed
+    assert "killed" not in json.dumps(shown_fields)
+    assert shown_fields["summary"]["model_dir"] == f"runs/{rec.id}/artifacts/model"
+    base_file = json.loads((rec.artifacts / "model" / "llmcycle_base.json").read_text())
+    assert base_file["base_relative"] == "../../../../base"
+    shutil.copytree(tmp_path / "moved", tmp_path / "again")  # the adapter finds its base in the copy
+    shutil.rmtree(tmp_path / "moved")
+    adapter = tmp_path / "again" / json.loads(shown)["summary"]["model_dir"]
+    assert adapter_base(adapter) == str((tmp_path / "again" / "base").resolve())
+    model, _ = load_trained(adapter, device="cpu")
+    assert model.peft_config["default"].r > 0
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
