@@ -208,6 +208,9 @@ class FollowerRun:
     def finish(self, summary: dict) -> None:
         pass
 
+    def rewind(self, step: int) -> None:
+        pass
+
 
 def execute(project, stage: str, variant: str, *, force: bool = False, resume: bool = False,
             progress: bool = True) -> Outcome:

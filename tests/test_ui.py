@@ -38,8 +38,6 @@ def local_client(app):
 from servers import running  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("LLMCYCLE_TEST_ARTIFACTS") or Path(__file__).parent / "_artifacts")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EXAMPLES = [("Anna books a table for two.", "Anna reserves a table."),
             ("Ben buys a red phone case.", "Ben buys a case."),
             ("Cleo takes the train to Lisbon.", "Cleo travels to Lisbon.")]
@@ -278,20 +276,6 @@ def test_cli_refuses_a_missing_project(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- the browser
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright is not installed (pip install playwright==1.65.2)")
-    exe = os.environ.get("LLMCYCLE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install chromium): browser tests skipped")
-    with sync_api.sync_playwright() as p:
-        # The system's Chromium, not `playwright install`: that would download browsers at test time.
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
 @pytest.fixture(scope="module")
 def ui_url(project, model_url):
     _, store, _ = project

@@ -1,5 +1,6 @@
 // The dashboard's three views (runs, compare, playground) over the JSON API of llmcycle/ui.py.
-// Text from runs (outputs, ids, errors) is always set with textContent, never parsed as HTML.
+// Text from runs (outputs, ids, errors) is always set with textContent, never parsed as HTML, and its
+// control characters are shown as symbols (TextSafe.visible, textsafe.js).
 "use strict";
 
 const $ = id => document.getElementById(id);
@@ -15,7 +16,9 @@ function h(tag, attrs = {}, ...children) {
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else node.setAttribute(k, v);
   }
-  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  for (const c of children) {
+    if (c !== null && c !== undefined) node.append(typeof c === "string" ? TextSafe.visible(c) : c);
+  }
   return node;
 }
 
@@ -33,7 +36,7 @@ async function getJSON(url) {
 
 function say(node, text, kind = "info") {
   node.hidden = !text;
-  node.textContent = text || "";
+  node.textContent = TextSafe.visible(text || "");
   node.className = `message ${kind}`;
 }
 
@@ -258,17 +261,17 @@ async function loadModels() {
     const data = await getJSON("/api/models");
     fillSelect($("model"), data.models, m => m, false);
     status.className = "dim";
-    status.textContent = `model server ${data.url}: ${data.models.join(", ") || "no model"}`;
+    status.textContent = TextSafe.visible(`model server ${data.url}: ${data.models.join(", ") || "no model"}`);
     state.models = data.models;
   } catch (e) {
     status.className = "error";
-    status.textContent = e.message;
+    status.textContent = TextSafe.visible(e.message);
   }
 }
 
 function playError(text) {
   $("play-error").hidden = false;
-  $("play-error").textContent = text;
+  $("play-error").textContent = TextSafe.visible(text);
   $("answer").dataset.state = "error";
 }
 
@@ -338,7 +341,7 @@ function onEvent(event) {
     const choice = (obj.choices || [])[0] || {};
     const text = choice.delta && choice.delta.content;
     if (text) {
-      $("answer").append(text);
+      $("answer").append(TextSafe.visible(text));
       $("answer").dataset.chunks = String(+$("answer").dataset.chunks + 1);
     }
     finish = choice.finish_reason || finish;

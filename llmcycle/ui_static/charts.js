@@ -11,7 +11,7 @@ const Charts = (() => {
   function el(tag, attrs = {}, text = null) {
     const node = document.createElementNS(NS, tag);
     for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-    if (text !== null) node.textContent = text;
+    if (text !== null) node.textContent = TextSafe.visible(text);
     return node;
   }
 
