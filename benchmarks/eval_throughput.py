@@ -42,7 +42,8 @@ def build_model(args, corpus: list[str], pairs: list[dict], out: Path) -> dict:
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from llmcycle.pretrain import PretrainConfig, build_model_config
+    from llmcycle.pretrain import PretrainConfig
+    from llmcycle.scratch import build_model_config
     from llmcycle.pretrain_data import train_tokenizer
 
     cfg = PretrainConfig(architecture="t5", size="small", vocab_size=args.vocab, seq_len=WINDOW, max_steps=1,

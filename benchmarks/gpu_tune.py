@@ -101,7 +101,7 @@ def main() -> int:
 
     from llmcycle.data import Example
     from llmcycle.models import load_tokenizer
-    from llmcycle.tune import TuneConfig
+    from llmcycle.finetune import TuneConfig
     from llmcycle.tune_loop import fit
 
     records = read_jsonl(train_file, args.examples)

@@ -93,8 +93,8 @@ def main() -> int:
     from llmcycle.data import Example
     from llmcycle.generation import GenerationConfig, Generator
     from llmcycle.models import load_model
-    from llmcycle.optimize import load_source, parameter_count, weights_mb
-    from llmcycle.quantize import conv1d_to_linear, dynamic_linears, quantize_int8, save_int8
+    from llmcycle.folders import load_source, parameter_count, weights_mb
+    from llmcycle.int8 import conv1d_to_linear, dynamic_linears, quantize_int8, save_int8
 
     model_dir = args.model
     if model_dir is None:  # the random t5-small that tune_throughput.py builds (and caches)

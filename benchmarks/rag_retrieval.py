@@ -150,7 +150,8 @@ def main() -> int:
     import torch
 
     from llmcycle import rag
-    from llmcycle.rag_index import DEFAULT_PARAMS, Index, build_faiss, load_embedding_model
+    from llmcycle.rag_index import DEFAULT_PARAMS, Index, build_faiss
+    from llmcycle.embeddings import load_embedding_model
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

@@ -57,7 +57,8 @@ def build_model(args, out: Path) -> dict:
     import torch
 
     from llmcycle.models import auto_class
-    from llmcycle.pretrain import PretrainConfig, build_model_config
+    from llmcycle.pretrain import PretrainConfig
+    from llmcycle.scratch import build_model_config
     from llmcycle.pretrain_data import train_tokenizer
 
     cfg = PretrainConfig(architecture=args.arch, size="tiny", d_model=args.d_model, n_layers=args.layers,

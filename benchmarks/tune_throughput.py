@@ -51,7 +51,8 @@ def build_model(args, records: list[dict], out: Path) -> None:
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from llmcycle.pretrain import PretrainConfig, build_model_config
+    from llmcycle.pretrain import PretrainConfig
+    from llmcycle.scratch import build_model_config
     from llmcycle.pretrain_data import train_tokenizer
 
     cfg = PretrainConfig(architecture="t5", size="small", vocab_size=args.vocab, seq_len=INPUT_LEN,
@@ -89,7 +90,7 @@ def choose(records: list[dict], tok, n: int, label_len: int) -> tuple[list[dict]
 def run_fit(args, model_dir: Path, records: list[dict], method: str, steps: int, work: Path, log=None):
     """llmcycle's training loop, exactly as `llmcycle tune` calls it; returns its summary."""
     from llmcycle.data import Example
-    from llmcycle.tune import TuneConfig
+    from llmcycle.finetune import TuneConfig
     from llmcycle.tune_loop import fit
 
     cfg = TuneConfig(method=method, batch_size=args.batch_size, max_steps=steps, lr=args.lr, r=32, alpha=32,
@@ -141,7 +142,7 @@ def run_course(args, model_dir: Path, tok, records: list[dict]) -> dict:
 
 def child_memory(args, model_dir: Path, records: list[dict], method: str) -> dict:
     """One `fit` in this fresh process; peak RSS at the points that separate fixed costs from training."""
-    import llmcycle.tune as tune_mod
+    import llmcycle.tune_loop as tune_mod  # fit calls the load_base bound in its module
 
     marks = {"start_kib": maxrss_kib()}  # interpreter, torch/transformers imports, the JSONL read
     original = tune_mod.load_base

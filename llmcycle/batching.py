@@ -34,7 +34,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import UserError
+from llmcycle.errors import UserError
 
 log = logging.getLogger("llmcycle.serve")
 

@@ -9,7 +9,6 @@ end exactly where an uninterrupted one does.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -19,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from llmcycle.errors import UserError
+from llmcycle.files import fsync_dir, fsync_tree, quiet_saves
 
 COMPLETE_MARKER = "COMPLETE"
 KEEP_CHECKPOINTS = 2
@@ -27,51 +27,6 @@ TRAINER_KEYS = {"optimizer", "scheduler", "rng_python", "rng_numpy", "rng_torch"
 
 def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def quiet_saves():
-    """save_pretrained draws its own 'Writing model shards' bar; keep stderr to our one bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def quiet_loads():
-    """from_pretrained prints a weight-loading bar and a report of unused or new weights; the caller
-    reports what matters itself (a missing head is expected when training, an error when scoring)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with quiet_saves():
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(path)
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -213,8 +168,14 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> f
 def training_bar(enabled: bool):
     """A rich progress bar for training steps: steps/s, ETA, and live loss and tokens/s fields."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class StepRate(ProgressColumn):

@@ -15,18 +15,18 @@ import yaml
 from pydantic import Field, ValidationError
 
 from llmcycle.align import AlignConfig
-from llmcycle.configbase import Section
+from llmcycle.augment_config import AugmentConfig
+from llmcycle.configbase import Section, _describe
 from llmcycle.data import DataConfig
 from llmcycle.errors import UserError, suggest
-from llmcycle.evaluate import EvaluateConfig
+from llmcycle.eval_settings import EvaluateConfig
+from llmcycle.finetune import TuneConfig
 from llmcycle.models import ModelConfig
 from llmcycle.optimize import OptimizeConfig
 from llmcycle.pretrain import PretrainConfig
 from llmcycle.prompt import PromptConfig
 from llmcycle.scope import ScopeConfig
 from llmcycle.select import SelectConfig
-from llmcycle.serve_augment import AugmentConfig
-from llmcycle.tune import TuneConfig
 
 PROJECT_FILE = "llmcycle.yaml"
 TASKS = ("summarization", "qa", "classification", "generation")
@@ -171,31 +171,6 @@ def _section_at(loc: tuple):
         if not (isinstance(cls, type) and issubclass(cls, Section)):
             return None
     return cls
-
-
-def _describe(err: dict) -> str:
-    kind, ctx = err["type"], err.get("ctx") or {}
-    given = err.get("input")
-    given_text = repr(given) if not isinstance(given, dict) else "a mapping"
-    expected = {
-        "float_parsing": "a number", "float_type": "a number", "int_parsing": "an integer",
-        "int_type": "an integer", "int_from_float": "an integer", "bool_parsing": "true or false",
-        "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
-        "model_type": "a mapping", "list_type": "a list",
-    }.get(kind)
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-              "less_than_equal": "<="}[kind]
-        bound = next(iter(ctx.values()))
-        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
-        expected = f"a value {op} {bound}"
-    elif kind == "literal_error":
-        expected = "one of " + str(ctx.get("expected", ""))
-    elif kind == "missing":
-        return "is required but missing"
-    elif expected is None:
-        return err["msg"].replace("Value error, ", "")
-    return f"expected {expected}, got {given_text}"
 
 
 def format_validation_error(exc: ValidationError, source: str, lines: dict[str, int]) -> str:

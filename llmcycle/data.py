@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .configbase import Section
-from .errors import UserError, suggest
+from llmcycle.configbase import Section
+from llmcycle.errors import UserError, suggest
 
 SUPPORTED_FORMATS = ".jsonl, .json, .csv, .parquet, a datasets save_to_disk folder (folder or folder:SPLIT), hf:NAME[:CONFIG][:SPLIT]"
 _HASH_LIMIT = 256 * 1024 * 1024  # bigger files are identified by size + mtime: hashing them costs too much

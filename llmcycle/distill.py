@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
-from .tune_loop import answer_logits  # the forward every training loss here shares (tune, DPO, this)
+from llmcycle.errors import UserError
+from llmcycle.tune_loop import (
+    answer_logits,  # the forward every training loss here shares (tune, DPO, this)
+)
 
 # model_type -> pretrain's architecture name (bart: warm-started encoder-decoders, llmcycle/warm_start.py)
 ARCHITECTURES = {"t5": "t5", "mt5": "t5", "gpt2": "gpt", "bart": "bart"}
@@ -73,7 +75,7 @@ def student_config(teacher_config, student):
     """The student's transformers config: the teacher's with the dimensions `student` (StudentConfig) asks."""
     import copy
 
-    from .pretrain import PRESETS
+    from llmcycle.scratch import PRESETS
 
     arch = ARCHITECTURES.get(teacher_config.model_type)
     if arch is None:
@@ -154,7 +156,7 @@ def build_student(teacher, cfg):
     """(student model, how it was initialised); refuses a student that is not smaller."""
     import torch
 
-    from .models import auto_class, meta_model
+    from llmcycle.models import auto_class, meta_model
 
     config = student_config(teacher.config, cfg.student)
     n_student = sum(p.numel() for p in meta_model(config).parameters())
@@ -178,8 +180,8 @@ def build_student(teacher, cfg):
 # ------------------------------------------------------------------------------------ the training
 def training_features(examples, template: str, tokenizer, kind: str, window: int):
     """tune's encoding of (prompt, first reference) pairs; overlong examples skipped and counted."""
-    from .prompts import build_prompt
-    from .tune_data import encode_examples
+    from llmcycle.prompts import build_prompt
+    from llmcycle.tune_data import encode_examples
 
     encoded = encode_examples(examples, [build_prompt(template, ex) for ex in examples], tokenizer, kind,
                               window, on_overflow="skip")
@@ -196,8 +198,8 @@ def fit_steps(model, features: list[dict], pad_id: int, loss_fn: Callable, *, st
     `features`; loss_fn(model, batch) -> (loss, extra figures). Returns the loss history."""
     import torch
 
-    from .checkpoints import lr_factor, training_bar
-    from .tune_data import collate, length_grouped_batches
+    from llmcycle.checkpoints import lr_factor, training_bar
+    from llmcycle.tune_data import collate, length_grouped_batches
 
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -243,9 +245,9 @@ def teacher_outputs(teacher, tokenizer, examples, template: str, gen_cfg, window
     """The examples with the teacher's greedy output for each prompt as their only target."""
     from dataclasses import replace
 
-    from .generation import GenerationConfig, Generator
-    from .progress import bar
-    from .prompts import build_prompt
+    from llmcycle.generation import GenerationConfig, Generator
+    from llmcycle.progress import bar
+    from llmcycle.prompts import build_prompt
 
     greedy = GenerationConfig(max_new_tokens=gen_cfg.max_new_tokens, batch_size=gen_cfg.batch_size,
                               max_batch_tokens=gen_cfg.max_batch_tokens, stop=gen_cfg.stop)
@@ -260,8 +262,8 @@ def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: d
     """Distill the source (teacher) into a student saved at dest; facts for the run's summary."""
     import torch
 
-    from .models import context_window, model_kind, resolve_device
-    from .optimize import load_source, save_folder, source_facts
+    from llmcycle.folders import load_source, save_folder, source_facts
+    from llmcycle.models import context_window, model_kind, resolve_device
 
     device = resolve_device(opts.get("device", "auto"))
     teacher, tok, merged = load_source(source_path, dtype="float32", device=device,

@@ -21,8 +21,8 @@ from typing import Callable
 
 from pydantic import Field, ValidationError, field_validator
 
-from .configbase import Section
-from .errors import UserError, suggest
+from llmcycle.configbase import Section
+from llmcycle.errors import UserError, suggest
 
 
 class GenerationConfig(Section):
@@ -73,7 +73,7 @@ class GenerationConfig(Section):
         try:
             return cls.model_validate(d)
         except ValidationError as exc:
-            from .config import _describe  # lazy: config may import this module
+            from llmcycle.configbase import _describe
 
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
@@ -104,7 +104,8 @@ class Generator:
     calls (the tokenizer is never mutated after __init__, which matters for a threaded server)."""
 
     def __init__(self, model, tokenizer, context_window: int | None = None):
-        from .models import context_window as window_of, model_kind
+        from llmcycle.models import context_window as window_of
+        from llmcycle.models import model_kind
 
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(model.config)
@@ -123,7 +124,7 @@ class Generator:
     # -- preparing inputs ---------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt, never truncated."""
-        from .prompts import encode_prompt, uses_chat_template
+        from llmcycle.prompts import encode_prompt, uses_chat_template
 
         if uses_chat_template(self.tokenizer, self.kind):
             # chat models get the prompt as a user turn, exactly as fine-tuning formats it
@@ -251,7 +252,7 @@ class Generator:
     @property
     def decoder_prefix(self) -> list[int]:
         """What a seq2seq decoder reads before its first output (models.decoder_prefix)."""
-        from .models import decoder_prefix
+        from llmcycle.models import decoder_prefix
 
         return decoder_prefix(self.model)
 

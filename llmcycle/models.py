@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from .configbase import Section
-from .errors import UserError
+from llmcycle.configbase import Section
+from llmcycle.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model",
                    "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt")
@@ -239,11 +239,11 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", tru
     quantized to int8 is rebuilt and quantized again (llmcycle.quantize.load_int8); a bitsandbytes
     folder (quantization_config in config.json) is placed on the GPU while loading."""
     if adapter_base(name_or_path) is not None:
-        from llmcycle.tune import load_trained
+        from llmcycle.adapters import load_trained
 
         return load_trained(name_or_path, dtype=dtype, device=device)
     if (Path(name_or_path) / INT8_MARKER).is_file():
-        from llmcycle.quantize import load_int8
+        from llmcycle.int8 import load_int8
 
         return load_int8(name_or_path, device=device, trust_remote_code=trust_remote_code)
     config = load_config(name_or_path, trust_remote_code)
@@ -256,7 +256,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", tru
         method = quantization.get("quant_method") if isinstance(quantization, dict) else \
             getattr(quantization, "quant_method", None)
         if str(method).endswith("bitsandbytes"):
-            from llmcycle.quantize import check_bitsandbytes
+            from llmcycle.int8 import check_bitsandbytes
 
             check_bitsandbytes(f"model {name_or_path} (quantized with bitsandbytes)")
         # quantized weights are placed while loading; moving them afterwards is refused

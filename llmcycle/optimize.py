@@ -25,18 +25,22 @@ in the same run folder.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .configbase import Section
-from .errors import UserError
+from llmcycle.configbase import Section
+from llmcycle.errors import UserError
+from llmcycle.folders import (
+    load_source,
+    parameter_count,
+    save_folder,
+    source_facts,
+    weights_mb,
+)
 
-INFO_FILE = "llmcycle_optimize.json"  # what was done to make the folder (for people and lineage)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ONNX_INSTALL = "pip install 'optimum[onnxruntime]'"
 
 
@@ -124,87 +128,10 @@ class OptimizeConfig(Section):
         return self
 
 
-# -------------------------------------------------------------------------------- shared helpers
-def weights_mb(folder: Path) -> float:
-    """Megabytes of the weight files in a model folder (config and tokenizer not counted)."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir()
-               if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) / 2**20
-
-
-def tensor_mb(model) -> float:
-    """Megabytes of a model's parameters and buffers in memory, tied tensors counted once."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total / 2**20
-
-
-def parameter_count(model) -> int:
-    """Parameters as trained: int8 weights packed outside parameters() by dynamic quantization count
-    too, and bitsandbytes' 4-bit tensors (two weights per stored byte) count twice."""
-    from .quantize import dynamic_linears
-
-    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
-    for module in dynamic_linears(model).values():
-        weight, bias = module._weight_bias()
-        total += weight.numel() + (bias.numel() if bias is not None else 0)
-    return total
-
-
-def source_facts(model, merged: bool) -> dict:
-    """The source's size in memory and parameter count, for the summary's ratios."""
-    return {"source_size_mb": round(tensor_mb(model), 3), "source_parameters": parameter_count(model),
-            "merged_adapter": merged}
-
-
-def is_quantized(path: str) -> bool:
-    from .quantize import QUANT_MARKER
-
-    folder = Path(path)
-    if (folder / QUANT_MARKER).is_file():
-        return True
-    try:
-        return "quantization_config" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def load_source(path: str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """(plain model, tokenizer, whether adapters were merged) of the model to optimize. Optimizing
-    starts from full-precision weights: an already quantized model is refused."""
-    from .tune import load_trained
-
-    if is_quantized(path):
-        raise UserError(f"optimize: source {path} is already quantized; optimize the unquantized model "
-                        "(quantize last)")
-    model, tok = load_trained(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if not hasattr(model, "peft_config"):
-        return model, tok, False
-    try:
-        merged = model.merge_and_unload()
-    except AttributeError:  # prompt tuning: a soft prompt is input, not weights to merge into
-        raise UserError(f"optimize: source {path} is a {model.active_peft_config.peft_type} adapter, which "
-                        "cannot be merged into the model's weights; optimize a LoRA or fully tuned model") from None
-    merged.eval()
-    return merged, tok, True
-
-
-def save_folder(model, tokenizer, dest: Path, info: dict) -> Path:
-    """A plain Hugging Face folder, written atomically, describing how it was made."""
-    from .tune import save_model
-
-    save_model(model, tokenizer, dest)
-    (dest / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    return dest
-
-
 # ------------------------------------------------------------------------------------------- export
 def export(cfg: OptimizeConfig, source_path: str, dest: Path, opts: dict, info: dict, onnx_dir: Path) -> dict:
     """A merged Hugging Face folder; with format onnx, also an ONNX export of it through optimum."""
-    from .models import model_kind
+    from llmcycle.models import model_kind
 
     model, tok, merged = load_source(source_path, dtype=opts.get("dtype", "auto"), device="cpu",
                                      trust_remote_code=opts.get("trust_remote_code", False))
@@ -226,7 +153,7 @@ def check_requirements(cfg: OptimizeConfig, variant: str) -> None:
     import importlib.util
 
     if cfg.method == "quantize" and cfg.scheme != "int8_dynamic":
-        from .quantize import check_bitsandbytes
+        from llmcycle.int8 import check_bitsandbytes
 
         check_bitsandbytes(f"optimize.{variant}: scheme {cfg.scheme}")
     if cfg.method == "export" and cfg.format == "onnx" and importlib.util.find_spec("optimum") is None:
@@ -240,12 +167,17 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     latency and throughput next to quality."""
     import gc
 
-    from . import harness
-    from .evaluate import eval_examples, name_lexicon, project_template, settings
-    from .generation import Generator
-    from .memory import peak_mb, reset_peak
-    from .models import load_model, resolve_device
-    from .prompts import check_template, fit_prompts
+    from llmcycle import harness
+    from llmcycle.eval_settings import (
+        eval_examples,
+        name_lexicon,
+        project_template,
+        settings,
+    )
+    from llmcycle.generation import Generator
+    from llmcycle.memory import peak_mb, reset_peak
+    from llmcycle.models import load_model, resolve_device
+    from llmcycle.prompts import check_template, fit_prompts
 
     t_start = time.perf_counter()
     cfg = project.config.optimize[variant]
@@ -263,7 +195,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     check_template(template, "evaluate.template", examples[0])
     train = None
     if cfg.method == "distill" or (cfg.method == "prune" and cfg.recovery_steps):
-        from .data import load_splits
+        from llmcycle.data import load_splits
 
         train = load_splits(project.config.data, project.dir).train
         if not train:
@@ -275,13 +207,13 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     info = {"stage": "optimize", "variant": variant, "method": cfg.method, "source": ref,
             "source_path": source_path, "source_run": source_run, "config": cfg.model_dump()}
     if cfg.method == "quantize":
-        from .quantize import quantize
+        from llmcycle.quantize import quantize
 
         facts = quantize(cfg, source_path, dest, opts, info)
     elif cfg.method == "export":
         facts = export(cfg, source_path, dest, opts, info, run.artifacts / "onnx")
     else:
-        from . import distill, prune
+        from llmcycle import distill, prune
 
         module = distill if cfg.method == "distill" else prune
         facts = module.optimize(cfg, source_path, dest, train, template, info=info, opts=opts,

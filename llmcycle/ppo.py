@@ -38,11 +38,20 @@ from typing import Callable
 
 from pydantic import Field
 
-from .checkpoints import (check_same_run, config_hash, latest_checkpoint, load_trainer_state, read_state,
-                          restore_training_state, resumed_from, save_checkpoint, unusable)
-from .configbase import Section
-from .errors import UserError
-from .models import decoder_prefix
+from llmcycle.checkpoints import (
+    check_same_run,
+    config_hash,
+    latest_checkpoint,
+    load_trainer_state,
+    read_state,
+    restore_training_state,
+    resumed_from,
+    save_checkpoint,
+    unusable,
+)
+from llmcycle.configbase import Section
+from llmcycle.errors import UserError
+from llmcycle.models import decoder_prefix
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 FULL_POLICY_FILE = "policy.safetensors"
@@ -252,8 +261,8 @@ class PPOTrainer:
                  window: int | None = None):
         import torch
 
-        from .models import context_window, model_kind
-        from .prompts import encode_prompt
+        from llmcycle.models import context_window, model_kind
+        from llmcycle.prompts import encode_prompt
 
         check_settings(settings)
         if tokenizer is None:
@@ -505,7 +514,7 @@ class PPOTrainer:
         "resumed_from"}. A resumed run's history and seconds include the steps before its checkpoint
         (kept in the checkpoint), so its summary equals an uninterrupted run's; on_resume(step) is
         called once a resume is accepted."""
-        from .progress import bar
+        from llmcycle.progress import bar
 
         if not prompts:
             raise UserError("ppo: no prompts to train on")

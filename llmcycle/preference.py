@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError, suggest
+from llmcycle.errors import UserError, suggest
 
 METHODS = ("dpo", "orpo")
 BACKENDS = ("auto", "llmcycle", "trl")
@@ -94,7 +94,7 @@ def load_pairs(path: str, base_dir: Path, *, prompt_field: str | None = None, ch
     Pairs whose responses are identical or empty, or whose transcripts do not share the prompt, are
     skipped and listed in `.skipped`.
     """
-    from .data import load_records
+    from llmcycle.data import load_records
 
     records = load_records(path, Path(base_dir), key="preference data")
     pairs, skipped = PairList(), {"identical": [], "empty": [], "prompt_mismatch": []}
@@ -133,8 +133,8 @@ def load_pairs(path: str, base_dir: Path, *, prompt_field: str | None = None, ch
 
 def encode_pairs(pairs, tokenizer, kind: str, max_length: int, max_prompt_length: int):
     """(features with prompt_ids / chosen_ids / rejected_ids, wheres of the skipped overlong pairs)."""
-    from .prompts import encode_prompt
-    from .tune_data import encode_target
+    from llmcycle.prompts import encode_prompt
+    from llmcycle.tune_data import encode_target
 
     features, overlong = [], []
     for pair in pairs:
@@ -164,7 +164,7 @@ def sequence_logps(model, batch: dict, kind: str):
     """Per row, the summed log-probability of the label tokens (-100: prompt and padding, not scored)."""
     import torch.nn.functional as F
 
-    from .tune_loop import answer_logits
+    from llmcycle.tune_loop import answer_logits
 
     logits, targets = answer_logits(model, batch, kind)
     token_nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -185,7 +185,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 def pair_logps(model, features: list[dict], kind: str, pad_id: int, device):
     """(chosen, rejected) summed log-probs of a batch of pairs: one forward over 2 x len(features) rows."""
-    from .tune_data import collate
+    from llmcycle.tune_data import collate
 
     batch = {k: v.to(device) for k, v in collate(_rows(features, kind), pad_id).items()}
     logps = sequence_logps(model, batch, kind)
@@ -282,7 +282,7 @@ def _train_own(policy, features, ref, kind, pad_id, device, *, beta, label_smoot
     """Sigmoid DPO against precomputed reference log-probs; returns the logged (windowed) losses."""
     import torch
 
-    from .checkpoints import lr_factor
+    from llmcycle.checkpoints import lr_factor
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -440,7 +440,7 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
     parameter that requires grad is trained). max_length: most tokens of prompt + response (causal) or of
     a response (seq2seq); max_prompt_length: most prompt tokens; both default to the model's window.
     """
-    from .models import context_window
+    from llmcycle.models import context_window
 
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -500,7 +500,7 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
         ref_measured = all_logps(policy, measured, kind, pad_id, batch_size, device)
     before = preference_metrics(*ref_measured, *ref_measured, beta)
 
-    from .progress import bar
+    from llmcycle.progress import bar
 
     on_log = log or (lambda row: None)
     with bar(steps, f"{method} ({chosen_backend})", enabled=progress, unit="step") as advance:
@@ -526,7 +526,7 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
         "loss_before": before["dpo_loss"], "loss_after": after["dpo_loss"],
     }
     if out_dir is not None:
-        from .tune import save_model
+        from llmcycle.adapters import save_model
 
         summary["model_dir"] = str(save_model(policy, tokenizer, Path(out_dir), meta))
     summary["wall_s"] = round(time.perf_counter() - t0, 3)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from llmcycle.errors import UserError
 
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5's sentencepiece vocabulary
 N_SENTINELS = 100
@@ -65,7 +65,16 @@ def train_tokenizer(texts: list[str], cfg, out_dir: Path | None = None):
          span corruption, a post-processor appending </s>.
     gpt: byte-level BPE (GPT-2 style, never produces <unk>), <|endoftext|> as bos and eos, plus <pad>.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     texts = [t for t in texts if t and t.strip()]

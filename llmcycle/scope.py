@@ -13,9 +13,9 @@ throughput. The rules of thumb are the course's:
 """
 from __future__ import annotations
 
-
 from pydantic import Field
 
+from llmcycle.adapters import DEFAULT_LORA_TARGETS
 from llmcycle.configbase import Section
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -23,13 +23,6 @@ TRAIN_BYTES_PER_PARAM = 20.0
 FLOPS_PER_PARAM_TOKEN = 6.0
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 PERCENTILES = (50, 90, 95, 99)
-# LoRA targets the attention query and value projections by default (as the LoRA paper and the
-# course's lab do); keyed by the model_type in the model's config.
-DEFAULT_LORA_TARGETS = {
-    "t5": ["q", "v"], "mt5": ["q", "v"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-    "bart": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"],
-}
 
 
 class ScopeConfig(Section):
@@ -213,9 +206,9 @@ def _tune_plan(variant, tcfg, meta, params, per_epoch, train_stats, default_targ
 
 
 def _pretrain_plan(variant: str, pcfg, splits, tokenizer, scope: ScopeConfig) -> dict:
-    from llmcycle import models, pretrain
+    from llmcycle import models, scratch
 
-    meta = models.meta_model(pretrain.planned_model_config(pcfg))
+    meta = models.meta_model(scratch.planned_model_config(pcfg))
     params, _ = models.count_parameters(meta)
     if pcfg.max_steps:
         tokens = pcfg.max_steps * pcfg.batch_size * pcfg.seq_len

@@ -178,7 +178,12 @@ def measure(project, name: str, run, *, progress: bool = True) -> dict:
     """Build or load one candidate, score it zero-shot (and after the probe), measure its costs."""
     from llmcycle import harness, warm_start
     from llmcycle.deploy import budget_reasons, model_size_mb
-    from llmcycle.evaluate import eval_examples, name_lexicon, project_template, settings
+    from llmcycle.eval_settings import (
+        eval_examples,
+        name_lexicon,
+        project_template,
+        settings,
+    )
     from llmcycle.models import count_parameters
     from llmcycle.prompts import build_prompt, check_template
 
@@ -235,9 +240,9 @@ def _probe(project, name: str, path: str, probe: ProbeConfig, examples, prompts,
     """The pilot fine-tune (tune's own loop, on the project's training data) and its score."""
     from llmcycle import harness
     from llmcycle.data import load_splits
-    from llmcycle.evaluate import name_lexicon, project_template, settings
+    from llmcycle.eval_settings import name_lexicon, project_template, settings
+    from llmcycle.finetune import TuneConfig
     from llmcycle.generation import Generator
-    from llmcycle.tune import TuneConfig
     from llmcycle.tune_loop import fit
 
     t_start = time.perf_counter()

@@ -29,32 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .configbase import Section
-from .errors import UserError, suggest
-from .pal import DEFAULT_SHOTS
-
-
-class RagServeConfig(Section):
-    index: str = Field(description="The retrieval index folder (built by `llmcycle index`), relative to the "
-                       "project file.")
-    k: int = Field(5, ge=1, le=100, description="Chunks retrieved per question; the lowest-ranked are "
-                   "dropped whole when they do not fit the context window.")
-    max_new_tokens: int = Field(128, ge=1, description="Room kept for the answer (causal models) when a "
-                                "request sets no max_tokens.")
-
-
-class PalServeConfig(Section):
-    enabled: bool = Field(True, description="Accept requests with {\"llmcycle\": {\"mode\": \"pal\"}}.")
-    timeout_s: float = Field(5.0, gt=0, le=60, description="Wall-clock limit of each program in the sandbox.")
-    shots: int = Field(len(DEFAULT_SHOTS), ge=0, le=len(DEFAULT_SHOTS), description="Worked examples in "
-                       "the PAL prompt (0-4); fewer fit small context windows.")
-
-
-class AugmentConfig(Section):
-    rag: RagServeConfig | None = Field(None, description="Answer chat completions from a retrieval index.")
-    pal: PalServeConfig | None = Field(None, description="Answer math by running the model's program.")
+from llmcycle.augment_config import AugmentConfig, PalServeConfig, RagServeConfig
+from llmcycle.errors import UserError, suggest
+from llmcycle.pal import DEFAULT_SHOTS
 
 
 class RequestOptions(BaseModel):
@@ -83,7 +62,7 @@ def settings(project=None, *, rag_index: str | None = None, pal: bool | None = N
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
-    from .serve import ApiError
+    from llmcycle.protocol import ApiError
 
     return ApiError(status, message, param, code)
 
@@ -104,7 +83,7 @@ class Augmentation:
     def __init__(self, config: AugmentConfig):
         self.rag, self.pal, self.index = config.rag, config.pal, None
         if self.rag is not None:
-            from .rag_index import Index
+            from llmcycle.rag_index import Index
 
             self.index = Index.load(self.rag.index)
             if not len(self.index):
@@ -118,8 +97,8 @@ class Augmentation:
 
     # -- rag ----------------------------------------------------------------------------------------
     def prepare_rag(self, s, req, question: str) -> Prepared:
-        from . import rag
-        from .serve import ChatMessage
+        from llmcycle import rag
+        from llmcycle.protocol import ChatMessage
 
         limit = req.max_completion_tokens or req.max_tokens
         reserve = (limit or self.rag.max_new_tokens) if s.loaded.kind == "causal" else 0
@@ -142,7 +121,7 @@ class Augmentation:
 
     # -- pal ----------------------------------------------------------------------------------------
     def prepare_pal(self, s, req, question: str) -> Prepared:
-        from .pal import PAL_STOP, pal_prompt
+        from llmcycle.pal import PAL_STOP, pal_prompt
 
         if req.n != 1:
             raise _error(400, "PAL answers with one program per request: leave n at 1", "n")
@@ -156,9 +135,9 @@ class Augmentation:
         """Wait for the program, run it in the sandbox, answer with what it printed."""
         from fastapi.responses import Response, StreamingResponse
 
-        from .pal import extract_program
-        from .sandbox import run_program
-        from .serve import _sse, _wait
+        from llmcycle.pal import extract_program
+        from llmcycle.protocol import _sse, _wait
+        from llmcycle.sandbox import run_program
 
         if not await _wait(request, job):
             return Response(status_code=499)
@@ -200,7 +179,7 @@ def _options(req) -> RequestOptions:
     try:
         return RequestOptions.model_validate(req.llmcycle or {})
     except ValidationError as exc:
-        from .config import _describe
+        from llmcycle.configbase import _describe
 
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
@@ -213,7 +192,7 @@ def _options(req) -> RequestOptions:
 async def prepare(aug: Augmentation | None, s, req) -> Prepared | None:
     """The augmented prompt for a chat request, or None for a plain one. A mode the server was not
     started with is a 400: answering without it would silently be a different answer."""
-    from .serve import _text_of
+    from llmcycle.protocol import _text_of
 
     mode = _options(req).mode or ("rag" if aug is not None and aug.rag is not None else "plain")
     if mode == "plain":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+
 def _labels(**kw) -> str:
     esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in kw.items()}
     return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"

@@ -26,10 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
-from .checkpoints import (COMPLETE_MARKER, check_same_run, config_hash, fsync_dir, fsync_tree,
-                          latest_checkpoint, load_trainer_state, lr_factor, quiet_saves, read_state, resumed_from,
-                          restore_training_state, save_checkpoint, training_bar)
+from llmcycle.checkpoints import (
+    COMPLETE_MARKER,
+    check_same_run,
+    config_hash,
+    latest_checkpoint,
+    load_trainer_state,
+    lr_factor,
+    read_state,
+    restore_training_state,
+    resumed_from,
+    save_checkpoint,
+    training_bar,
+)
+from llmcycle.errors import UserError
+from llmcycle.files import fsync_dir, fsync_tree, quiet_saves
 
 # Fields that do not change the trained weights: they may differ when resuming.
 NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge"}
@@ -60,7 +71,7 @@ def answer_logits(model, batch: dict, kind: str):
     # compute a second, unused loss over the whole vocabulary (and skip a forced token).
     import torch
 
-    from .models import decoder_prefix
+    from llmcycle.models import decoder_prefix
 
     prefix = decoder_prefix(model if hasattr(model, "config") else model.module)
     pad = (getattr(model, "config", None) or model.module.config).pad_token_id
@@ -105,7 +116,6 @@ def sum_loss_chunked(model, batch: dict, kind: str, head):
     positions are never projected onto the vocabulary at all. The cost is one more head projection
     per scored token in backward. Written here because no library in our stack offers it on CPU
     (Liger's fused linear cross-entropy is a Triton GPU kernel)."""
-    import torch
     from torch.utils.checkpoint import checkpoint
 
     head.forward = _identity  # an instance attribute shadows the class's forward; hooks still run
@@ -219,7 +229,7 @@ def _load_weights(model, path: Path, method: str, cfg_dtype):
     """The checkpoint's trainable weights (the adapter's, or every weight for full) into `model`."""
     try:
         if method == "full":
-            from .models import auto_class
+            from llmcycle.models import auto_class
 
             saved = auto_class(model.config).from_pretrained(str(path / "model"), dtype=cfg_dtype)
             # into the model as fit set it up (gradient checkpointing on, hooks), not a fresh one
@@ -251,14 +261,21 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     import torch.distributed as dist
     from accelerate import Accelerator
 
-    from . import harness
-    from .generation import GenerationConfig, Generator
-    from .memory import large_blocks_off_the_heap, release_free_memory
-    from .models import context_window as window_of, model_kind
-    from .prompts import build_prompt, encode_prompt
-    from .tune import load_base, parameter_counts, wrap
-    from .warm_start import facts_of as warm_start_facts
-    from .tune_data import collate, encode_examples, length_grouped_batches, padded_tokens, useful_tokens
+    from llmcycle import harness
+    from llmcycle.finetune import load_base, parameter_counts, wrap
+    from llmcycle.generation import GenerationConfig, Generator
+    from llmcycle.memory import large_blocks_off_the_heap, release_free_memory
+    from llmcycle.models import context_window as window_of
+    from llmcycle.models import model_kind
+    from llmcycle.prompts import build_prompt, encode_prompt
+    from llmcycle.tune_data import (
+        collate,
+        encode_examples,
+        length_grouped_batches,
+        padded_tokens,
+        useful_tokens,
+    )
+    from llmcycle.warm_start import facts_of as warm_start_facts
 
     t_start = time.perf_counter()
     gen_cfg = gen_cfg or GenerationConfig()

@@ -22,9 +22,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError
-from .lifecycle import STAGES
-from .runs_view import COMPARE_KEYS, SHORT, TABLE_KEYS, best_by_metric, compare_rows, side_by_side
+from llmcycle.errors import UserError
+from llmcycle.lifecycle import STAGES
+from llmcycle.runs_view import (
+    COMPARE_KEYS,
+    SHORT,
+    TABLE_KEYS,
+    best_by_metric,
+    compare_rows,
+    side_by_side,
+)
 
 STATIC = Path(__file__).parent / "ui_static"
 # Numbers in a row that say which run and when, not how it did: never offered as figures.
@@ -359,7 +366,7 @@ def _require_ui() -> None:
 def serve_ui(store, *, host: str = "127.0.0.1", port: int = 8765, model_url: str = "http://127.0.0.1:8000",
              api_key: str | None = None, allowed_hosts=(), log_level: str = "warning") -> None:
     """Serve the dashboard until Ctrl-C. A taken port is a UserError before anything starts."""
-    from .serve import _listen
+    from llmcycle.net import _listen
 
     _require_ui()
     named = [] if host in ("0.0.0.0", "::", "") else [host]  # a wildcard address is no name to answer to

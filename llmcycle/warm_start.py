@@ -107,7 +107,7 @@ def _load_encoder(path: str, key: str):
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise UserError(f"warm_start.{key}: {path} uses {config.position_embedding_type} positions; "
                         "only absolute position embeddings map onto the seq2seq model")
-    from llmcycle.checkpoints import quiet_loads
+    from llmcycle.files import quiet_loads
 
     with quiet_loads():  # the checkpoint's unused pooler is expected, not news
         model = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
@@ -287,7 +287,7 @@ def _save(model, tok, dest: Path, facts: dict) -> None:
     import os
     import shutil
 
-    from llmcycle.checkpoints import fsync_tree, quiet_saves
+    from llmcycle.files import fsync_tree, quiet_saves
 
     dest = Path(dest)
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")

@@ -90,7 +90,7 @@ def test_project_lexicon_reads_train_and_eval(tmp_path):
     import json
 
     from llmcycle.config import load_project
-    from llmcycle.evaluate import name_lexicon
+    from llmcycle.eval_settings import name_lexicon
 
     rows = [{"d": "#Person1#: It is Anna. We meet on Friday.", "s": "Anna books it."},
             {"d": "#Person1#: I see Doctor Hugo today.", "s": "They meet."}]

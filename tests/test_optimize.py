@@ -88,8 +88,8 @@ def test_int8_quarter_size_close_outputs_and_identical_reload(tmp_path, arch):
     from transformers.pytorch_utils import Conv1D
 
     from llmcycle.models import load_model
-    from llmcycle.optimize import load_source
-    from llmcycle.quantize import QUANT_WEIGHTS, conv1d_to_linear, quantize_int8, save_int8
+    from llmcycle.folders import load_source
+    from llmcycle.int8 import QUANT_WEIGHTS, conv1d_to_linear, quantize_int8, save_int8
 
     source = (make_t5 if arch == "t5" else make_gpt2)(tmp_path / "fp32")
     fp32, tok = load_model(str(source))
@@ -227,7 +227,8 @@ def test_student_not_smaller_than_the_teacher_is_refused():
 
 
 def test_distillation_loss_falls():
-    from llmcycle.distill import answer_logits, build_student, distill_loss, fit_steps, training_features
+    from llmcycle.tune_loop import answer_logits
+    from llmcycle.distill import build_student, distill_loss, fit_steps, training_features
 
     big, tok = teacher("t5", layers=2)
     student, _ = build_student(big, OptimizeConfig(method="distill", init="random", student={"n_layers": 1}))
@@ -309,7 +310,7 @@ def _zero_head(attn, head: int):
 
 def test_t5_head_removal_removes_the_weakest_heads_and_keeps_the_outputs(tmp_path):
     from llmcycle.models import load_model
-    from llmcycle.optimize import save_folder
+    from llmcycle.folders import save_folder
     from llmcycle.prune import _t5_attentions, remove_t5_heads
 
     model, tok = teacher("t5", layers=2, heads=4)
@@ -332,7 +333,7 @@ def test_t5_head_removal_removes_the_weakest_heads_and_keeps_the_outputs(tmp_pat
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_ffn_channel_removal_removes_the_weakest_channels(tmp_path, arch):
     from llmcycle.models import load_model
-    from llmcycle.optimize import save_folder
+    from llmcycle.folders import save_folder
     from llmcycle.prune import remove_ffn_channels
 
     model, tok = teacher(arch, layers=2)
@@ -393,7 +394,7 @@ def test_export_merges_lora_into_a_folder_that_loads_without_peft(tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
     from llmcycle.models import load_model
-    from llmcycle.tune import load_trained, save_model
+    from llmcycle.adapters import load_trained, save_model
 
     path = make_project(tmp_path, {"hf": {"method": "export", "source": "adapter", "latency_samples": 0}})
     base, tok = load_model(str(tmp_path / "base"))

@@ -39,7 +39,7 @@ def load(dirs, kind):
 def lora_policy(dirs, kind, r=8):
     from peft import LoraConfig, get_peft_model
 
-    from llmcycle.tune import task_type
+    from llmcycle.finetune import task_type
 
     model, tok = load(dirs, kind)
     torch.manual_seed(0)  # LoRA A's init

@@ -12,7 +12,8 @@ from llmcycle.errors import UserError
 from llmcycle.models import load_model
 from llmcycle.preference import (PreferencePair, all_logps, dpo_loss, encode_pairs, load_pairs, pair_logps,
                                  split_transcript, train_preference)
-from llmcycle.tune import TuneConfig, load_trained, wrap
+from llmcycle.finetune import TuneConfig, wrap
+from llmcycle.adapters import load_trained
 from tiny import make_gpt2, make_t5
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

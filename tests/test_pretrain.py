@@ -12,7 +12,9 @@ import torch
 from pydantic import ValidationError
 
 from llmcycle.errors import UserError
-from llmcycle.pretrain import PretrainConfig, count_parameters, preset_dims, train
+from llmcycle.pretrain import PretrainConfig, train
+from llmcycle.scratch import count_parameters
+from llmcycle.scratch import preset_dims
 from llmcycle.pretrain_data import (
     IGNORE, PretrainDataset, collate, corrupted_lengths, load_corpus, random_spans_noise_mask, raw_length_for,
     denoise, sentinel_ids, span_corrupt, train_tokenizer, useful_tokens,

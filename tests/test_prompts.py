@@ -4,8 +4,8 @@ import pytest
 
 from llmcycle.data import Example
 from llmcycle.errors import UserError
-from llmcycle.prompts import (build_prompt, check_template, fit_prompts, load_embedder, select_shots,
-                              template_fields)
+from llmcycle.prompts import build_prompt, check_template, fit_prompts, select_shots, template_fields
+from llmcycle.embeddings import load_embedder
 
 
 def ex(text, target="t", **fields):

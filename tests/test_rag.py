@@ -288,7 +288,8 @@ def test_paraphrased_questions_find_the_right_document(collection):
 def test_bfloat16_questions_stay_close_to_float32_and_rank_alike(collection, monkeypatch):
     import numpy as np
 
-    from llmcycle.rag_index import Embedder, resolve_query_dtype
+    from llmcycle.embeddings import Embedder
+    from llmcycle.embeddings import resolve_query_dtype
 
     _, index = collection
     model = index.embedder.model

@@ -89,7 +89,7 @@ def test_later_stages_use_run_select_best_and_nothing_reruns_unchanged(tmp_path)
 
 
 def test_lora_on_a_warm_start_trains_cross_attention_fully(tmp_path):
-    from llmcycle.tune import TuneConfig
+    from llmcycle.finetune import TuneConfig
     from llmcycle.tune_loop import fit
     from llmcycle.warm_start import WarmStartConfig, build
 

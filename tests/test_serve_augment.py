@@ -23,7 +23,8 @@ from tiny import DOCS, make_doc_index, make_gpt2
 
 openai = pytest.importorskip("openai")
 from llmcycle.serve import create_app, serve  # noqa: E402  (needs fastapi)
-from llmcycle.serve_augment import AugmentConfig, Augmentation, settings  # noqa: E402
+from llmcycle.augment_config import AugmentConfig
+from llmcycle.serve_augment import Augmentation, settings
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX")
 QUESTION = "Where is the Eiffel Tower?"

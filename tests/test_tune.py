@@ -15,7 +15,9 @@ import torch
 from llmcycle.config import load_project
 from llmcycle.data import Example
 from llmcycle.errors import UserError
-from llmcycle.tune import TuneConfig, adapter_base, load_base, load_trained, wrap
+from llmcycle.finetune import TuneConfig, load_base, wrap
+from llmcycle.adapters import adapter_base
+from llmcycle.adapters import load_trained
 from llmcycle.tune_loop import fit
 from tiny import make_gpt2, make_t5
 
@@ -201,7 +203,7 @@ def test_missing_target_module_lists_the_models_layers(tmp_path):
 
 
 def test_quantized_base_needs_gpu_and_bitsandbytes(tmp_path):
-    from llmcycle.tune import check_quantization
+    from llmcycle.finetune import check_quantization
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

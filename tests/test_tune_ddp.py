@@ -22,7 +22,7 @@ import json, os, sys
 from pathlib import Path
 import torch
 from llmcycle.data import Example
-from llmcycle.tune import TuneConfig
+from llmcycle.finetune import TuneConfig
 from llmcycle.tune_loop import fit
 
 out, base = Path(sys.argv[1]), sys.argv[2]
