@@ -165,7 +165,7 @@ def serve_steps(run_step: Callable[[dict], dict], batches: list[dict], info: dic
 def child_llmcycle(args, batches: list[dict]) -> None:
     import torch
 
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.ppo import PPOSettings, PPOTrainer
 
     model, tok = load_model(args.model_dir, dtype="float32", device="cpu")

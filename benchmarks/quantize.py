@@ -92,7 +92,7 @@ def main() -> int:
     from llmcycle import harness
     from llmcycle.data import Example
     from llmcycle.generation import GenerationConfig, Generator
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.folders import load_source, parameter_count, weights_mb
     from llmcycle.int8 import conv1d_to_linear, dynamic_linears, quantize_int8, save_int8
 

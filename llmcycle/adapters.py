@@ -8,28 +8,24 @@ import shutil
 from pathlib import Path
 
 from llmcycle.errors import UserError
+from llmcycle.models import ADAPTER_CONFIG
+from llmcycle.models import BASE_FILE
+from llmcycle.models import adapter_base
+from llmcycle.models import load_plain
+from llmcycle.models import load_tokenizer
 
-ADAPTER_CONFIG = "adapter_config.json"  # what PEFT writes; marks an adapter folder
 
-
-BASE_FILE = "llmcycle_base.json"  # which base an adapter folder belongs to
-
-
-def load_trained(path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) of what `tune` saved: an adapter folder (base + adapter, as a PeftModel) or a
-    plain model folder. The base is the one named in llmcycle_base.json, else adapter_config.json's."""
-    from llmcycle import models
-
-    path = Path(path)
-    if not (path / ADAPTER_CONFIG).is_file():
-        return models.load_model(str(path), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+def load_adapter(path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) of an adapter folder: its base (models.adapter_base) with the adapter
+    applied, unmerged, as a PeftModel in eval mode."""
     from peft import PeftModel
 
+    path = Path(path)
     base = adapter_base(path)
     if not base:
         raise UserError(f"adapter folder {path} does not say which base model it belongs to")
-    model, _ = models.load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    tokenizer = models.load_tokenizer(str(path), trust_remote_code)
+    model, _ = load_plain(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(str(path), trust_remote_code)
     try:
         model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except Exception as exc:  # noqa: BLE001 - a damaged adapter folder, as one line
@@ -37,21 +33,6 @@ def load_trained(path, dtype: str = "auto", device: str = "auto", trust_remote_c
                         f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
     model.eval()
     return model, tokenizer
-
-
-def adapter_base(path: Path) -> str | None:
-    """The base model an adapter folder belongs to: llmcycle_base.json's base_relative (a base inside
-    the same project, relative to the adapter folder, so a moved project still finds it), else its
-    base_path, else what peft wrote in adapter_config.json."""
-    path = Path(path)
-    meta = json.loads((path / BASE_FILE).read_text()) if (path / BASE_FILE).is_file() else {}
-    if meta.get("base_relative") and (path / meta["base_relative"]).is_dir():
-        return str((path / meta["base_relative"]).resolve())
-    if meta.get("base_path"):
-        return meta["base_path"]
-    if (path / ADAPTER_CONFIG).is_file():
-        return json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    return None
 
 
 def save_model(model, tokenizer, dest: Path, meta: dict | None = None, project_dir: Path | None = None) -> Path:

@@ -372,7 +372,7 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
 
     # Saved as a plain model when the policy started from an adapter (its base is the merged
     # fine-tuned model, which exists nowhere else); else as an adapter over the policy's base.
-    from llmcycle.adapters import ADAPTER_CONFIG
+    from llmcycle.models import ADAPTER_CONFIG
 
     merge = cfg.policy_method == "lora" and (Path(path) / ADAPTER_CONFIG).is_file()
     to_save = policy.merge_and_unload() if merge else policy

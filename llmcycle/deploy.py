@@ -20,7 +20,7 @@ def folder_mb(path: Path) -> float:
 
 def model_size_mb(model_dir: Path) -> float:
     """Size on disk of what serving the model loads: an adapter folder counts its local base too."""
-    from llmcycle.adapters import ADAPTER_CONFIG, BASE_FILE, adapter_base
+    from llmcycle.models import ADAPTER_CONFIG, BASE_FILE, adapter_base
 
     size = folder_mb(model_dir)
     if (model_dir / ADAPTER_CONFIG).is_file() and (model_dir / BASE_FILE).is_file():

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmcycle.adapters import ADAPTER_CONFIG, load_trained
+from llmcycle.load import load_model
+from llmcycle.models import ADAPTER_CONFIG
 from llmcycle.configbase import Section
 from llmcycle.errors import UserError
 
@@ -129,10 +130,10 @@ def load_base(path: str, cfg: TuneConfig, *, dtype: str = "auto", device: str = 
     from llmcycle import models
 
     if (Path(path) / ADAPTER_CONFIG).is_file():
-        model, tok = load_trained(path, dtype="float32" if cfg.method == "full" else dtype, device=device)
+        model, tok = load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device)
         return model.merge_and_unload(), tok
     if cfg.bits is None:
-        return models.load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device,
+        return load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device,
                                  trust_remote_code=trust_remote_code)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig

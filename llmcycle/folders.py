@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from llmcycle.errors import UserError
-
-INFO_FILE = "llmcycle_optimize.json"  # what was done to make the folder (for people and lineage)
+from llmcycle.models import INFO_FILE
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -64,12 +63,12 @@ def is_quantized(path: str) -> bool:
 def load_source(path: str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """(plain model, tokenizer, whether adapters were merged) of the model to optimize. Optimizing
     starts from full-precision weights: an already quantized model is refused."""
-    from llmcycle.adapters import load_trained
+    from llmcycle.load import load_model
 
     if is_quantized(path):
         raise UserError(f"optimize: source {path} is already quantized; optimize the unquantized model "
                         "(quantize last)")
-    model, tok = load_trained(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, tok = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if not hasattr(model, "peft_config"):
         return model, tok, False
     try:

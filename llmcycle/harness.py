@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llmcycle.errors import UserError
 from llmcycle.progress import bar
+from llmcycle.load import load_model
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -61,13 +62,12 @@ def resolve(ref: str, project) -> tuple[str, str | None]:
 def load(ref: str, project=None, *, dtype: str = "auto", device: str = "auto",
          context_window: int | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load (once per process) a model, its tokenizer and a generator for it."""
-    from llmcycle import models
     from llmcycle.generation import Generator
 
     path, run_id = resolve(ref, project)
     key = (path, dtype, device, context_window)
     if key not in _CACHE:
-        model, tok = models.load_model(path, dtype=dtype, device=device,
+        model, tok = load_model(path, dtype=dtype, device=device,
                                        trust_remote_code=trust_remote_code)
         _CACHE[key] = LoadedModel(ref, path, model, tok, Generator(model, tok, context_window), run_id)
     return _CACHE[key]

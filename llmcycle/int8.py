@@ -73,7 +73,7 @@ def save_int8(qmodel, tokenizer, dest: Path, info: dict) -> Path:
     from safetensors.torch import save_file
 
     from llmcycle.files import fsync_tree
-    from llmcycle.folders import INFO_FILE
+    from llmcycle.models import INFO_FILE
 
     tensors: dict = {}
     quantized = dynamic_linears(qmodel)
@@ -176,13 +176,3 @@ def load_int8(path: str, device: str = "auto", trust_remote_code: bool = False):
     return model, tokenizer
 
 
-def check_bitsandbytes(what: str) -> None:
-    import importlib.util
-
-    import torch
-
-    lacking = [name for name, ok in (("a CUDA GPU", torch.cuda.is_available()),
-                                     ("bitsandbytes", importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
-    if lacking:
-        raise UserError(f"{what} needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
-                        f"missing here: {' and '.join(lacking)} (int8_dynamic quantizes on the CPU)")

@@ -13,7 +13,9 @@ from pydantic import Field
 
 from llmcycle.configbase import Section
 from llmcycle.errors import UserError
+import json
 
+INFO_FILE = "llmcycle_optimize.json"  # what was done to make the folder (for people and lineage)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model",
                    "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt")
 INT8_MARKER = "llmcycle_quantization.json"  # written by llmcycle.quantize (int8_dynamic)
@@ -146,17 +148,28 @@ def _check_folder(path: str, needs_tokenizer: bool) -> None:
                         f"spiece.model or vocab files); save one there with tokenizer.save_pretrained({folder})")
 
 
-def adapter_base(path: str) -> str | None:
-    """For a folder of PEFT adapters (LoRA, prompt tuning), the base model they apply to; else None."""
-    import json
+ADAPTER_CONFIG = "adapter_config.json"  # what PEFT writes; marks an adapter folder
 
-    cfg = Path(path) / "adapter_config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text())["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"adapter folder {path}: adapter_config.json is unreadable: {e}") from None
+
+BASE_FILE = "llmcycle_base.json"  # which base an adapter folder belongs to
+
+
+def adapter_base(path: Path) -> str | None:
+    """The base model an adapter folder belongs to: llmcycle_base.json's base_relative (a base inside
+    the same project, relative to the adapter folder, so a moved project still finds it), else its
+    base_path, else what peft wrote in adapter_config.json."""
+    path = Path(path)
+    meta = json.loads((path / BASE_FILE).read_text()) if (path / BASE_FILE).is_file() else {}
+    if meta.get("base_relative") and (path / meta["base_relative"]).is_dir():
+        return str((path / meta["base_relative"]).resolve())
+    if meta.get("base_path"):
+        return meta["base_path"]
+    if (path / ADAPTER_CONFIG).is_file():
+        try:
+            return json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"adapter folder {path}: adapter_config.json is unreadable: {e}") from None
+    return None
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
@@ -233,19 +246,10 @@ def resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer): the model in eval mode on the device, and its tokenizer. A folder of PEFT
-    adapters loads its base model with the adapters applied (unmerged); a folder `llmcycle optimize`
-    quantized to int8 is rebuilt and quantized again (llmcycle.quantize.load_int8); a bitsandbytes
-    folder (quantization_config in config.json) is placed on the GPU while loading."""
-    if adapter_base(name_or_path) is not None:
-        from llmcycle.adapters import load_trained
-
-        return load_trained(name_or_path, dtype=dtype, device=device)
-    if (Path(name_or_path) / INT8_MARKER).is_file():
-        from llmcycle.int8 import load_int8
-
-        return load_int8(name_or_path, device=device, trust_remote_code=trust_remote_code)
+def load_plain(name_or_path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) of a Hugging Face model folder or Hub id: the model in eval mode on the
+    device. A bitsandbytes folder (quantization_config in config.json) is placed on the GPU while
+    loading. Adapter and int8 folders load through llmcycle.load.load_model."""
     config = load_config(name_or_path, trust_remote_code)
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     dev = resolve_device(device)
@@ -256,8 +260,6 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", tru
         method = quantization.get("quant_method") if isinstance(quantization, dict) else \
             getattr(quantization, "quant_method", None)
         if str(method).endswith("bitsandbytes"):
-            from llmcycle.int8 import check_bitsandbytes
-
             check_bitsandbytes(f"model {name_or_path} (quantized with bitsandbytes)")
         # quantized weights are placed while loading; moving them afterwards is refused
         placement = {"device_map": {"": dev}}
@@ -323,3 +325,15 @@ def meta_model(config, trust_remote_code: bool = False):
 
     with torch.device("meta"):
         return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_bitsandbytes(what: str) -> None:
+    import importlib.util
+
+    import torch
+
+    lacking = [name for name, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     ("bitsandbytes", importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+    if lacking:
+        raise UserError(f"{what} needs a CUDA GPU and the bitsandbytes package (pip install bitsandbytes); "
+                        f"missing here: {' and '.join(lacking)} (int8_dynamic quantizes on the CPU)")

@@ -153,7 +153,7 @@ def check_requirements(cfg: OptimizeConfig, variant: str) -> None:
     import importlib.util
 
     if cfg.method == "quantize" and cfg.scheme != "int8_dynamic":
-        from llmcycle.int8 import check_bitsandbytes
+        from llmcycle.models import check_bitsandbytes
 
         check_bitsandbytes(f"optimize.{variant}: scheme {cfg.scheme}")
     if cfg.method == "export" and cfg.format == "onnx" and importlib.util.find_spec("optimum") is None:
@@ -176,7 +176,8 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     )
     from llmcycle.generation import Generator
     from llmcycle.memory import peak_mb, reset_peak
-    from llmcycle.models import load_model, resolve_device
+    from llmcycle.load import load_model
+    from llmcycle.models import resolve_device
     from llmcycle.prompts import check_template, fit_prompts
 
     t_start = time.perf_counter()

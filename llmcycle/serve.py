@@ -357,7 +357,7 @@ def _exec_vllm(model_ref, project, *, host, port, api_key, model_name) -> None:
     from pathlib import Path
 
     from llmcycle import harness
-    from llmcycle.adapters import ADAPTER_CONFIG
+    from llmcycle.models import ADAPTER_CONFIG
 
     ref = model_ref or (project.config.model.name if project is not None and project.config.model else None)
     if ref is None:

@@ -12,7 +12,7 @@ truncated: overlong examples are skipped and counted (or refused with `on_overfl
 Outputs in the run's artifacts:
   model/        LoRA / prompt tuning: the adapter (PEFT save_pretrained) + the tokenizer +
                 llmcycle_base.json naming the base; full: a normal Hugging Face model folder.
-                `load_trained(path)` loads either (base + adapter for adapter folders).
+                `load_model(path)` loads either (base + adapter for adapter folders).
   merged/       with `merge: true` (LoRA): the adapter merged into the base, a plain HF folder that
                 needs neither peft nor the base to load. model/ keeps the adapter either way.
   checkpoints/  step-N/ (the last two, atomic, used by --resume) and best/ (best validation score).
@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import time
 
-from llmcycle.adapters import load_trained, save_model
+from llmcycle.adapters import save_model
+from llmcycle.load import load_model
 from llmcycle.errors import UserError
 from llmcycle.finetune import check_quantization
 
@@ -108,7 +109,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     if cfg.merge:
         # merged from the saved adapter onto a freshly loaded, unquantized base: the trained model is
         # left as it is, and a QLoRA adapter merges into full-precision weights rather than 4-bit ones
-        merged, tok = load_trained(model_dir, dtype=opts.get("dtype", "auto"), device="cpu")
+        merged, tok = load_model(model_dir, dtype=opts.get("dtype", "auto"), device="cpu")
         summary["merged_dir"] = str(save_model(merged.merge_and_unload(), tok, run.artifacts / "merged"))
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
     run.finish(summary)

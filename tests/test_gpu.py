@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from llmcycle.generation import GenerationConfig, Generator
-from llmcycle.models import load_model
+from llmcycle.load import load_model
 from test_optimize import execute as optimize_execute, make_project as optimize_project
 from test_tune import _changes, _initial, examples, train
-from tiny import make_gpt2, make_t5
+from tiny import make_gpt2
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None

@@ -6,8 +6,8 @@ import torch
 from pydantic import ValidationError
 
 from llmcycle.errors import UserError
-from llmcycle.models import (ModelConfig, auto_class, context_window, count_parameters, load_config,
-                             load_model, load_tokenizer, meta_model, model_kind, resolve_model_path)
+from llmcycle.models import ModelConfig, auto_class, context_window, count_parameters, load_config, load_tokenizer, meta_model, model_kind, resolve_model_path
+from llmcycle.load import load_model
 from tiny import make_gpt2, make_t5, make_tokenizer
 
 

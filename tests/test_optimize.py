@@ -87,7 +87,7 @@ def test_int8_quarter_size_close_outputs_and_identical_reload(tmp_path, arch):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from transformers.pytorch_utils import Conv1D
 
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.folders import load_source
     from llmcycle.int8 import QUANT_WEIGHTS, conv1d_to_linear, quantize_int8, save_int8
 
@@ -120,7 +120,7 @@ def test_int8_stage_records_deployment_figures_and_eval_loads_it(tmp_path):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     from llmcycle import harness
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
 
     path = make_project(tmp_path, {"int8": {"method": "quantize", "latency_samples": 4},
                                    "again": {"method": "prune", "source": "run:optimize/int8"}})
@@ -145,7 +145,7 @@ def test_int8_stage_records_deployment_figures_and_eval_loads_it(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_bitsandbytes_schemes_need_cuda(tmp_path):
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
 
     path = make_project(tmp_path, {"nf4": {"method": "quantize", "scheme": "bnb_nf4"}})
     with pytest.raises(UserError, match=r"scheme bnb_nf4 needs a CUDA GPU and the bitsandbytes package .*"
@@ -182,7 +182,7 @@ def test_kl_term_equals_the_hand_computed_value():
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_answer_cross_entropy_equals_tunes_loss(tmp_path, arch):
     from llmcycle.distill import cross_entropy_loss, training_features
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.tune_data import collate
     from llmcycle.tune_loop import sum_loss
 
@@ -266,7 +266,7 @@ def test_distill_stage_saves_a_smaller_model_that_loads_without_llmcycle(tmp_pat
 # -- pruning -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_unstructured_sparsity_is_exactly_the_target(tmp_path, scope):
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.prune import make_permanent, prune_unstructured
 
     model, _ = load_model(str(make_t5(tmp_path / "m")))
@@ -284,7 +284,7 @@ def test_unstructured_sparsity_is_exactly_the_target(tmp_path, scope):
 
 def test_recovery_fine_tune_changes_weights_but_pruned_ones_stay_zero(tmp_path):
     from llmcycle.distill import cross_entropy_loss, fit_steps, training_features
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.prune import make_permanent, prune_unstructured
 
     model, tok = load_model(str(make_t5(tmp_path / "m")))
@@ -309,7 +309,7 @@ def _zero_head(attn, head: int):
 
 
 def test_t5_head_removal_removes_the_weakest_heads_and_keeps_the_outputs(tmp_path):
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.folders import save_folder
     from llmcycle.prune import _t5_attentions, remove_t5_heads
 
@@ -332,7 +332,7 @@ def test_t5_head_removal_removes_the_weakest_heads_and_keeps_the_outputs(tmp_pat
 
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_ffn_channel_removal_removes_the_weakest_channels(tmp_path, arch):
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.folders import save_folder
     from llmcycle.prune import remove_ffn_channels
 
@@ -393,8 +393,8 @@ def test_export_merges_lora_into_a_folder_that_loads_without_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSeq2SeqLM
 
-    from llmcycle.models import load_model
-    from llmcycle.adapters import load_trained, save_model
+    from llmcycle.adapters import save_model
+    from llmcycle.load import load_model
 
     path = make_project(tmp_path, {"hf": {"method": "export", "source": "adapter", "latency_samples": 0}})
     base, tok = load_model(str(tmp_path / "base"))
@@ -409,7 +409,7 @@ def test_export_merges_lora_into_a_folder_that_loads_without_peft(tmp_path):
     s = execute(path, "hf").summary
     assert s["merged_adapter"] is True and not (Path(s["model_dir"]) / "adapter_config.json").exists()
     merged = AutoModelForSeq2SeqLM.from_pretrained(s["model_dir"]).eval()  # transformers alone
-    adapted, _ = load_trained(str(tmp_path / "adapter"))
+    adapted, _ = load_model(str(tmp_path / "adapter"))
     plain_base, _ = load_model(str(tmp_path / "base"))
     assert not torch.allclose(logits(adapted, tok), logits(plain_base, tok), atol=1e-3)
     assert torch.allclose(logits(merged, tok), logits(adapted, tok), atol=1e-5)

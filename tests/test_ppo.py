@@ -31,7 +31,7 @@ def dirs(tmp_path_factory):
 
 
 def load(dirs, kind):
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
 
     return load_model(str(dirs[kind]), dtype="float32", device="cpu")
 

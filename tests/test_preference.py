@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from llmcycle.errors import UserError
-from llmcycle.models import load_model
+from llmcycle.load import load_model
 from llmcycle.preference import (PreferencePair, all_logps, dpo_loss, encode_pairs, load_pairs, pair_logps,
                                  split_transcript, train_preference)
 from llmcycle.finetune import TuneConfig, wrap
-from llmcycle.adapters import load_trained
 from tiny import make_gpt2, make_t5
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -181,7 +180,7 @@ def test_dpo_widens_the_margin_against_the_untouched_start(bases, tmp_path, arch
         assert list(pol.peft_config) == ["default"] and not (tmp_path / "model" / "ref").exists()
     else:
         assert any(not torch.equal(v, pol.state_dict()[k]) for k, v in frozen.items())
-    loaded, _ = load_trained(tmp_path / "model", dtype="float32", device="cpu")
+    loaded, _ = load_model(tmp_path / "model", dtype="float32", device="cpu")
     again_c, _ = all_logps(loaded, features, kind, tok.pad_token_id, 8, cpu)
     assert torch.allclose(again_c, now_c, atol=1e-4)  # what was saved is what was trained
 

@@ -234,7 +234,7 @@ def test_prefill_groups_keep_padding_under_a_quarter():
 def test_engine_serves_lora_adapters_and_refuses_soft_prompts(tmp_path):
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
 
     model, tok = load_model(str(make_gpt2(tmp_path / "base")), device="cpu")
     _train(model, tok)

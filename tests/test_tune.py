@@ -16,8 +16,8 @@ from llmcycle.config import load_project
 from llmcycle.data import Example
 from llmcycle.errors import UserError
 from llmcycle.finetune import TuneConfig, load_base, wrap
-from llmcycle.adapters import adapter_base
-from llmcycle.adapters import load_trained
+from llmcycle.models import adapter_base
+from llmcycle.load import load_model
 from llmcycle.tune_loop import fit
 from tiny import make_gpt2, make_t5
 
@@ -67,7 +67,7 @@ def train(tmp_path, arch, steps=8, **cfg):
 # -- formatting --------------------------------------------------------------------------------
 def test_causal_labels_mask_the_prompt_end_with_eos_and_padding_is_ignored(tmp_path):
     from llmcycle.generation import Generator
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.tune_data import IGNORE, collate, encode_examples
 
     model, tok = load_model(str(make_gpt2(tmp_path / "g")))
@@ -89,7 +89,7 @@ def test_causal_labels_mask_the_prompt_end_with_eos_and_padding_is_ignored(tmp_p
 
 @pytest.mark.parametrize("arch,multiple", [("t5", (64, 16)), ("gpt2", (64, 64))])
 def test_padding_to_a_multiple_rounds_widths_and_leaves_the_loss_alone(tmp_path, arch, multiple):
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.tune_data import collate, encode_examples
     from llmcycle.tune_loop import sum_loss
 
@@ -107,7 +107,7 @@ def test_padding_to_a_multiple_rounds_widths_and_leaves_the_loss_alone(tmp_path,
 
 def test_seq2seq_labels_end_with_eos_and_prompt_matches_generation(tmp_path):
     from llmcycle.generation import Generator
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.tune_data import encode_examples
 
     model, tok = load_model(str(make_t5(tmp_path / "t")))
@@ -122,7 +122,7 @@ def test_seq2seq_labels_end_with_eos_and_prompt_matches_generation(tmp_path):
 
 def test_chat_template_prompt_matches_generation(tmp_path):
     from llmcycle.generation import Generator
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.tune_data import IGNORE, encode_examples
 
     model, tok = load_model(str(make_gpt2(tmp_path / "g")))
@@ -344,7 +344,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     shutil.rmtree(tmp_path / "moved")
     adapter = tmp_path / "again" / json.loads(shown)["summary"]["model_dir"]
     assert adapter_base(adapter) == str((tmp_path / "again" / "base").resolve())
-    model, _ = load_trained(adapter, device="cpu")
+    model, _ = load_model(adapter, device="cpu")
     assert model.peft_config["default"].r > 0
 
 
@@ -374,7 +374,7 @@ def test_merged_model_equals_the_adapter(tmp_path):
     path = make_project(tmp_path, arch="gpt2", tune={"v": {"max_steps": 15, "lr": 3e-2, "batch_size": 4,
                                                            "merge": True, "dropout": 0.0}})
     s = execute(path).summary
-    adapter, tok = load_trained(s["model_dir"], device="cpu")
+    adapter, tok = load_model(s["model_dir"], device="cpu")
     merged = AutoModelForCausalLM.from_pretrained(s["merged_dir"]).eval()
     assert not (Path(s["merged_dir"]) / "adapter_config.json").exists()
     prompts = [f"{e.input} ->" for e in examples(4, 50)]
@@ -432,7 +432,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch, a
 
 def test_seq2seq_summed_loss_equals_the_models_own_loss(tmp_path):
     """sum_loss builds the decoder inputs itself (no second loss); it must match transformers' loss."""
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.tune_data import collate, encode_examples
     from llmcycle.tune_loop import sum_loss
 
@@ -574,7 +574,7 @@ def test_large_blocks_off_the_heap_returns_freed_activations_at_once():
 def test_backward_phase_hooks_fire_once_per_phase_and_leave_gradients_alone(tmp_path):
     """Seq2seq: once when the gradient reaches the output head, once at the encoder's output; never
     under no_grad; gradients identical to a model without the hooks."""
-    from llmcycle.models import load_model
+    from llmcycle.load import load_model
     from llmcycle.tune_data import collate, encode_examples
     from llmcycle.tune_loop import release_between_backward_phases, sum_loss
 
