@@ -74,7 +74,7 @@ def fitting_dev(dev: Path, out: Path, limit: int) -> tuple[Path, int]:
     """The first `limit` dev dialogues whose prompt fits MiniLM's 512 tokens, written to out/; (file, left out)."""
     from transformers import AutoTokenizer
 
-    from llmcycle.bundled import minilm_path
+    from llmcycle.models.bundled import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path("the benchmark"))
     rows = [json.loads(line) for line in dev.read_text().splitlines() if line.strip()][:limit]
@@ -161,7 +161,7 @@ def main() -> int:
 
 
 def report(args, runs: dict, out: Path, wall: float, load_before: float, left_out: int) -> None:
-    from llmcycle.store import RunStore
+    from llmcycle.core.store import RunStore
 
     store = RunStore.for_project(out)
     rows = [("zero-shot (warm-started MiniLM)", runs["select.minilm"]), ("full fine-tune", runs["tune.full"]),

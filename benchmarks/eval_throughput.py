@@ -42,9 +42,9 @@ def build_model(args, corpus: list[str], pairs: list[dict], out: Path) -> dict:
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from llmcycle.pretrain import PretrainConfig
-    from llmcycle.scratch import build_model_config
-    from llmcycle.pretrain_data import train_tokenizer
+    from llmcycle.stages.pretrain.stage import PretrainConfig
+    from llmcycle.models.scratch import build_model_config
+    from llmcycle.stages.pretrain.data import train_tokenizer
 
     cfg = PretrainConfig(architecture="t5", size="small", vocab_size=args.vocab, seq_len=WINDOW, max_steps=1,
                          seed=args.seed)
@@ -137,7 +137,7 @@ def main() -> int:
 
     import torch
 
-    from llmcycle import harness
+    from llmcycle.evaluation import harness
 
     records = read_jsonl(args.data)
     # The tokenizer learns from the train split when it sits next to the dev file (more text, a
@@ -214,7 +214,7 @@ def main() -> int:
             stopped += s
             load_after = os.getloadavg()
 
-        from llmcycle.config import load_project
+        from llmcycle.project.config import load_project
 
         rows = harness.read_predictions(load_project(tmp).store().get(summary["run_id"]).dir)
     eval_texts = [r["prediction"] for r in rows]

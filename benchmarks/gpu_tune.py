@@ -2,7 +2,7 @@
 
 A flan-t5-base-shaped model (d_model 768, 12 + 12 layers, 12 heads, d_ff 2048 gated-GELU, 32k vocabulary,
 untied head; random init, tokenizer trained on the data, as nothing can be downloaded) is fine-tuned on
-DialogSum train with the course's prompt through llmcycle.tune_loop.fit (bf16 autocast on the GPU,
+DialogSum train with the course's prompt through llmcycle.training.loop.fit (bf16 autocast on the GPU,
 dynamic padding, length-grouped batches) for each method: full, lora (r 32 on q, v, as in the course)
 and, with bitsandbytes, qlora (the same LoRA over a 4-bit NF4 base).
 
@@ -46,8 +46,8 @@ def build_model(records: list[dict], out: Path, vocab: int, seed: int) -> dict:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from llmcycle.pretrain import PretrainConfig
-    from llmcycle.pretrain_data import train_tokenizer
+    from llmcycle.stages.pretrain.stage import PretrainConfig
+    from llmcycle.stages.pretrain.data import train_tokenizer
 
     cfg = PretrainConfig(architecture="t5", size="base", vocab_size=vocab, seq_len=512, max_steps=1, seed=seed)
     tok = train_tokenizer([r["dialogue"] for r in records] + [r["summary"] for r in records], cfg)
@@ -99,10 +99,10 @@ def main() -> int:
 
     from transformers import T5Config
 
-    from llmcycle.data import Example
-    from llmcycle.models import load_tokenizer
-    from llmcycle.finetune import TuneConfig
-    from llmcycle.tune_loop import fit
+    from llmcycle.data.records import Example
+    from llmcycle.models.hub import load_tokenizer
+    from llmcycle.training.finetune import TuneConfig
+    from llmcycle.training.loop import fit
 
     records = read_jsonl(train_file, args.examples)
     examples = [Example(r["dialogue"], [r["summary"]], {"dialogue": r["dialogue"]}, str(i))

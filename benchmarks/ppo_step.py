@@ -1,4 +1,4 @@
-"""Seconds per PPO step: llmcycle.ppo vs TRL 0.11.4's PPOTrainer (the course's lab 3), same model and work.
+"""Seconds per PPO step: llmcycle.stages.align.ppo vs TRL 0.11.4's PPOTrainer (the course's lab 3), same model and work.
 
 A t5-small-shaped model (d_model 512, 6+6 layers, 8 heads, d_ff 2048, vocab 32128, random weights from
 --seed, tokenizer trained on DialogSum) is saved once; both sides load those very weights (a checksum
@@ -87,8 +87,8 @@ def build_model(args, corpus: list[str], out: Path) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from llmcycle.pretrain import PretrainConfig
-    from llmcycle.pretrain_data import train_tokenizer
+    from llmcycle.stages.pretrain.stage import PretrainConfig
+    from llmcycle.stages.pretrain.data import train_tokenizer
 
     tok = train_tokenizer(corpus, PretrainConfig(architecture="t5", size="small", vocab_size=32000,
                                                  seq_len=WINDOW, max_steps=1, seed=args.seed))
@@ -165,8 +165,8 @@ def serve_steps(run_step: Callable[[dict], dict], batches: list[dict], info: dic
 def child_llmcycle(args, batches: list[dict]) -> None:
     import torch
 
-    from llmcycle.load import load_model
-    from llmcycle.ppo import PPOSettings, PPOTrainer
+    from llmcycle.models.load import load_model
+    from llmcycle.stages.align.ppo import PPOSettings, PPOTrainer
 
     model, tok = load_model(args.model_dir, dtype="float32", device="cpu")
     settings = PPOSettings(steps=10**6, batch_size=BATCH, mini_batch_size=MINI_BATCH, ppo_epochs=EPOCHS, lr=LR,
@@ -249,8 +249,8 @@ def main() -> int:
         build_model(args, [r["dialogue"] for r in corpus_records] + [r["summary"] for r in corpus_records], model_dir)
     build_s = time.perf_counter() - t0
 
-    from llmcycle.models import load_tokenizer
-    from llmcycle.prompts import encode_prompt
+    from llmcycle.models.hub import load_tokenizer
+    from llmcycle.data.prompting import encode_prompt
 
     tok = load_tokenizer(str(model_dir))
     n = (args.warmup + args.steps) * BATCH

@@ -3,7 +3,7 @@
 Trains the same small model in one process with the same seed and one shared tokenizer, on
 packed blocks (documents joined with EOS and cut into full blocks: no padding at all) and
 on one example per dialogue, shuffled and padded to the longest in each batch. Both use the
-real training loop (llmcycle.pretrain.train), so the figures are what `llmcycle pretrain` achieves.
+real training loop (llmcycle.stages.pretrain.stage.train), so the figures are what `llmcycle pretrain` achieves.
 Throughput counts time inside training steps only (batch building, forward, backward, optimizer),
 not tokenizer training or checkpoint writes.
 
@@ -51,8 +51,8 @@ def main() -> int:
 
     import torch
 
-    from llmcycle.pretrain import PretrainConfig, train
-    from llmcycle.pretrain_data import train_tokenizer
+    from llmcycle.stages.pretrain.stage import PretrainConfig, train
+    from llmcycle.stages.pretrain.data import train_tokenizer
 
     with open(path, encoding="utf-8") as fh:
         texts = [json.loads(line)["dialogue"] for line in fh if line.strip()]

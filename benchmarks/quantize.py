@@ -49,7 +49,7 @@ def fixed_length_generation(model, tok, prompts: list[str], new_tokens: int, bat
     way llmcycle's Generator batches (length-sorted), EOS held back until then."""
     import torch
 
-    from llmcycle.generation import GenerationConfig, Generator
+    from llmcycle.models.generation import GenerationConfig, Generator
 
     gen = Generator(model, tok, WINDOW)
     cfg = GenerationConfig(max_new_tokens=new_tokens, batch_size=batch_size)
@@ -89,12 +89,12 @@ def main() -> int:
 
     import torch
 
-    from llmcycle import harness
-    from llmcycle.data import Example
-    from llmcycle.generation import GenerationConfig, Generator
-    from llmcycle.load import load_model
-    from llmcycle.folders import load_source, parameter_count, weights_mb
-    from llmcycle.int8 import conv1d_to_linear, dynamic_linears, quantize_int8, save_int8
+    from llmcycle.evaluation import harness
+    from llmcycle.data.records import Example
+    from llmcycle.models.generation import GenerationConfig, Generator
+    from llmcycle.models.load import load_model
+    from llmcycle.models.folders import load_source, parameter_count, weights_mb
+    from llmcycle.models.int8 import conv1d_to_linear, dynamic_linears, quantize_int8, save_int8
 
     model_dir = args.model
     if model_dir is None:  # the random t5-small that tune_throughput.py builds (and caches)

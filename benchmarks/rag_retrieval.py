@@ -59,7 +59,7 @@ def load_documents(data: Path) -> list[tuple[str, str, str | None]]:
 
 
 def make_chunks(docs, tokenizer, n: int, chunk_tokens: int, overlap: int):
-    from llmcycle.rag_index import Chunk, chunk_spans
+    from llmcycle.augment.index import Chunk, chunk_spans
 
     chunks, used_docs = [], 0
     for source, text, _ in docs:
@@ -111,7 +111,7 @@ def percentiles(values_s: list[float]) -> dict:
 
 def indexing_throughput(docs, n_docs: int, chunk_tokens: int, overlap: int) -> dict:
     """build_index on n_docs documents written as text files: the path `llmcycle index` takes."""
-    from llmcycle.rag_index import build_index
+    from llmcycle.augment.index import build_index
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "docs"
@@ -149,9 +149,9 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from llmcycle import rag
-    from llmcycle.rag_index import DEFAULT_PARAMS, Index, build_faiss
-    from llmcycle.embeddings import load_embedding_model
+    from llmcycle.augment import rag
+    from llmcycle.augment.index import DEFAULT_PARAMS, Index, build_faiss
+    from llmcycle.models.embeddings import load_embedding_model
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

@@ -1,9 +1,9 @@
 """Inference server load: dynamic batching vs one request at a time, and a lone request vs model.generate.
 
 A GPT-2-shaped model of a few million parameters (random weights, its own byte-level BPE tokenizer) is
-built locally and served by `llmcycle.serve.serve` twice, in two server processes side by side:
+built locally and served by `llmcycle.serve.app.serve` twice, in two server processes side by side:
 
-  batched        max_batch_size 16: concurrent requests share forward passes (llmcycle.batching)
+  batched        max_batch_size 16: concurrent requests share forward passes (llmcycle.serve.engine)
   one_at_a_time  max_batch_size 1: the same server and engine, one request in the model at a time
 
 Every request asks for exactly --max-tokens tokens (min_tokens = max_tokens masks EOS out), so both
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 SERVER = """
 import sys
-from llmcycle.serve import serve
+from llmcycle.serve.app import serve
 serve(sys.argv[1], port=int(sys.argv[2]), max_batch_size=int(sys.argv[3]), model_name="bench", log_level="warning",
       device=sys.argv[4])
 """
@@ -56,10 +56,10 @@ def build_model(args, out: Path) -> dict:
     """Tokenizer + random-weight model saved to `out`; returns facts for the report."""
     import torch
 
-    from llmcycle.models import auto_class
-    from llmcycle.pretrain import PretrainConfig
-    from llmcycle.scratch import build_model_config
-    from llmcycle.pretrain_data import train_tokenizer
+    from llmcycle.models.hub import auto_class
+    from llmcycle.stages.pretrain.stage import PretrainConfig
+    from llmcycle.models.scratch import build_model_config
+    from llmcycle.stages.pretrain.data import train_tokenizer
 
     cfg = PretrainConfig(architecture=args.arch, size="tiny", d_model=args.d_model, n_layers=args.layers,
                          n_heads=4, vocab_size=args.vocab, seq_len=512, max_steps=1, seed=0)
@@ -155,7 +155,7 @@ def main() -> int:
     import httpx
     import torch
 
-    from llmcycle import harness
+    from llmcycle.evaluation import harness
 
     torch.set_num_threads(1)  # as the servers (OMP_NUM_THREADS=1): one core each on a shared machine
     prompts = corpus(args.requests, 1)
@@ -229,7 +229,7 @@ def main() -> int:
         "model": facts,
         "schedule": "throughput halves: batched, one_at_a_time, one_at_a_time, batched; then lone request and "
                     "generate alternately",
-        "servers": "two subprocesses (llmcycle.serve.serve), OMP_NUM_THREADS=1; clients: httpx threads",
+        "servers": "two subprocesses (llmcycle.serve.app.serve), OMP_NUM_THREADS=1; clients: httpx threads",
         "loadavg": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,

@@ -3,7 +3,7 @@
 A t5-small-shaped model (random init, tokenizer trained on DialogSum) is fine-tuned on DialogSum
 train with the course's prompt. Two measurements:
 
-  throughput  useful (non-padding) tokens/s of llmcycle's loop (llmcycle.tune_loop.fit, method full:
+  throughput  useful (non-padding) tokens/s of llmcycle's loop (llmcycle.training.loop.fit, method full:
               dynamic padding, length-grouped batches) vs the course notebook's recipe: every prompt
               padded to 512 tokens and every summary to 128, trained by a plain PyTorch AdamW loop
               (what HF Trainer does with default settings, minus its bookkeeping) in data order.
@@ -51,9 +51,9 @@ def build_model(args, records: list[dict], out: Path) -> None:
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from llmcycle.pretrain import PretrainConfig
-    from llmcycle.scratch import build_model_config
-    from llmcycle.pretrain_data import train_tokenizer
+    from llmcycle.stages.pretrain.stage import PretrainConfig
+    from llmcycle.models.scratch import build_model_config
+    from llmcycle.stages.pretrain.data import train_tokenizer
 
     cfg = PretrainConfig(architecture="t5", size="small", vocab_size=args.vocab, seq_len=INPUT_LEN,
                          max_steps=1, seed=args.seed)
@@ -89,9 +89,9 @@ def choose(records: list[dict], tok, n: int, label_len: int) -> tuple[list[dict]
 
 def run_fit(args, model_dir: Path, records: list[dict], method: str, steps: int, work: Path, log=None):
     """llmcycle's training loop, exactly as `llmcycle tune` calls it; returns its summary."""
-    from llmcycle.data import Example
-    from llmcycle.finetune import TuneConfig
-    from llmcycle.tune_loop import fit
+    from llmcycle.data.records import Example
+    from llmcycle.training.finetune import TuneConfig
+    from llmcycle.training.loop import fit
 
     cfg = TuneConfig(method=method, batch_size=args.batch_size, max_steps=steps, lr=args.lr, r=32, alpha=32,
                      target_modules=["q", "v"], group_by_length=True, eval_every=None, seed=args.seed,
@@ -142,7 +142,7 @@ def run_course(args, model_dir: Path, tok, records: list[dict]) -> dict:
 
 def child_memory(args, model_dir: Path, records: list[dict], method: str) -> dict:
     """One `fit` in this fresh process; peak RSS at the points that separate fixed costs from training."""
-    import llmcycle.tune_loop as tune_mod  # fit calls the load_base bound in its module
+    import llmcycle.training.loop as tune_mod  # fit calls the load_base bound in its module
 
     marks = {"start_kib": maxrss_kib()}  # interpreter, torch/transformers imports, the JSONL read
     original = tune_mod.load_base
@@ -223,7 +223,7 @@ def main() -> int:
             build_model(args, records, model_dir)
             print(json.dumps({"built": str(model_dir)}))
             return 0
-        from llmcycle.models import load_tokenizer
+        from llmcycle.models.hub import load_tokenizer
 
         chosen, _ = choose(records, load_tokenizer(str(model_dir)), args.steps * args.batch_size, args.label_len)
         print(json.dumps(child_memory(args, model_dir, chosen, args.child)))
@@ -253,7 +253,7 @@ def main() -> int:
 
     import torch
 
-    from llmcycle.models import load_tokenizer
+    from llmcycle.models.hub import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     records = read_jsonl(path)

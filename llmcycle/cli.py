@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from llmcycle.errors import UserError
+from llmcycle.core.errors import UserError
 
 app = typer.Typer(help="llmcycle: the generative-AI project lifecycle in one tool.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -36,7 +36,7 @@ def emit_json(data) -> None:
 
 
 def _project(path: Path, overrides: Optional[List[str]]):
-    from llmcycle.config import load_project
+    from llmcycle.project.config import load_project
 
     return load_project(path, overrides or [])
 
@@ -53,10 +53,10 @@ def init(directory: Path = typer.Argument(..., help="Folder for the new project.
          force: bool = typer.Option(False, "--force", help="Overwrite an existing llmcycle.yaml."),
          as_json: bool = JsonOpt):
     """Write a fully commented llmcycle.yaml for a task."""
-    from llmcycle import templates
-    from llmcycle.config import PROJECT_FILE, TASKS, load_project
-    from llmcycle.errors import suggest
-    from llmcycle.store import atomic_write_text
+    from llmcycle.project import init_template as templates
+    from llmcycle.project.config import PROJECT_FILE, TASKS, load_project
+    from llmcycle.core.errors import suggest
+    from llmcycle.core.store import atomic_write_text
 
     if task not in TASKS:
         raise UserError(f"--task: unknown task '{task}'{suggest(task, TASKS)} (tasks: {', '.join(TASKS)})")
@@ -75,8 +75,8 @@ def init(directory: Path = typer.Argument(..., help="Folder for the new project.
 @app.command()
 def scope(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Print the use case, data statistics and a compute plan for every planned stage."""
-    from llmcycle import lifecycle
-    from llmcycle.scope import render
+    from llmcycle.project import lifecycle
+    from llmcycle.stages.scope import render
 
     proj = _project(project, overrides)
     outcome = lifecycle.execute(proj, "scope", "plan", force=True)
@@ -94,7 +94,7 @@ def pretrain(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt
              force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
              as_json: bool = JsonOpt):
     """Train a tokenizer and a T5- or GPT-style model from scratch on the project's corpus."""
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
     names = variant or list(lifecycle.variants(proj, "pretrain"))
@@ -111,7 +111,7 @@ def select_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetO
                as_json: bool = JsonOpt):
     """Measure the candidate base models on the project's data (optionally after a short probe
     fine-tune) and choose one: `model.name: run:select/best` then uses it."""
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
     names = _variants_of(proj, "select", "no select section configured (add `select: {candidates: ...}`)")
@@ -126,7 +126,7 @@ def select_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetO
 
 def _variants_of(proj, stage: str, missing: str) -> list[str]:
     """The stage's configured variants, or a one-line error saying what to add."""
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     names = list(lifecycle.variants(proj, stage))
     if not names:
@@ -135,8 +135,8 @@ def _variants_of(proj, stage: str, missing: str) -> list[str]:
 
 
 def _show_selection(outcomes) -> None:
-    from llmcycle.runs_view import select_reasons, select_table
-    from llmcycle.textsafe import as_text
+    from llmcycle.evaluation.compare import select_reasons, select_table
+    from llmcycle.core.textsafe import as_text
 
     for o in outcomes:
         if o.stage == "select" and "candidates" in o.summary:
@@ -169,7 +169,7 @@ def tune(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
 
     Several processes: torchrun --nproc_per_node N -m llmcycle tune ...
     """
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
     names = variant or list(lifecycle.variants(proj, "tune"))
@@ -190,7 +190,7 @@ def align(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
           force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
           as_json: bool = JsonOpt):
     """Align with preferences: train reward models, then PPO / DPO / ORPO; toxicity before and after."""
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
     known = list(lifecycle.variants(proj, "align"))
@@ -208,7 +208,7 @@ def optimize(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt
              force: bool = typer.Option(False, "--force", help="Redo a variant even if an identical run exists."),
              as_json: bool = JsonOpt):
     """Quantize, distill, prune or export a model; each variant re-evaluated with size, latency, speed."""
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
     names = variant or list(lifecycle.variants(proj, "optimize"))
@@ -234,8 +234,8 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
                                              '{"llmcycle": {"mode": "pal"}} (overrides augment.pal).'),
           project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Serve a model behind an OpenAI-compatible API (completions, chat, streaming) until Ctrl-C."""
-    from llmcycle.serve import check_backend
-    from llmcycle.serve import serve as start
+    from llmcycle.serve.app import check_backend
+    from llmcycle.serve.app import serve as start
 
     check_backend(backend)
     has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
@@ -244,7 +244,7 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
     if run == "best":
         if proj is None:
             raise UserError(f"--run best needs a project (not found: {project})")
-        from llmcycle.deploy import best_run
+        from llmcycle.evaluation.success import best_run
 
         choice = best_run(proj)
         ref = choice["run"]
@@ -276,7 +276,7 @@ def ui(project: Path = ProjectOpt,
                                                       "answers to besides localhost and --host (repeatable).")):
     """A local dashboard: runs with filters, comparisons with plots and outputs, a streaming playground.
     It answers only requests addressed to its own names and POSTs from its own page."""
-    from llmcycle.ui import serve_ui
+    from llmcycle.ui.app import serve_ui
 
     serve_ui(_store(project), host=host, port=port, model_url=model_url, api_key=api_key,
              allowed_hosts=allow_host or [])
@@ -291,8 +291,8 @@ def pal(data: Path = typer.Option(..., "--data", help="GSM8K-style JSONL: questi
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens for each program."),
         project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Program-aided LM: the model writes a program, a sandbox runs it; accuracy vs answering directly."""
-    from llmcycle import harness
-    from llmcycle.pal import DEFAULT_SHOTS, evaluate_model_on_gsm8k
+    from llmcycle.evaluation import harness
+    from llmcycle.augment.pal import DEFAULT_SHOTS, evaluate_model_on_gsm8k
 
     if not 0 <= shots <= len(DEFAULT_SHOTS):
         raise UserError(f"--shots must be between 0 and {len(DEFAULT_SHOTS)}, got {shots}")
@@ -311,7 +311,7 @@ def pal(data: Path = typer.Option(..., "--data", help="GSM8K-style JSONL: questi
     for name in ("pal", "direct"):
         summary.update({f"{name}_{k}": v for k, v in result[name].items() if k not in ("rows", "accuracy")})
     if proj is not None:
-        from llmcycle.store import atomic_write_text
+        from llmcycle.core.store import atomic_write_text
 
         with proj.store().start("augment", "pal", {"model": loaded.name, "data": str(data), "limit": limit},
                                 parent=loaded.run_id, project_dir=proj.dir) as run:
@@ -341,9 +341,9 @@ def agent(question: str = typer.Argument(..., help="The question."),
     """A ReAct agent: the model thinks and calls tools (calculator, retrieval, python sandbox) until it answers."""
     import contextlib
 
-    from llmcycle import agent as react
-    from llmcycle import harness
-    from llmcycle.rag_index import MANIFEST, Index
+    from llmcycle.augment import agent as react
+    from llmcycle.evaluation import harness
+    from llmcycle.augment.index import MANIFEST, Index
 
     if max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {max_steps}")
@@ -398,7 +398,7 @@ def index_cmd(paths: Optional[List[Path]] = typer.Argument(None, help="Files or 
               remove: Optional[List[Path]] = typer.Option(None, "--remove", help="Drop these files' chunks."),
               project: Path = ProjectOpt, as_json: bool = JsonOpt):
     """Chunk, embed and index documents for retrieval; re-running adds new or changed files only."""
-    from llmcycle import rag_index
+    from llmcycle.augment import index as rag_index
 
     where = _index_dir(index, project)
     if remove:
@@ -427,8 +427,9 @@ def ask(question: str = typer.Argument(..., help="The question."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
         project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Answer from the indexed documents, with citations [1], [2] mapping to file and position."""
-    from llmcycle import harness, rag
-    from llmcycle.rag_index import Index
+    from llmcycle.evaluation import harness
+    from llmcycle.augment import rag
+    from llmcycle.augment.index import Index
 
     if k < 1:
         raise UserError(f"-k must be at least 1, got {k}")
@@ -453,9 +454,9 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, 
              limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples."),
              project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Evaluate any model with the project's prompt and record a run with per-example outputs."""
-    from llmcycle import harness
-    from llmcycle.evaluate import evaluate_model
-    from llmcycle.runs_view import compare
+    from llmcycle.evaluation import harness
+    from llmcycle.evaluation.evaluate import evaluate_model
+    from llmcycle.evaluation.compare import compare
 
     proj = _project(project, overrides)
     ref = model or (proj.config.model.name if proj.config.model else None)
@@ -480,7 +481,7 @@ def prompt(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
            force: bool = typer.Option(False, "--force", help="Re-run variants even when unchanged."),
            as_json: bool = JsonOpt):
     """Sweep prompt templates x shots x shot selection x generation configs; compare side by side."""
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
     names = _variants_of(proj, "prompt", "no prompt sweep configured (add a `prompt:` section)")
@@ -496,7 +497,7 @@ def run_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
             force: bool = typer.Option(False, "--force", help="Re-run stages even when unchanged."),
             as_json: bool = JsonOpt):
     """Carry the project through every configured stage in lifecycle order."""
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
 
@@ -533,7 +534,7 @@ def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
 
 def _compare_evaluated(outcomes, proj) -> None:
     """Side-by-side table of the runs just made (or reused) that evaluated something."""
-    from llmcycle.runs_view import compare
+    from llmcycle.evaluation.compare import compare
 
     evaluated = [o for o in outcomes if "headline" in o.summary]
     if proj is not None and evaluated:
@@ -547,7 +548,7 @@ def _compare_evaluated(outcomes, proj) -> None:
 def runs_list(project: Path = ProjectOpt, stage: Optional[str] = typer.Option(None, "--stage"),
               status: Optional[str] = typer.Option(None, "--status"), as_json: bool = JsonOpt):
     """List runs, oldest first."""
-    from llmcycle.runs_view import list_table
+    from llmcycle.evaluation.compare import list_table
 
     store = _store(project)
     runs = store.list(stage=stage, status=status)
@@ -563,7 +564,7 @@ def runs_list(project: Path = ProjectOpt, stage: Optional[str] = typer.Option(No
 def runs_show(run: str = typer.Argument(..., help="Run id, id prefix, latest, or STAGE/VARIANT."),
               project: Path = ProjectOpt, as_json: bool = JsonOpt):
     """Show one run: its record, config, summary and last metrics."""
-    from llmcycle.runs_view import show
+    from llmcycle.evaluation.compare import show
 
     rec = _store(project).get(run)
     data = {**rec.to_dict(), **rec.meta, "config": rec.config, "summary": rec.summary(),
@@ -580,7 +581,7 @@ def runs_compare(runs: Optional[List[str]] = typer.Argument(None, help="Runs to 
                  examples: int = typer.Option(3, "--examples", min=0, help="Examples shown side by side."),
                  as_json: bool = JsonOpt):
     """Compare runs side by side: metrics (with confidence intervals, best marked) and outputs."""
-    from llmcycle.runs_view import compare, compare_rows, side_by_side
+    from llmcycle.evaluation.compare import compare, compare_rows, side_by_side
 
     store = _store(project)
     records = [store.get(r) for r in runs] if runs else store.list(stage=stage, status="completed")
@@ -600,7 +601,7 @@ def report(project: Path = ProjectOpt,
                                              "(plots as PNG files beside it); default from the output's suffix."),
            as_json: bool = JsonOpt):
     """Write one report of the project: lineage, every variant against the scope, plots, sample outputs."""
-    from llmcycle.report import write_report
+    from llmcycle.report.build import write_report
 
     result = write_report(_project(project, None), output, fmt)
     if as_json:
@@ -612,7 +613,7 @@ def report(project: Path = ProjectOpt,
 
 
 def _store(project: Path):
-    from llmcycle.store import RunStore
+    from llmcycle.core.store import RunStore
 
     folder = project if project.is_dir() else project.parent
     if not project.exists():

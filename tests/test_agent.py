@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle import agent
-from llmcycle.agent import Tool, ToolError, calculate, format_number, parse_step, run_agent
-from llmcycle.errors import UserError
+from llmcycle.augment import agent
+from llmcycle.augment.agent import Tool, ToolError, calculate, format_number, parse_step, run_agent
+from llmcycle.core.errors import UserError
 from tiny import DOCS, make_doc_index
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX")
@@ -179,7 +179,7 @@ def test_python_tool_runs_programs_in_the_sandbox():
 # -- retrieval tool ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    from llmcycle.rag_index import Index
+    from llmcycle.augment.index import Index
 
     return Index.load(make_doc_index(tmp_path_factory.mktemp("agent-rag")))
 
@@ -205,7 +205,7 @@ def test_retrieval_tool_returns_numbered_passages_with_sources(index):
 
 # -- the run store and the command ------------------------------------------------------------------
 def test_transcript_is_recorded_in_the_run_store(tmp_path):
-    from llmcycle.store import RunStore
+    from llmcycle.core.store import RunStore
 
     model = Scripted("Action: calculator[2 ** 10]", "Final Answer: 1024")
     result = run_agent("2 to the 10th?", model, [agent.calculator_tool()])

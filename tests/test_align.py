@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle.align import percent_change, toxicity_label, toxicity_stats
-from llmcycle.config import load_project
-from llmcycle.errors import UserError
+from llmcycle.stages.align.stage import percent_change, toxicity_label, toxicity_stats
+from llmcycle.project.config import load_project
+from llmcycle.core.errors import UserError
 from tiny import make_gpt2, make_t5
 
 WORDS = ["red", "blue", "green", "grey", "cat", "dog"]
@@ -57,7 +57,7 @@ def test_bad_align_configs_are_refused_naming_the_key(tmp_path, variant, message
 
 
 def test_toxicity_label_is_the_other_label_of_a_binary_classifier():
-    from llmcycle.align import AlignConfig
+    from llmcycle.stages.align.stage import AlignConfig
 
     cfg = AlignConfig(method="ppo", reward="rm", reward_label="not_toxic", max_steps=1)
     assert toxicity_label(cfg, ["not_toxic", "toxic"], "v") == "toxic"
@@ -78,7 +78,7 @@ def test_toxicity_figures_by_hand():
 
 
 def test_reward_variants_run_before_the_policy_variants_that_use_them(tmp_path):
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     path = make_project(tmp_path, {
         "detox": {"method": "ppo", "reward": "run:align/rm", "max_steps": 1, "batch_size": 4},
@@ -88,7 +88,7 @@ def test_reward_variants_run_before_the_policy_variants_that_use_them(tmp_path):
 
 @pytest.mark.parametrize("task", ["summarization", "qa"])
 def test_init_templates_commented_tune_align_and_augment_blocks_validate_when_uncommented(tmp_path, task):
-    from llmcycle import templates
+    from llmcycle.project import init_template as templates
 
     lines = templates.render(task, "x").splitlines()
     start = lines.index("# tune:")
@@ -106,8 +106,8 @@ def test_init_templates_commented_tune_align_and_augment_blocks_validate_when_un
 def test_reward_model_then_ppo_then_dpo_end_to_end(tmp_path):
     """The stage on a tiny T5: a toxicity classifier trained here, PPO against its not_toxic logit, DPO
     on pairs; each recorded with the task metric and toxicity before and after."""
-    from llmcycle import lifecycle
-    from llmcycle.store import RunStore
+    from llmcycle.project import lifecycle
+    from llmcycle.core.store import RunStore
 
     common = {"policy_method": "lora", "r": 4, "alpha": 8, "eval_limit": 6, "seed": 0}
     path = make_project(tmp_path, {
@@ -142,7 +142,7 @@ def test_reward_model_then_ppo_then_dpo_end_to_end(tmp_path):
 
 
 def test_unknown_reward_label_lists_the_classifiers_labels(tmp_path):
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     path = make_project(tmp_path, {
         "rm": {"method": "reward_classifier", "encoder": "base", "data": "labelled.jsonl", "max_steps": 1,

@@ -89,7 +89,7 @@ def test_model_folder_without_tokenizer(tmp_path):
 
 
 def test_internal_error_is_exit_1_with_traceback_only_in_debug(tmp_path, monkeypatch, capsys):
-    import llmcycle.lifecycle as lifecycle
+    import llmcycle.project.lifecycle as lifecycle
 
     path = project(tmp_path)
 

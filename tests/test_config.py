@@ -1,9 +1,9 @@
 """The project file: YAML 1.2 numbers, overrides, unknown keys, types and ranges, init templates."""
 import pytest
 
-from llmcycle.config import TASKS, apply_overrides, load_project, parse_yaml
-from llmcycle.errors import UserError
-from llmcycle.templates import render
+from llmcycle.project.config import TASKS, apply_overrides, load_project, parse_yaml
+from llmcycle.core.errors import UserError
+from llmcycle.project.init_template import render
 
 BASE = """\
 project:

@@ -4,9 +4,9 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from llmcycle.data import (DataConfig, Example, corpus_texts, fingerprint, load_records, load_splits,
+from llmcycle.data.records import (DataConfig, Example, corpus_texts, fingerprint, load_records, load_splits,
                            to_examples)
-from llmcycle.errors import UserError
+from llmcycle.core.errors import UserError
 
 
 def write_jsonl(path, records, blank_after=None):

@@ -1,9 +1,9 @@
 """Choosing the run to deploy (llmcycle/deploy.py): the best success metric within the scope's budgets."""
 import pytest
 
-from llmcycle.config import load_project
-from llmcycle.deploy import best_run
-from llmcycle.errors import UserError
+from llmcycle.project.config import load_project
+from llmcycle.evaluation.success import best_run
+from llmcycle.core.errors import UserError
 
 
 def make(tmp_path, scope: str = ""):
@@ -68,7 +68,7 @@ def test_serve_best_without_runs_is_one_line_error(tmp_path, capsys):
 
 
 def test_vllm_backend_hands_the_model_folder_to_vllms_own_server():
-    from llmcycle.serve import vllm_command
+    from llmcycle.serve.app import vllm_command
 
     cmd = vllm_command("/m/model", host="0.0.0.0", port=9000, api_key="k", model_name="tune/lora")
     assert cmd[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m/model", "--host", "0.0.0.0",

@@ -6,8 +6,8 @@ import sys
 import pytest
 from tiny import make_gpt2, make_t5
 
-from llmcycle.config import load_project
-from llmcycle.prompt import variant_grid
+from llmcycle.project.config import load_project
+from llmcycle.stages.prompt import variant_grid
 
 DIALOGUES = [("#A#: hi, can I book a table for two at seven?\n#B#: yes, done.", "A books a table for two.",
               "A reserves a table."),

@@ -1,8 +1,8 @@
 """The hallucinated-entity rate on hand-written cases: which words are entities, which are supported."""
 import pytest
 
-from llmcycle import faithfulness as F
-from llmcycle.metrics import compute_all, higher_is_better
+from llmcycle.evaluation import faithfulness as F
+from llmcycle.evaluation.metrics import compute_all, higher_is_better
 
 SCARF = ("#Person1#: Excuse me, do you have this scarf in black?\n"
          "#Person2#: We have it in black and red. The black one costs 18 dollars.\n"
@@ -89,8 +89,8 @@ def test_names_known_from_the_training_data_are_caught_in_lowercase_outputs():
 def test_project_lexicon_reads_train_and_eval(tmp_path):
     import json
 
-    from llmcycle.config import load_project
-    from llmcycle.eval_settings import name_lexicon
+    from llmcycle.project.config import load_project
+    from llmcycle.evaluation.settings import name_lexicon
 
     rows = [{"d": "#Person1#: It is Anna. We meet on Friday.", "s": "Anna books it."},
             {"d": "#Person1#: I see Doctor Hugo today.", "s": "They meet."}]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmcycle.errors import UserError
-from llmcycle.generation import GenerationConfig, Generator, generate_one_by_one
-from llmcycle.load import load_model
+from llmcycle.core.errors import UserError
+from llmcycle.models.generation import GenerationConfig, Generator, generate_one_by_one
+from llmcycle.models.load import load_model
 from tiny import CORPUS, make_gpt2, make_t5
 
 # Very different lengths (1 to ~80 tokens), so batches mix short and long prompts and padding matters.

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from llmcycle.generation import GenerationConfig, Generator
-from llmcycle.load import load_model
+from llmcycle.models.generation import GenerationConfig, Generator
+from llmcycle.models.load import load_model
 from test_optimize import execute as optimize_execute, make_project as optimize_project
 from test_tune import _changes, _initial, examples, train
 from tiny import make_gpt2
@@ -62,7 +62,7 @@ def test_bitsandbytes_schemes_are_saved_reloaded_and_evaluated(tmp_path, scheme,
 
 
 def test_server_engine_generates_on_the_gpu_as_generate_does(tmp_path):
-    from llmcycle import harness
+    from llmcycle.evaluation import harness
 
     folder = make_gpt2(tmp_path / "g")
     loaded = harness.load(str(folder), device="cuda", dtype="float32")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle.textsafe import visible
+from llmcycle.core.textsafe import visible
 from tiny import make_gpt2
 
 DATA_TEXT = ("[INST] Anna asks [/INST] [bold]loud[/bold] [link=http://x]x[/link] \x1b[31mred\x1b[0m "
@@ -115,8 +115,8 @@ def test_the_dashboard_api_carries_it_unchanged(hostile):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from llmcycle.store import RunStore
-    from llmcycle.ui import create_ui_app
+    from llmcycle.core.store import RunStore
+    from llmcycle.ui.app import create_ui_app
 
     root, ids, _ = hostile
     client = TestClient(create_ui_app(RunStore.for_project(root)), base_url="http://127.0.0.1:8765")
@@ -129,8 +129,8 @@ def test_the_dashboard_api_carries_it_unchanged(hostile):
 def test_the_page_shows_it_literally(hostile, browser):
     from servers import running
 
-    from llmcycle.store import RunStore
-    from llmcycle.ui import create_ui_app
+    from llmcycle.core.store import RunStore
+    from llmcycle.ui.app import create_ui_app
 
     root, ids, _ = hostile
     with running(create_ui_app(RunStore.for_project(root))) as url:
@@ -157,7 +157,7 @@ def test_textsafe_js_matches_textsafe_py():
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the page's textsafe.js is checked in the browser test only")
-    from llmcycle.ui import STATIC
+    from llmcycle.ui.app import STATIC
 
     sample = DATA_TEXT + SAID + "\x00\x7f\x85\x9b\t\n"
     script = (f"const T = require({json.dumps(str(STATIC / 'textsafe.js'))});"

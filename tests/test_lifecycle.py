@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle.config import load_project
-from llmcycle.lifecycle import content_hash, plan_stages, variants
-from llmcycle.errors import UserError
+from llmcycle.project.config import load_project
+from llmcycle.project.lifecycle import content_hash, plan_stages, variants
+from llmcycle.core.errors import UserError
 
 PRETRAIN = """pretrain:
   tiny:
@@ -147,7 +147,7 @@ def test_resume_errors(tmp_path):
     project = load_project(path)
     store = project.store()
     rec = store.list("pretrain")[0]
-    from llmcycle.checkpoints import latest_checkpoint
+    from llmcycle.training.checkpoints import latest_checkpoint
 
     newest = latest_checkpoint(rec.artifacts / "checkpoints")
     assert newest.name == "step-10"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmcycle.errors import UserError
-from llmcycle.metrics import (HEADLINE, METRIC_NAMES, _reference_streams, bleu_chrf, bootstrap_ci,
+from llmcycle.core.errors import UserError
+from llmcycle.evaluation.metrics import (HEADLINE, METRIC_NAMES, _reference_streams, bleu_chrf, bootstrap_ci,
                               classification_scores, compute_all, higher_is_better, length_stats,
                               macro_f1_ci, normalize_answer, qa_scores, reference_perplexity, rouge,
                               sentence_bleu)
@@ -270,7 +270,7 @@ def _manual_causal(model, tok):
 def test_reference_perplexity_matches_manual_log_softmax(tmp_path, kind):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from llmcycle.models import load_tokenizer
+    from llmcycle.models.hub import load_tokenizer
 
     folder = (make_t5 if kind == "t5" else make_gpt2)(tmp_path / kind)
     cls = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM

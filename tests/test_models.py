@@ -5,9 +5,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from llmcycle.errors import UserError
-from llmcycle.models import ModelConfig, auto_class, context_window, count_parameters, load_config, load_tokenizer, meta_model, model_kind, resolve_model_path
-from llmcycle.load import load_model
+from llmcycle.core.errors import UserError
+from llmcycle.models.hub import ModelConfig, auto_class, context_window, count_parameters, load_config, load_tokenizer, meta_model, model_kind, resolve_model_path
+from llmcycle.models.load import load_model
 from tiny import make_gpt2, make_t5, make_tokenizer
 
 
@@ -181,8 +181,8 @@ def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(monkeyp
 
     import huggingface_hub.constants
 
-    from llmcycle import models
-    from llmcycle.models import load_config, load_tokenizer
+    from llmcycle.models import hub as models
+    from llmcycle.models.hub import load_config, load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcycle.config import load_project
-from llmcycle.errors import UserError
-from llmcycle.optimize import OptimizeConfig
+from llmcycle.project.config import load_project
+from llmcycle.core.errors import UserError
+from llmcycle.stages.optimize.stage import OptimizeConfig
 from test_tune import examples, make_project as tune_project
 from tiny import make_gpt2, make_t5
 
@@ -19,7 +19,7 @@ def make_project(root: Path, optimize: dict, arch="t5") -> Path:
 
 
 def execute(path: Path, variant: str):
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     return lifecycle.execute(load_project(path), "optimize", variant, progress=False)
 
@@ -33,7 +33,7 @@ def logits(model, tok, texts=("the quick brown fox", "red is here number 3")):
 
 
 def generations(model, tok):
-    from llmcycle.generation import GenerationConfig, Generator
+    from llmcycle.models.generation import GenerationConfig, Generator
 
     results = Generator(model, tok).generate([e.input for e in examples(4)], GenerationConfig(max_new_tokens=6))
     return [r.token_ids for r in results]
@@ -43,7 +43,7 @@ def teacher(arch: str, layers: int = 4, heads: int = 2):
     """An in-memory tiny teacher with more layers / heads than tests/tiny.py's, and its tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
-    from llmcycle.models import load_tokenizer
+    from llmcycle.models.hub import load_tokenizer
 
     torch.manual_seed(0)
     folder = (make_t5 if arch == "t5" else make_gpt2)(Path(__import__("tempfile").mkdtemp()) / arch)
@@ -87,9 +87,9 @@ def test_int8_quarter_size_close_outputs_and_identical_reload(tmp_path, arch):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from transformers.pytorch_utils import Conv1D
 
-    from llmcycle.load import load_model
-    from llmcycle.folders import load_source
-    from llmcycle.int8 import QUANT_WEIGHTS, conv1d_to_linear, quantize_int8, save_int8
+    from llmcycle.models.load import load_model
+    from llmcycle.models.folders import load_source
+    from llmcycle.models.int8 import QUANT_WEIGHTS, conv1d_to_linear, quantize_int8, save_int8
 
     source = (make_t5 if arch == "t5" else make_gpt2)(tmp_path / "fp32")
     fp32, tok = load_model(str(source))
@@ -119,8 +119,8 @@ def test_int8_quarter_size_close_outputs_and_identical_reload(tmp_path, arch):
 def test_int8_stage_records_deployment_figures_and_eval_loads_it(tmp_path):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from llmcycle import harness
-    from llmcycle.load import load_model
+    from llmcycle.evaluation import harness
+    from llmcycle.models.load import load_model
 
     path = make_project(tmp_path, {"int8": {"method": "quantize", "latency_samples": 4},
                                    "again": {"method": "prune", "source": "run:optimize/int8"}})
@@ -145,7 +145,7 @@ def test_int8_stage_records_deployment_figures_and_eval_loads_it(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_bitsandbytes_schemes_need_cuda(tmp_path):
-    from llmcycle.load import load_model
+    from llmcycle.models.load import load_model
 
     path = make_project(tmp_path, {"nf4": {"method": "quantize", "scheme": "bnb_nf4"}})
     with pytest.raises(UserError, match=r"scheme bnb_nf4 needs a CUDA GPU and the bitsandbytes package .*"
@@ -167,7 +167,7 @@ def test_kl_term_equals_the_hand_computed_value():
     that p is the same, and the term is scaled by T^2 = 4. CE of q on target 1 is ln 2."""
     import math
 
-    from llmcycle.distill import distill_loss
+    from llmcycle.stages.optimize.distill import distill_loss
 
     student = torch.zeros(1, 2, 2)
     targets = torch.tensor([[1, -100]])  # the second position is not scored
@@ -181,10 +181,10 @@ def test_kl_term_equals_the_hand_computed_value():
 
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_answer_cross_entropy_equals_tunes_loss(tmp_path, arch):
-    from llmcycle.distill import cross_entropy_loss, training_features
-    from llmcycle.load import load_model
-    from llmcycle.tune_data import collate
-    from llmcycle.tune_loop import sum_loss
+    from llmcycle.stages.optimize.distill import cross_entropy_loss, training_features
+    from llmcycle.models.load import load_model
+    from llmcycle.training.batches import collate
+    from llmcycle.training.loop import sum_loss
 
     model, tok = load_model(str((make_t5 if arch == "t5" else make_gpt2)(tmp_path / "m")))
     kind = "seq2seq" if arch == "t5" else "causal"
@@ -198,7 +198,7 @@ def test_answer_cross_entropy_equals_tunes_loss(tmp_path, arch):
 
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_student_is_smaller_and_starts_from_evenly_spaced_teacher_layers(arch):
-    from llmcycle.distill import build_student
+    from llmcycle.stages.optimize.distill import build_student
 
     big, _ = teacher(arch, layers=4)
     student, init = build_student(big, OptimizeConfig(method="distill"))  # default: half the layers
@@ -217,7 +217,7 @@ def test_student_is_smaller_and_starts_from_evenly_spaced_teacher_layers(arch):
 
 
 def test_student_not_smaller_than_the_teacher_is_refused():
-    from llmcycle.distill import build_student
+    from llmcycle.stages.optimize.distill import build_student
 
     big, _ = teacher("t5", layers=2)
     with pytest.raises(UserError, match=r"the student \([\d,]+ parameters\) is not smaller than the teacher"):
@@ -227,8 +227,8 @@ def test_student_not_smaller_than_the_teacher_is_refused():
 
 
 def test_distillation_loss_falls():
-    from llmcycle.tune_loop import answer_logits
-    from llmcycle.distill import build_student, distill_loss, fit_steps, training_features
+    from llmcycle.training.loop import answer_logits
+    from llmcycle.stages.optimize.distill import build_student, distill_loss, fit_steps, training_features
 
     big, tok = teacher("t5", layers=2)
     student, _ = build_student(big, OptimizeConfig(method="distill", init="random", student={"n_layers": 1}))
@@ -266,8 +266,8 @@ def test_distill_stage_saves_a_smaller_model_that_loads_without_llmcycle(tmp_pat
 # -- pruning -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_unstructured_sparsity_is_exactly_the_target(tmp_path, scope):
-    from llmcycle.load import load_model
-    from llmcycle.prune import make_permanent, prune_unstructured
+    from llmcycle.models.load import load_model
+    from llmcycle.stages.optimize.prune import make_permanent, prune_unstructured
 
     model, _ = load_model(str(make_t5(tmp_path / "m")))
     layers = prune_unstructured(model, 0.3, scope)
@@ -283,9 +283,9 @@ def test_unstructured_sparsity_is_exactly_the_target(tmp_path, scope):
 
 
 def test_recovery_fine_tune_changes_weights_but_pruned_ones_stay_zero(tmp_path):
-    from llmcycle.distill import cross_entropy_loss, fit_steps, training_features
-    from llmcycle.load import load_model
-    from llmcycle.prune import make_permanent, prune_unstructured
+    from llmcycle.stages.optimize.distill import cross_entropy_loss, fit_steps, training_features
+    from llmcycle.models.load import load_model
+    from llmcycle.stages.optimize.prune import make_permanent, prune_unstructured
 
     model, tok = load_model(str(make_t5(tmp_path / "m")))
     layers = prune_unstructured(model, 0.5)
@@ -309,9 +309,9 @@ def _zero_head(attn, head: int):
 
 
 def test_t5_head_removal_removes_the_weakest_heads_and_keeps_the_outputs(tmp_path):
-    from llmcycle.load import load_model
-    from llmcycle.folders import save_folder
-    from llmcycle.prune import _t5_attentions, remove_t5_heads
+    from llmcycle.models.load import load_model
+    from llmcycle.models.folders import save_folder
+    from llmcycle.stages.optimize.prune import _t5_attentions, remove_t5_heads
 
     model, tok = teacher("t5", layers=2, heads=4)
     for name, attn in _t5_attentions(model):  # head 2 contributes nothing anywhere; cross-attention 1 too
@@ -332,9 +332,9 @@ def test_t5_head_removal_removes_the_weakest_heads_and_keeps_the_outputs(tmp_pat
 
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
 def test_ffn_channel_removal_removes_the_weakest_channels(tmp_path, arch):
-    from llmcycle.load import load_model
-    from llmcycle.folders import save_folder
-    from llmcycle.prune import remove_ffn_channels
+    from llmcycle.models.load import load_model
+    from llmcycle.models.folders import save_folder
+    from llmcycle.stages.optimize.prune import remove_ffn_channels
 
     model, tok = teacher(arch, layers=2)
     mlps = [b.layer[-1].DenseReluDense for b in [*model.encoder.block, *model.decoder.block]] if arch == "t5" \
@@ -357,7 +357,7 @@ def test_ffn_channel_removal_removes_the_weakest_channels(tmp_path, arch):
 
 
 def test_gpt2_heads_are_zeroed_not_removed():
-    from llmcycle.prune import make_permanent, zero_gpt2_heads
+    from llmcycle.stages.optimize.prune import make_permanent, zero_gpt2_heads
 
     model, _ = teacher("gpt2", layers=2, heads=4)
     facts = zero_gpt2_heads(model, 0.5)
@@ -382,7 +382,7 @@ def test_prune_stage_with_recovery_saves_a_smaller_model(tmp_path):
     with pytest.raises(UserError, match="structured pruning .* supports t5 and gpt2"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from llmcycle.prune import prune_structured
+        from llmcycle.stages.optimize.prune import prune_structured
 
         prune_structured(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
                                                       num_hidden_layers=1, num_attention_heads=2)), "ffn", 0.5)
@@ -393,8 +393,8 @@ def test_export_merges_lora_into_a_folder_that_loads_without_peft(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSeq2SeqLM
 
-    from llmcycle.adapters import save_model
-    from llmcycle.load import load_model
+    from llmcycle.models.adapters import save_model
+    from llmcycle.models.load import load_model
 
     path = make_project(tmp_path, {"hf": {"method": "export", "source": "adapter", "latency_samples": 0}})
     base, tok = load_model(str(tmp_path / "base"))

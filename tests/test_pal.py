@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle import pal
-from llmcycle.errors import UserError
-from llmcycle.sandbox import run_program
+from llmcycle.augment import pal
+from llmcycle.core.errors import UserError
+from llmcycle.augment.sandbox import run_program
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX rlimits")
@@ -190,7 +190,7 @@ def test_evaluation_input_errors():
 def test_evaluate_model_on_gsm8k_wires_a_real_generator(tmp_path):
     from tiny import make_gpt2
 
-    from llmcycle import harness
+    from llmcycle.evaluation import harness
 
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": f"x\n#### {g}"}) + "\n"

@@ -1,4 +1,4 @@
-"""Tests of llmcycle.ppo: each piece of PPO math against values worked out by hand, the reference model,
+"""Tests of llmcycle.stages.align.ppo: each piece of PPO math against values worked out by hand, the reference model,
 masking, padding, checkpoints and resume, bad input, and end-to-end learning on tiny T5 and GPT-2 models."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llmcycle.errors import UserError
-from llmcycle.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, PPOTrainer, Rollout,
+from llmcycle.core.errors import UserError
+from llmcycle.stages.align.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, PPOTrainer, Rollout,
                           end_at_eos, gae, kl_penalized_rewards, policy_loss, value_loss, whiten)
 from tiny import make_gpt2, make_t5
 
@@ -31,7 +31,7 @@ def dirs(tmp_path_factory):
 
 
 def load(dirs, kind):
-    from llmcycle.load import load_model
+    from llmcycle.models.load import load_model
 
     return load_model(str(dirs[kind]), dtype="float32", device="cpu")
 
@@ -39,7 +39,7 @@ def load(dirs, kind):
 def lora_policy(dirs, kind, r=8):
     from peft import LoraConfig, get_peft_model
 
-    from llmcycle.finetune import task_type
+    from llmcycle.training.finetune import task_type
 
     model, tok = load(dirs, kind)
     torch.manual_seed(0)  # LoRA A's init

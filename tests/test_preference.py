@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcycle.errors import UserError
-from llmcycle.load import load_model
-from llmcycle.preference import (PreferencePair, all_logps, dpo_loss, encode_pairs, load_pairs, pair_logps,
+from llmcycle.core.errors import UserError
+from llmcycle.models.load import load_model
+from llmcycle.stages.align.preference import (PreferencePair, all_logps, dpo_loss, encode_pairs, load_pairs, pair_logps,
                                  split_transcript, train_preference)
-from llmcycle.finetune import TuneConfig, wrap
+from llmcycle.training.finetune import TuneConfig, wrap
 from tiny import make_gpt2, make_t5
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -82,7 +82,7 @@ def test_sequence_logps_are_the_sum_over_response_tokens_only(bases, arch):
 
 
 def test_pairs_are_encoded_as_at_inference_and_overlong_ones_skipped(bases):
-    from llmcycle.prompts import encode_prompt
+    from llmcycle.data.prompting import encode_prompt
 
     _, tok = load_model(str(bases["gpt2"]), dtype="float32", device="cpu")
     tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}{% endfor %}<a>"

@@ -1,4 +1,4 @@
-"""Tests for llmcycle.pretrain / llmcycle.pretrain_data, on tiny models so each runs in seconds."""
+"""Tests for llmcycle.stages.pretrain.stage / llmcycle.stages.pretrain.data, on tiny models so each runs in seconds."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from llmcycle.errors import UserError
-from llmcycle.pretrain import PretrainConfig, train
-from llmcycle.scratch import count_parameters
-from llmcycle.scratch import preset_dims
-from llmcycle.pretrain_data import (
+from llmcycle.core.errors import UserError
+from llmcycle.stages.pretrain.stage import PretrainConfig, train
+from llmcycle.models.scratch import count_parameters
+from llmcycle.models.scratch import preset_dims
+from llmcycle.stages.pretrain.data import (
     IGNORE, PretrainDataset, collate, corrupted_lengths, load_corpus, random_spans_noise_mask, raw_length_for,
     denoise, sentinel_ids, span_corrupt, train_tokenizer, useful_tokens,
 )
@@ -94,7 +94,7 @@ def test_t5_tokenizer_is_the_same_in_every_process(tmp_path):
     import sys
 
     code = ("import sys; sys.path.insert(0, %r); from test_pretrain import corpus, tiny;"
-            "from llmcycle.pretrain_data import train_tokenizer;"
+            "from llmcycle.stages.pretrain.data import train_tokenizer;"
             "print(train_tokenizer(corpus(), tiny()).backend_tokenizer.to_str())") % str(Path(__file__).parent)
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}

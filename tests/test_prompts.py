@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from llmcycle.data import Example
-from llmcycle.errors import UserError
-from llmcycle.prompts import build_prompt, check_template, fit_prompts, select_shots, template_fields
-from llmcycle.embeddings import load_embedder
+from llmcycle.data.records import Example
+from llmcycle.core.errors import UserError
+from llmcycle.data.prompting import build_prompt, check_template, fit_prompts, select_shots, template_fields
+from llmcycle.models.embeddings import load_embedder
 
 
 def ex(text, target="t", **fields):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle import rag, rag_index
-from llmcycle.errors import UserError
-from llmcycle.rag_index import Chunk, Hit, Index, SkippedDocumentWarning, build_index, update_index
+from llmcycle.augment import rag
+from llmcycle.augment import index as rag_index
+from llmcycle.core.errors import UserError
+from llmcycle.augment.index import Chunk, Hit, Index, SkippedDocumentWarning, build_index, update_index
 
 # Six topics; the questions below paraphrase them with few shared words.
 DOCS = {
@@ -288,8 +289,8 @@ def test_paraphrased_questions_find_the_right_document(collection):
 def test_bfloat16_questions_stay_close_to_float32_and_rank_alike(collection, monkeypatch):
     import numpy as np
 
-    from llmcycle.embeddings import Embedder
-    from llmcycle.embeddings import resolve_query_dtype
+    from llmcycle.models.embeddings import Embedder
+    from llmcycle.models.embeddings import resolve_query_dtype
 
     _, index = collection
     model = index.embedder.model
@@ -389,7 +390,7 @@ def test_answer_with_a_generate_fn_maps_citations_to_sources(collection):
 def test_answer_with_a_loaded_model_fits_its_window(tmp_path, collection):
     from tiny import make_gpt2
 
-    from llmcycle import harness
+    from llmcycle.evaluation import harness
 
     _, index = collection
     loaded = harness.load(str(make_gpt2(tmp_path / "gpt2", n_positions=512)), device="cpu")

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from llmcycle.cli import main
-from llmcycle.config import load_project
-from llmcycle.harness import write_predictions
-from llmcycle.report import ci_from_predictions, write_report
+from llmcycle.project.config import load_project
+from llmcycle.evaluation.harness import write_predictions
+from llmcycle.report.build import ci_from_predictions, write_report
 
 SCOPE = "scope: {success_metric: rougeL, success_threshold: 0.3, size_budget_mb: 1.5, latency_budget_ms: 100}\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -156,7 +156,7 @@ def test_ci_recomputed_from_predictions_matches_hand_computation(tmp_path):
 
 
 def test_macro_f1_interval_from_labels(tmp_path):
-    from llmcycle.metrics import macro_f1_ci
+    from llmcycle.evaluation.metrics import macro_f1_ci
 
     rows = [{"index": i, "where": "", "input": "", "references": [gold], "prediction": pred}
             for i, (gold, pred) in enumerate([("a", "a"), ("b", "a"), ("b", "b"), ("a", "a"), ("b", "b")])]
@@ -231,7 +231,7 @@ def test_cli_json_and_bad_output_paths(tmp_path, capsys):
 
 
 def test_matplotlib_is_imported_only_when_a_report_is_made():
-    code = ("import sys, llmcycle.cli, llmcycle.report, llmcycle.report_plots, llmcycle.report_render; "
+    code = ("import sys, llmcycle.cli, llmcycle.report.build, llmcycle.report.plots, llmcycle.report.render; "
             "assert 'matplotlib' not in sys.modules, 'imported at module load'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -261,8 +261,8 @@ def test_help(capsys):
 
 
 def test_success_threshold_follows_the_metric_direction():
-    from llmcycle.deploy import meets_threshold
-    from llmcycle.scope import ScopeConfig
+    from llmcycle.evaluation.success import meets_threshold
+    from llmcycle.stages.scope import ScopeConfig
 
     assert meets_threshold(ScopeConfig(success_threshold=0.5), "rougeL", 0.5) is True
     assert meets_threshold(ScopeConfig(success_threshold=0.5), "rougeL", 0.49) is False
@@ -272,7 +272,7 @@ def test_success_threshold_follows_the_metric_direction():
 
 
 def test_quality_plots_show_only_the_success_metric(tmp_path, monkeypatch):
-    from llmcycle import report_plots
+    from llmcycle.report import plots as report_plots
 
     project = lifecycle_store(tmp_path)
     record(project, "align", "toxicity", {"accuracy": 0.95, "headline": "accuracy", "headline_value": 0.95})

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcycle.errors import UserError
-from llmcycle.reward import (balanced_weights, encode_texts, held_out_split, load_labelled,
+from llmcycle.core.errors import UserError
+from llmcycle.stages.align.reward import (balanced_weights, encode_texts, held_out_split, load_labelled,
                              load_reward_model, pairwise_loss, train_classifier, train_pairwise)
 from tiny import make_bert, make_gpt2, make_t5
 

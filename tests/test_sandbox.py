@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle.errors import UserError
-from llmcycle.sandbox import DEFAULT_ALLOWED, check_program, isolation, run_program
+from llmcycle.core.errors import UserError
+from llmcycle.augment.sandbox import DEFAULT_ALLOWED, check_program, isolation, run_program
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX rlimits")
 

@@ -4,8 +4,8 @@ import json
 import pytest
 from tiny import make_gpt2, make_t5
 
-from llmcycle import scope
-from llmcycle.config import load_project
+from llmcycle.stages import scope
+from llmcycle.project.config import load_project
 
 
 def test_rules_of_thumb_by_hand():
@@ -62,7 +62,7 @@ def test_plan_figures_for_a_selected_model(tmp_path):
     assert plan["model"]["context_window"] == 20
     assert plan["data"]["train"] == 8 and plan["data"]["eval"] == 2
 
-    from llmcycle.data import load_splits
+    from llmcycle.data.records import load_splits
 
     train = load_splits(project.config.data, tmp_path).train
     lengths = [len(tok(e.input)["input_ids"]) for e in train]

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmcycle import lifecycle
-from llmcycle.config import load_project
-from llmcycle.errors import UserError
-from llmcycle.store import RunStore
+from llmcycle.project import lifecycle
+from llmcycle.project.config import load_project
+from llmcycle.core.errors import UserError
+from llmcycle.core.store import RunStore
 from test_tune import examples
 from tiny import make_bert, make_gpt2, make_t5
 
@@ -89,9 +89,9 @@ def test_later_stages_use_run_select_best_and_nothing_reruns_unchanged(tmp_path)
 
 
 def test_lora_on_a_warm_start_trains_cross_attention_fully(tmp_path):
-    from llmcycle.finetune import TuneConfig
-    from llmcycle.tune_loop import fit
-    from llmcycle.warm_start import WarmStartConfig, build
+    from llmcycle.training.finetune import TuneConfig
+    from llmcycle.training.loop import fit
+    from llmcycle.models.warm_start import WarmStartConfig, build
 
     build(WarmStartConfig(encoder=str(make_bert(tmp_path / "bert")), decoder_layers=1), tmp_path / "ws",
           texts=[e.input for e in TAGGED])
@@ -222,14 +222,14 @@ def test_a_warm_started_base_goes_through_every_later_stage(tmp_path):
     assert done[("optimize", "int8")]["size_mb"] < done[("optimize", "merged")]["size_mb"]
     # the report shows the choice and the faithfulness column; `eval` takes run:select/best
     from llmcycle.cli import main
-    from llmcycle.report import write_report
+    from llmcycle.report.build import write_report
 
     page = Path(write_report(load_project(path))["report"]).read_text()
     assert "Base model selection" in page and "hallucinated entities" in page
     assert main(["eval", "--model", "run:select/best", "-p", str(path), "--json"]) == 0
 
-    from llmcycle import harness
-    from llmcycle.serve import create_app
+    from llmcycle.evaluation import harness
+    from llmcycle.serve.app import create_app
     from servers import running
 
     openai = pytest.importorskip("openai")

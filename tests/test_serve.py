@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcycle import harness
-from llmcycle.batching import BatchEngine, SamplingParams
-from llmcycle.errors import UserError
-from llmcycle.generation import GenerationConfig, Generator, generate_one_by_one
+from llmcycle.evaluation import harness
+from llmcycle.serve.engine import BatchEngine, SamplingParams
+from llmcycle.core.errors import UserError
+from llmcycle.models.generation import GenerationConfig, Generator, generate_one_by_one
 from test_generation import PROMPTS, _train
 from tiny import make_bert, make_gpt2, make_t5
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
-from llmcycle.serve import check_backend, create_app, serve  # noqa: E402  (needs fastapi)
+from llmcycle.serve.app import check_backend, create_app, serve  # noqa: E402  (needs fastapi)
 from servers import running  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -63,7 +63,7 @@ def gpt2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
     """An encoder-decoder warm-started from a tiny BERT (llmcycle/warm_start.py): a BART model."""
-    from llmcycle.warm_start import WarmStartConfig, build
+    from llmcycle.models.warm_start import WarmStartConfig, build
 
     root = tmp_path_factory.mktemp("warm")
     build(WarmStartConfig(encoder=str(make_bert(root / "bert")), decoder_layers=1), root / "ws")
@@ -224,7 +224,7 @@ def test_engine_failed_step_fails_its_requests_and_keeps_serving(gpt2, monkeypat
 
 
 def test_prefill_groups_keep_padding_under_a_quarter():
-    from llmcycle.batching import Sequence, _prefill_groups
+    from llmcycle.serve.engine import Sequence, _prefill_groups
 
     seqs = [Sequence([1] * n, SamplingParams(max_tokens=1), lambda d, done: None) for n in (5, 100, 28, 90, 30)]
     # 2 x 100 = 200 <= 1.25 x 190; 3 x 100 = 300 > 1.25 x 220; 2 x 30 = 60 <= 1.25 x 58; 3 x 30 = 90 > 1.25 x 63
@@ -234,7 +234,7 @@ def test_prefill_groups_keep_padding_under_a_quarter():
 def test_engine_serves_lora_adapters_and_refuses_soft_prompts(tmp_path):
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
-    from llmcycle.load import load_model
+    from llmcycle.models.load import load_model
 
     model, tok = load_model(str(make_gpt2(tmp_path / "base")), device="cpu")
     _train(model, tok)
@@ -292,7 +292,7 @@ def test_chat_on_seq2seq_uses_the_project_template(t5_url):
 
 
 def test_chat_model_uses_its_chat_template(chat, chat_url):
-    from llmcycle.prompts import encode_prompt
+    from llmcycle.data.prompting import encode_prompt
 
     c = client(chat_url, "sesame")
     r = c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "the cat sat"}],
@@ -467,7 +467,7 @@ def test_backends_and_templates_are_checked(gpt2):
 
 SERVER_SCRIPT = """
 import sys
-from llmcycle.serve import serve
+from llmcycle.serve.app import serve
 serve(sys.argv[1], port=int(sys.argv[2]), model_name="t5", context_window=100_000, log_level="warning")
 """
 

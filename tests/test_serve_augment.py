@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle import harness, rag
-from llmcycle.batching import Sequence
-from llmcycle.errors import UserError
-from llmcycle.pal import PAL_STOP, extract_program, pal_prompt
+from llmcycle.evaluation import harness
+from llmcycle.augment import rag
+from llmcycle.serve.engine import Sequence
+from llmcycle.core.errors import UserError
+from llmcycle.augment.pal import PAL_STOP, extract_program, pal_prompt
 from servers import running
 from test_serve import client, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from tiny import DOCS, make_doc_index, make_gpt2
 
 openai = pytest.importorskip("openai")
-from llmcycle.serve import create_app, serve  # noqa: E402  (needs fastapi)
-from llmcycle.augment_config import AugmentConfig
-from llmcycle.serve_augment import Augmentation, settings
+from llmcycle.serve.app import create_app, serve  # noqa: E402  (needs fastapi)
+from llmcycle.augment.config import AugmentConfig
+from llmcycle.serve.augment import Augmentation, settings
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX")
 QUESTION = "Where is the Eiffel Tower?"
@@ -170,7 +171,7 @@ def test_pal_reports_a_program_the_sandbox_refuses(canned):
 
 @posix_only
 def test_pal_with_a_real_tiny_model(gpt2, url):
-    from llmcycle.generation import GenerationConfig
+    from llmcycle.models.generation import GenerationConfig
 
     question = "What is 2 plus 3?"
     r = ask(url, question, extra_body=PAL, max_tokens=10)
@@ -214,7 +215,7 @@ def test_a_missing_index_stops_the_server_before_it_starts(tmp_path, model_dir, 
 
 
 def test_settings_merge_the_project_file_and_the_flags(tmp_path):
-    from llmcycle.config import load_project
+    from llmcycle.project.config import load_project
 
     (tmp_path / "llmcycle.yaml").write_text("augment:\n  rag: {index: idx, k: 3}\n  pal: {timeout_s: 2}\n")
     project = load_project(tmp_path)

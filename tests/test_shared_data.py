@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle.data import DataConfig, load_records, load_splits
+from llmcycle.data.records import DataConfig, load_records, load_splits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.data

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from llmcycle.errors import UserError
-from llmcycle.store import RunStore, atomic_write_json
+from llmcycle.core.errors import UserError
+from llmcycle.core.store import RunStore, atomic_write_json
 
 
 def test_run_records_config_versions_metrics_and_summary(tmp_path):
@@ -82,7 +82,7 @@ def test_killed_run_is_reported_incomplete_and_store_stays_readable(tmp_path):
         ok.finish({"kept": True})
     script = textwrap.dedent(f"""
         import time
-        from llmcycle.store import RunStore
+        from llmcycle.core.store import RunStore
         store = RunStore({str(store.root)!r})
         run = store.create("pretrain", "tiny", {{}})
         print(run.id, flush=True)

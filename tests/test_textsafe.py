@@ -1,8 +1,8 @@
 """Text from data and models printed literally: markup-like brackets and control sequences."""
 from rich.console import Console
 
-from llmcycle.runs_view import print_side_by_side
-from llmcycle.textsafe import as_text, visible
+from llmcycle.evaluation.compare import print_side_by_side
+from llmcycle.core.textsafe import as_text, visible
 
 NASTY = "[INST] hi [/INST] [bold]loud[/bold] [link=http://x]x[/link] \x1b[31mred\x1b[0m \x1b]0;title\x07 \x9b2J"
 
@@ -29,7 +29,7 @@ def test_side_by_side_prints_markup_and_escapes_as_text():
 
 
 def test_marked_spans_stay_on_the_entities_after_a_control_character():
-    from llmcycle.runs_view import marked
+    from llmcycle.evaluation.compare import marked
 
     out = marked("\x1b[1m Ben paid 40", ["ben", "40"])
     styled = [out.plain[span.start:span.end] for span in out.spans]

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcycle.config import load_project
-from llmcycle.data import Example
-from llmcycle.errors import UserError
-from llmcycle.finetune import TuneConfig, load_base, wrap
-from llmcycle.models import adapter_base
-from llmcycle.load import load_model
-from llmcycle.tune_loop import fit
+from llmcycle.project.config import load_project
+from llmcycle.data.records import Example
+from llmcycle.core.errors import UserError
+from llmcycle.training.finetune import TuneConfig, load_base, wrap
+from llmcycle.models.hub import adapter_base
+from llmcycle.models.load import load_model
+from llmcycle.training.loop import fit
 from tiny import make_gpt2, make_t5
 
 WORDS = ["red", "blue", "green", "grey", "cat", "dog"]
@@ -50,7 +50,7 @@ def project(path: Path, overrides=None):
 
 
 def execute(path: Path, variant="v", **kw):
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     return lifecycle.execute(project(path), "tune", variant, progress=False, **kw)
 
@@ -66,9 +66,9 @@ def train(tmp_path, arch, steps=8, **cfg):
 
 # -- formatting --------------------------------------------------------------------------------
 def test_causal_labels_mask_the_prompt_end_with_eos_and_padding_is_ignored(tmp_path):
-    from llmcycle.generation import Generator
-    from llmcycle.load import load_model
-    from llmcycle.tune_data import IGNORE, collate, encode_examples
+    from llmcycle.models.generation import Generator
+    from llmcycle.models.load import load_model
+    from llmcycle.training.batches import IGNORE, collate, encode_examples
 
     model, tok = load_model(str(make_gpt2(tmp_path / "g")))
     exs = examples(2)
@@ -89,9 +89,9 @@ def test_causal_labels_mask_the_prompt_end_with_eos_and_padding_is_ignored(tmp_p
 
 @pytest.mark.parametrize("arch,multiple", [("t5", (64, 16)), ("gpt2", (64, 64))])
 def test_padding_to_a_multiple_rounds_widths_and_leaves_the_loss_alone(tmp_path, arch, multiple):
-    from llmcycle.load import load_model
-    from llmcycle.tune_data import collate, encode_examples
-    from llmcycle.tune_loop import sum_loss
+    from llmcycle.models.load import load_model
+    from llmcycle.training.batches import collate, encode_examples
+    from llmcycle.training.loop import sum_loss
 
     kind = "seq2seq" if arch == "t5" else "causal"
     model, tok = load_model(str((make_t5 if arch == "t5" else make_gpt2)(tmp_path / arch)))
@@ -106,9 +106,9 @@ def test_padding_to_a_multiple_rounds_widths_and_leaves_the_loss_alone(tmp_path,
 
 
 def test_seq2seq_labels_end_with_eos_and_prompt_matches_generation(tmp_path):
-    from llmcycle.generation import Generator
-    from llmcycle.load import load_model
-    from llmcycle.tune_data import encode_examples
+    from llmcycle.models.generation import Generator
+    from llmcycle.models.load import load_model
+    from llmcycle.training.batches import encode_examples
 
     model, tok = load_model(str(make_t5(tmp_path / "t")))
     exs = examples(3)
@@ -121,9 +121,9 @@ def test_seq2seq_labels_end_with_eos_and_prompt_matches_generation(tmp_path):
 
 
 def test_chat_template_prompt_matches_generation(tmp_path):
-    from llmcycle.generation import Generator
-    from llmcycle.load import load_model
-    from llmcycle.tune_data import IGNORE, encode_examples
+    from llmcycle.models.generation import Generator
+    from llmcycle.models.load import load_model
+    from llmcycle.training.batches import IGNORE, encode_examples
 
     model, tok = load_model(str(make_gpt2(tmp_path / "g")))
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
@@ -203,7 +203,7 @@ def test_missing_target_module_lists_the_models_layers(tmp_path):
 
 
 def test_quantized_base_needs_gpu_and_bitsandbytes(tmp_path):
-    from llmcycle.finetune import check_quantization
+    from llmcycle.training.finetune import check_quantization
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -218,7 +218,7 @@ def test_quantized_base_needs_gpu_and_bitsandbytes(tmp_path):
 def test_training_set_empty_after_skipping_overlong_examples(tmp_path):
     path = make_project(tmp_path)
     proj = project(path, ["model.context_window=4"])
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     with pytest.raises(UserError, match="all 30 training examples are longer than the context window of 4"):
         lifecycle.execute(proj, "tune", "v", progress=False)
@@ -231,7 +231,7 @@ def test_eval_set_without_targets_is_refused_before_training(tmp_path):
     path = make_project(tmp_path)
     (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "no answer here"}) + "\n")
     proj = project(path, ["data.eval=eval.jsonl"])
-    from llmcycle import lifecycle
+    from llmcycle.project import lifecycle
 
     with pytest.raises(UserError, match="target field 'summary' missing"):
         lifecycle.execute(proj, "tune", "v", progress=False)
@@ -256,7 +256,7 @@ def test_validation_logs_loss_and_headline_and_keeps_the_best(tmp_path):
 
 
 def test_early_stopping_when_the_metric_stops_improving(tmp_path, monkeypatch):
-    from llmcycle import harness
+    from llmcycle.evaluation import harness
 
     def flat(loaded, prompts, exs, task, gen_cfg, **kw):  # a metric that never improves
         return {"headline": "rougeL", "headline_value": 0.5, "rougeL": 0.5, "n_examples": len(prompts)}, []
@@ -369,7 +369,7 @@ def test_resume_with_changed_config_lists_the_differences(tmp_path):
 def test_merged_model_equals_the_adapter(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmcycle.generation import GenerationConfig, Generator
+    from llmcycle.models.generation import GenerationConfig, Generator
 
     path = make_project(tmp_path, arch="gpt2", tune={"v": {"max_steps": 15, "lr": 3e-2, "batch_size": 4,
                                                            "merge": True, "dropout": 0.0}})
@@ -394,7 +394,7 @@ def test_peak_memory_is_measured_per_piece_of_work():
     """A second, smaller allocation after a reset reports its own peak, not the process's."""
     import numpy as np
 
-    from llmcycle.memory import peak_mb, reset_peak
+    from llmcycle.core.memory import peak_mb, reset_peak
 
     if not reset_peak():
         pytest.skip("this platform cannot reset the peak RSS")
@@ -412,11 +412,11 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch, a
     off the heap change memory, not results: same loss, same weights (dropout 0)."""
     import torch
 
-    import llmcycle.memory
+    import llmcycle.core.memory
 
     off_heap = []
-    real = llmcycle.memory.large_blocks_off_the_heap
-    monkeypatch.setattr(llmcycle.memory, "large_blocks_off_the_heap", lambda: off_heap.append(1) or real())
+    real = llmcycle.core.memory.large_blocks_off_the_heap
+    monkeypatch.setattr(llmcycle.core.memory, "large_blocks_off_the_heap", lambda: off_heap.append(1) or real())
     plain, _ = train(tmp_path / "a", arch, steps=4, method=method, dropout=0.0)
     assert off_heap == []  # a run that did not choose memory over speed keeps malloc's default
     ckpt, _ = train(tmp_path / "b", arch, steps=4, method=method, dropout=0.0, gradient_checkpointing=True)
@@ -432,9 +432,9 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch, a
 
 def test_seq2seq_summed_loss_equals_the_models_own_loss(tmp_path):
     """sum_loss builds the decoder inputs itself (no second loss); it must match transformers' loss."""
-    from llmcycle.load import load_model
-    from llmcycle.tune_data import collate, encode_examples
-    from llmcycle.tune_loop import sum_loss
+    from llmcycle.models.load import load_model
+    from llmcycle.training.batches import collate, encode_examples
+    from llmcycle.training.loop import sum_loss
 
     model, tok = load_model(str(make_t5(tmp_path / "t5")))
     exs = examples(6)
@@ -448,8 +448,8 @@ def test_seq2seq_summed_loss_equals_the_models_own_loss(tmp_path):
 def test_chunked_loss_equals_the_plain_loss_and_projects_scored_tokens_only(tmp_path, monkeypatch, arch, method):
     """sum_loss_chunked: same summed loss and gradients as sum_loss; the vocabulary projection sees
     only scored positions (no padding, no causal prompt), at most a chunk's worth of rows at a time."""
-    import llmcycle.tune_loop as loop
-    from llmcycle.tune_data import collate, encode_examples
+    import llmcycle.training.loop as loop
+    from llmcycle.training.batches import collate, encode_examples
 
     model, tok = load_base(str((make_t5 if arch == "t5" else make_gpt2)(tmp_path / "base")),
                            TuneConfig(method=method, max_steps=1))
@@ -485,8 +485,8 @@ def test_chunked_loss_equals_the_plain_loss_and_projects_scored_tokens_only(tmp_
 def test_chunked_loss_is_not_used_when_the_model_changes_logits_after_the_head(tmp_path, monkeypatch):
     """A model that rescales its logits after the head (as soft-capping models do) fails the check:
     training falls back to the plain loss and still matches training without checkpointing."""
-    import llmcycle.tune_loop as loop
-    from llmcycle.tune_data import collate, encode_examples
+    import llmcycle.training.loop as loop
+    from llmcycle.training.batches import collate, encode_examples
 
     model, tok = load_base(str(make_gpt2(tmp_path / "base")), TuneConfig(method="full", max_steps=1))
     exs = examples(4)
@@ -514,7 +514,7 @@ def test_release_free_memory_hands_the_heaps_free_pages_back():
     import ctypes
     import platform
 
-    from llmcycle.memory import release_free_memory
+    from llmcycle.core.memory import release_free_memory
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         assert release_free_memory() is False  # nothing to call: a no-op, never an error
@@ -538,7 +538,7 @@ def test_release_free_memory_hands_the_heaps_free_pages_back():
 
 _FREED_RSS_DROP = """
 import ctypes, sys
-from llmcycle.memory import large_blocks_off_the_heap
+from llmcycle.core.memory import large_blocks_off_the_heap
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
 if sys.argv[1] == "on":
@@ -574,9 +574,9 @@ def test_large_blocks_off_the_heap_returns_freed_activations_at_once():
 def test_backward_phase_hooks_fire_once_per_phase_and_leave_gradients_alone(tmp_path):
     """Seq2seq: once when the gradient reaches the output head, once at the encoder's output; never
     under no_grad; gradients identical to a model without the hooks."""
-    from llmcycle.load import load_model
-    from llmcycle.tune_data import collate, encode_examples
-    from llmcycle.tune_loop import release_between_backward_phases, sum_loss
+    from llmcycle.models.load import load_model
+    from llmcycle.training.batches import collate, encode_examples
+    from llmcycle.training.loop import release_between_backward_phases, sum_loss
 
     base = make_t5(tmp_path / "t5")
     grads, calls = [], []
@@ -608,11 +608,11 @@ def test_releasing_free_memory_leaves_training_unchanged(tmp_path, monkeypatch, 
     """fit on CPU releases free heap memory after loading, after each forward, inside backward (output
     head; encoder) and after each validation, and trains bit for bit as without it; the trained model
     keeps no hooks."""
-    import llmcycle.memory
+    import llmcycle.core.memory
 
     calls = []
-    real = llmcycle.memory.release_free_memory
-    monkeypatch.setattr(llmcycle.memory, "release_free_memory", lambda: calls.append(1) or real())
+    real = llmcycle.core.memory.release_free_memory
+    monkeypatch.setattr(llmcycle.core.memory, "release_free_memory", lambda: calls.append(1) or real())
     kw = dict(steps=4, method=method, gradient_checkpointing=checkpointing, eval_every=2)
     released, _ = train(tmp_path / "a", arch, **kw)
     assert len(calls) == 1 + 4 * per_step + 2  # two validations: once each, their no_grad passes never
@@ -623,7 +623,7 @@ def test_releasing_free_memory_leaves_training_unchanged(tmp_path, monkeypatch, 
         kw_ = {"decoder_input_ids": ids} if arch == "t5" else {}
         released.model(input_ids=ids, **kw_).logits.sum().backward()
     assert len(calls) == n
-    monkeypatch.setattr(llmcycle.memory, "release_free_memory", lambda: False)
+    monkeypatch.setattr(llmcycle.core.memory, "release_free_memory", lambda: False)
     plain, _ = train(tmp_path / "b", arch, **kw)
     assert released.summary["final_train_loss"] == plain.summary["final_train_loss"]
     a, b = dict(released.model.named_parameters()), dict(plain.model.named_parameters())
@@ -633,7 +633,7 @@ def test_releasing_free_memory_leaves_training_unchanged(tmp_path, monkeypatch, 
 
 
 def test_resuming_full_tuning_keeps_gradient_checkpointing_and_loads_the_weights(tmp_path):
-    from llmcycle.tune_loop import _load_weights
+    from llmcycle.training.loop import _load_weights
 
     model, _ = load_base(str(make_t5(tmp_path / "base")), TuneConfig(method="full", max_steps=1))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -21,9 +21,9 @@ DRIVER = """
 import json, os, sys
 from pathlib import Path
 import torch
-from llmcycle.data import Example
-from llmcycle.finetune import TuneConfig
-from llmcycle.tune_loop import fit
+from llmcycle.data.records import Example
+from llmcycle.training.finetune import TuneConfig
+from llmcycle.training.loop import fit
 
 out, base = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ.get("RANK", 0))

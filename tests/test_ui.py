@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from llmcycle.errors import UserError
-from llmcycle.harness import PREDICTIONS
-from llmcycle.store import RunStore, atomic_write_text
+from llmcycle.core.errors import UserError
+from llmcycle.evaluation.harness import PREDICTIONS
+from llmcycle.core.store import RunStore, atomic_write_text
 
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402  (fastapi comes with uvicorn in the serve extra)
 
-from llmcycle.ui import MAX_POINTS, STATIC, check_model_url, create_ui_app, curves  # noqa: E402
+from llmcycle.ui.app import MAX_POINTS, STATIC, check_model_url, create_ui_app, curves  # noqa: E402
 
 LOCAL = "http://127.0.0.1:8765"
 
@@ -225,8 +225,8 @@ def model_url(tmp_path_factory):
     """A tiny GPT-2, trained a little so that it continues a prompt with words, served by serve's app."""
     import torch
 
-    from llmcycle import harness
-    from llmcycle.serve import create_app
+    from llmcycle.evaluation import harness
+    from llmcycle.serve.app import create_app
     from test_generation import _train
     from tiny import make_gpt2
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from llmcycle.errors import UserError
-from llmcycle.warm_start import MARKER, WarmStartConfig, build, facts_of, lowercases, tag_tokens
+from llmcycle.core.errors import UserError
+from llmcycle.models.warm_start import MARKER, WarmStartConfig, build, facts_of, lowercases, tag_tokens
 from tiny import make_bert, make_gpt2
 
 TEXTS = ["#Person1#: the cat sat on the mat. #Person2#: the dog did not.",
@@ -143,7 +143,7 @@ def test_bad_checkpoints_and_layer_counts_are_one_line_errors(tmp_path):
 def test_real_minilm_warm_start(tmp_path):
     from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from llmcycle.warm_start import resolve_checkpoint
+    from llmcycle.models.warm_start import resolve_checkpoint
 
     facts = build(WarmStartConfig(decoder_layers=1), tmp_path / "ws", texts=TEXTS * 2)
     assert facts["lowercases"] and facts["added_tokens"] == ["#Person1#", "#Person2#"]

@@ -143,7 +143,7 @@ DOCS = {"tower.txt": "The Eiffel Tower in Paris was finished in 1889 and is 330 
 
 def make_doc_index(root):
     """Three short documents under root/docs and their llmcycle index (the offline MiniLM) in root/index."""
-    from llmcycle.rag_index import build_index
+    from llmcycle.augment.index import build_index
 
     (root / "docs").mkdir(parents=True, exist_ok=True)
     for name, text in DOCS.items():

@@ -1,0 +1,280 @@
+"""Tables for `llmcycle runs list|show|compare`."""
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def list_table(runs) -> Table:
+    table = Table(title="runs")
+    for col in ("id", "stage", "variant", "status", "parent", "created", "duration"):
+        table.add_column(col, no_wrap=col == "id")  # ids must stay copy-pasteable
+    colours = {"completed": "green", "failed": "red", "incomplete": "yellow", "running": "cyan"}
+    for r in runs:
+        duration = f"{r.finished - r.created:.1f} s" if r.finished else ""
+        table.add_row(r.id, r.stage, r.variant, f"[{colours.get(r.status, 'white')}]{r.status}[/]",
+                      r.parent or "", _when(r.created), duration)
+    return table
+
+
+def show(rec, console) -> None:
+    from llmcycle.core.textsafe import as_text
+
+    console.print(f"[bold]{rec.id}[/]  {rec.stage}.{rec.variant}  status: {rec.status}")
+    console.print(f"folder: {rec.dir}")
+    if rec.parent:
+        console.print(f"parent: {rec.parent}")
+    if rec.error:
+        console.print("[red]error:[/]", as_text(rec.error))
+    for key in ("git_revision", "command"):
+        if rec.meta.get(key):
+            console.print(f"{key}:", as_text(str(rec.meta[key])))
+    versions = rec.meta.get("versions") or {}
+    if versions:
+        console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    summary = rec.summary()
+    if summary:
+        table = Table(title="summary")
+        table.add_column("key")
+        table.add_column("value")
+        for key, value in flatten(summary).items():
+            table.add_row(as_text(key), as_text(_fmt(value)))
+        console.print(table)
+    metrics = rec.metrics()
+    if metrics:
+        console.print(f"{len(metrics)} metric rows; last: {metrics[-1]}")
+
+
+def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:
+    """Nested dicts to dotted keys (two levels), leaving lists and deeper values as they are."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and depth > 0:
+            out.update(flatten(value, name + ".", depth - 1))
+        else:
+            out[name] = value
+    return out
+
+
+# Columns of the comparison, in this order when present; other scalar figures follow in --json only.
+COMPARE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "chrf", "exact_match", "f1",
+                "accuracy", "macro_f1", "hallucinated_entity_rate", "headline_before", "toxicity_mean", "toxicity_std",
+                "toxicity_before_mean", "toxicity_change_pct", "perplexity", "len_words_mean", "stopped_share",
+                "prompts_lost_shots", "examples_per_s", "completion_tokens_per_s", "latency_p50_ms",
+                "latency_p95_ms", "size_mb", "trainable_pct", "peak_memory_mb",
+                "train_wall_s", "final_loss", "parameters", "useful_tokens_per_s")
+# The table's columns (a terminal has room for about a dozen); --json and `runs show` have every figure.
+TABLE_KEYS = ("rouge1", "rouge2", "bleu", "chrf", "exact_match", "f1", "accuracy", "macro_f1",
+              "hallucinated_entity_rate", "headline_before",
+              "toxicity_mean", "toxicity_change_pct", "perplexity", "len_words_mean", "prompts_lost_shots",
+              "examples_per_s", "latency_p95_ms", "size_mb", "trainable_pct", "peak_memory_mb")
+# Short column titles keep the table readable in a terminal; --json keeps the full names.
+SHORT = {"len_words_mean": "words", "stopped_share": "stopped", "prompts_lost_shots": "lost shots",
+         "examples_per_s": "ex/s", "perplexity": "ppl", "useful_tokens_per_s": "useful tok/s",
+         "final_loss": "loss", "parameters": "params", "rougeLsum": "rougeLs",
+         "trainable_pct": "trainable %", "peak_memory_mb": "peak MB", "train_wall_s": "train s",
+         "headline_before": "before", "toxicity_mean": "toxic", "toxicity_std": "toxic sd",
+         "toxicity_before_mean": "toxic before", "toxicity_change_pct": "toxic Δ%",
+         "completion_tokens_per_s": "tok/s", "latency_p50_ms": "p50 ms", "latency_p95_ms": "p95 ms",
+         "size_mb": "MB", "hallucinated_entity_rate": "halluc."}
+# Figures that are not metrics.py names but have a direction.
+_DIRECTION = {"examples_per_s": True, "useful_tokens_per_s": True, "toxicity_mean": False,
+              "toxicity_change_pct": False, "completion_tokens_per_s": True, "latency_p50_ms": False,
+              "latency_p95_ms": False, "size_mb": False}
+
+
+def compare_rows(records) -> list[dict]:
+    """One row per run: identity plus every scalar figure in its summary."""
+    rows = []
+    for r in records:
+        row = {"id": r.id, "stage": r.stage, "variant": r.variant, "status": r.status}
+        for key, value in r.summary().items():
+            if key == "headline" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                row[key] = value
+        rows.append(row)
+    return rows
+
+
+def best_by_metric(rows: list[dict]) -> dict[str, float]:
+    """For each metric with a known direction, the best value among the rows."""
+    from llmcycle.evaluation.metrics import higher_is_better
+
+    best = {}
+    for key in COMPARE_KEYS + ("headline_value",):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if len(values) < 2:
+            continue
+        try:
+            direction = higher_is_better(key if key != "headline_value" else rows[0].get("headline", ""))
+        except Exception:  # noqa: BLE001 - not a metric (timing, counts): nothing to mark
+            direction = None
+        direction = _DIRECTION.get(key, direction)
+        if direction is not None:
+            best[key] = max(values) if direction else min(values)
+    return best
+
+
+def compare_table(rows: list[dict]) -> Table:
+    """Runs x metrics; the headline with its 95% bootstrap interval; the best value per column bold *."""
+    best = best_by_metric(rows)
+    has_headline = any(r.get("headline") for r in rows)
+    headlines = {r.get("headline") for r in rows}
+    # the headline metric has its own column (with its interval); evaluated runs' training speed is
+    # in --json (the table keeps to what tells variants apart)
+    keys = [k for k in TABLE_KEYS if k not in headlines
+            and not (has_headline and k == "useful_tokens_per_s")
+            and any(isinstance(r.get(k), (int, float)) for r in rows)]
+    table = Table(title="runs side by side (* best)")
+    table.add_column("run", no_wrap=True)
+    stages = len({r["stage"] for r in rows}) > 1
+    if stages:
+        table.add_column("stage")
+    if has_headline:
+        names = sorted({r["headline"] for r in rows if r.get("headline")})
+        table.add_column(f"{'/'.join(names)} [95% CI]", justify="right", no_wrap=True)
+    for key in keys:
+        table.add_column(SHORT.get(key, key), justify="right")
+    for row in rows:
+        cells = [f"{row['variant']} ({row['id'][-4:]})"] + ([row["stage"]] if stages else [])
+        if has_headline:
+            value = row.get("headline_value")
+            cell = ""
+            if isinstance(value, (int, float)):
+                cell = f"{value:.3f}"
+                if row.get("headline_ci_low") is not None:
+                    cell += f" [{row['headline_ci_low']:.3f}, {row['headline_ci_high']:.3f}]"
+                cell = _mark(cell, value, best.get("headline_value"))
+            cells.append(cell)
+        for key in keys:
+            value = row.get(key)
+            cells.append(_mark(_fmt(value), value, best.get(key)) if value is not None else "")
+        table.add_row(*cells)
+    return table
+
+
+def _mark(text: str, value, best) -> str:
+    return f"[bold green]{text} *[/]" if best is not None and value == best else text
+
+
+def side_by_side(records, n: int = 3) -> list[dict]:
+    """The first n evaluated examples with each run's output, aligned by example index."""
+    from llmcycle.evaluation.harness import read_predictions
+
+    outputs = {}  # run label -> {example index: prediction row}
+    for r in records:
+        preds = read_predictions(r.dir)
+        if preds:
+            outputs[f"{r.variant} ({r.id[-4:]})"] = {p["index"]: p for p in preds}
+    if not outputs:
+        return []
+    common = sorted(set.intersection(*(set(p) for p in outputs.values())))[:n]
+    examples = []
+    for idx in common:
+        first = next(iter(outputs.values()))[idx]
+        examples.append({"index": idx, "where": first["where"], "input": first["input"],
+                         "references": first["references"],
+                         "outputs": {label: rows[idx]["prediction"] for label, rows in outputs.items()},
+                         # the output's entities its input lacks (faithfulness.py), to mark them
+                         "invented": {label: rows[idx].get("invented_entities") or []
+                                      for label, rows in outputs.items()}})
+    return examples
+
+
+def marked(text: str, invented):
+    """The output as rich Text with its invented entities in red (never parsed as markup)."""
+    from llmcycle.evaluation.faithfulness import spans
+    from llmcycle.core.textsafe import as_text
+
+    out = as_text(text)  # one symbol for each control character: the spans' offsets hold
+    for start, end in spans(text, invented):
+        out.stylize("bold red underline", start, end)
+    return out
+
+
+def print_side_by_side(examples: list[dict], console, width: int = 400) -> None:
+    """Each example's input, references and outputs, printed as text (data may look like markup)."""
+    from llmcycle.core.textsafe import as_text
+
+    for ex in examples:
+        table = Table(title=as_text(f"example {ex['index']} ({ex['where']})"), show_header=False, expand=True)
+        table.add_column("", style="bold", no_wrap=True)
+        table.add_column("")
+        text = ex["input"]
+        table.add_row("input", as_text(text if len(text) <= width else text[:width] + " …"))
+        for i, ref in enumerate(ex["references"]):
+            table.add_row("reference" + (f" {i + 1}" if len(ex["references"]) > 1 else ""), as_text(ref))
+        for label, output in ex["outputs"].items():
+            cell = marked(output, ex.get("invented", {}).get(label, [])) if output else "[dim](empty)[/]"
+            table.add_row(as_text(label), cell)
+        console.print(table)
+    if any(any(ex.get("invented", {}).values()) for ex in examples):
+        console.print("[dim]red: entities (names, numbers) the output states but its input does not contain[/]")
+
+
+def compare(records, console, n_examples: int = 3) -> None:
+    """The whole comparison: the metrics table, then examples side by side."""
+    rows = compare_rows(records)
+    console.print(compare_table(rows))
+    print_side_by_side(side_by_side(records, n_examples), console)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, (list, tuple)) and len(str(value)) > 60:
+        return f"[{len(value)} items]"
+    return str(value)
+
+
+def _count(n) -> str:
+    """12,345,678 -> 12.3M: parameter counts at a glance."""
+    if not isinstance(n, (int, float)):
+        return ""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def select_table(summary: dict) -> Table:
+    """`select/best`'s candidates with their figures (the reasons are `select_reasons`); fits 100 columns."""
+    from rich import box
+
+    metric, probed = summary["metric"], summary.get("after_probe")
+    table = Table(title=f"select: {metric} of each candidate on the eval set (* chosen)", box=box.SIMPLE_HEAD)
+    for title in ("candidate", "params", "MB", "p95 ms", "over", "case", "0-shot"):
+        table.add_column(title, justify="left" if title in ("candidate", "case") else "right", no_wrap=True)
+    if probed:
+        table.add_column("probe [95% CI]", justify="right", no_wrap=True)
+    table.add_column("halluc.", justify="right", no_wrap=True)
+    for row in summary["candidates"]:
+        name = ("* " if row.get("chosen") else "") + row["candidate"]
+        if row["status"] != "completed":
+            table.add_row(name, *[""] * (len(table.columns) - 2), row["status"])
+            continue
+        cells = [name, _count(row.get("parameters")), _fixed(row.get("size_mb"), 1),
+                 _fixed(row.get("latency_p95_ms"), 0),
+                 f"{100 * row.get('overflow_share', 0):.0f}%", "uncased" if row.get("lowercases") else "cased",
+                 _fixed(row.get("zero_shot"), 3)]
+        if probed:
+            ci = row.get("probe_ci") or [None, None]
+            cells.append(_fixed(row.get("probe"), 3) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""))
+        rate = row.get("probe_hallucinated_entity_rate") if probed else row.get("hallucinated_entity_rate")
+        cells.append(_fixed(rate, 2))
+        table.add_row(*cells)
+    return table
+
+
+def select_reasons(summary: dict) -> list[str]:
+    """One line per candidate: why it was or was not chosen."""
+    return [f"{row['candidate']}: {row.get('why', row['status'])}" for row in summary["candidates"]]
+
+
+def _fixed(value, digits: int) -> str:
+    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else "n/a"

@@ -1,0 +1,202 @@
+"""The evaluation harness every stage shares: generate for a set of prompts, score against references.
+
+`evaluate(...)` runs batched generation (llmcycle.models.generation), the task's metrics (llmcycle.evaluation.metrics,
+with a bootstrap confidence interval for the headline metric), the perplexity of the references, and
+timing; it returns a summary (flat, JSON-able) and one row per example, which `write_predictions`
+stores as the run's `artifacts/predictions.jsonl` for side-by-side comparison.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmcycle.core.errors import UserError
+from llmcycle.core.progress import bar
+from llmcycle.models.load import load_model
+
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what the user referred to (run id, path or Hub id)
+    path: str  # what was loaded
+    model: object
+    tokenizer: object
+    generator: object
+    run_id: str | None = None  # the run that produced the model, for lineage
+
+    @property
+    def kind(self) -> str:
+        return self.generator.kind
+
+    @property
+    def window(self) -> int:
+        return self.generator.window
+
+
+_CACHE: dict[tuple, LoadedModel] = {}
+
+
+def resolve(ref: str, project) -> tuple[str, str | None]:
+    """(path or Hub id, producing run id) for a model reference: `run:REF`, a bare run id or
+    STAGE/VARIANT known to the store, a local folder, or a Hub id."""
+    from llmcycle.models import hub as models
+
+    store = project.store() if project is not None else None
+    base = project.dir if project is not None else Path.cwd()
+    if ref.startswith("run:"):
+        rec = store.get(ref[4:]) if store else None
+        return models.resolve_model_path(ref, base, store), rec.id if rec else None
+    if store is not None and not (base / ref).exists() and not Path(ref).exists():
+        try:
+            rec = store.get(ref)
+            return str(store.resolve_model(rec.id)), rec.id
+        except UserError:
+            pass  # not a run: a Hub id
+    return models.resolve_model_path(ref, base, store), None
+
+
+def load(ref: str, project=None, *, dtype: str = "auto", device: str = "auto",
+         context_window: int | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load (once per process) a model, its tokenizer and a generator for it."""
+    from llmcycle.models.generation import Generator
+
+    path, run_id = resolve(ref, project)
+    key = (path, dtype, device, context_window)
+    if key not in _CACHE:
+        model, tok = load_model(path, dtype=dtype, device=device,
+                                       trust_remote_code=trust_remote_code)
+        _CACHE[key] = LoadedModel(ref, path, model, tok, Generator(model, tok, context_window), run_id)
+    return _CACHE[key]
+
+
+def forget(path: str) -> None:
+    """Drop a loaded model from the cache (select measures one candidate after another)."""
+    for key in [k for k in _CACHE if k[0] == path]:
+        del _CACHE[key]
+
+
+def load_project_model(project, ref: str | None = None) -> LoadedModel:
+    """The project's model (model: section), or `ref` loaded with the project's model options."""
+    cfg = project.config.model
+    if ref is None and cfg is None:
+        raise UserError(f"{project.path}: no model configured (add a `model:` section with a name)")
+    opts = cfg.model_dump() if cfg is not None else {}
+    return load(ref or cfg.name, project, dtype=opts.get("dtype", "auto"),
+                device=opts.get("device", "auto"), context_window=opts.get("context_window"),
+                trust_remote_code=opts.get("trust_remote_code", False))
+
+
+def generation_budget(loaded: LoadedModel, max_new_tokens: int) -> int:
+    """Tokens a prompt may take: the whole window for seq2seq (the output has its own), the window
+    minus room to generate for causal models."""
+    room = max_new_tokens if loaded.kind == "causal" else 0
+    budget = loaded.window - room
+    if budget < 1:
+        raise UserError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
+                        f"context window of {loaded.window} tokens")
+    return budget
+
+
+def count_tokens(loaded: LoadedModel):
+    """Token count of a prompt as the model will see it (chat template included)."""
+    from llmcycle.data.prompting import encode_prompt
+
+    return lambda text: len(encode_prompt(loaded.tokenizer, text, loaded.kind))
+
+
+def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_cfg, *,
+             perplexity: bool = True, progress: bool = True, label: str = "eval",
+             lexicon=None) -> tuple[dict, list[dict]]:
+    """Generate for every prompt, score against the examples' references; (summary, rows). `lexicon`:
+    names known from the project's data, for the faithfulness score (evaluate.name_lexicon)."""
+    from llmcycle.evaluation import metrics
+
+    if not prompts:
+        raise UserError("the evaluation set is empty: nothing to evaluate")
+    references = [e.targets for e in examples]
+    if any(not refs for refs in references):
+        where = next(e.where for e in examples if not e.targets)
+        raise UserError(f"{where}: evaluation example has no reference (target) to score against")
+    start = time.perf_counter()
+    with bar(len(prompts), label, enabled=progress) as advance:
+        results = loaded.generator.generate(prompts, gen_cfg, progress=advance)
+    gen_s = time.perf_counter() - start
+    predictions = [r.text for r in results]
+    summary, per_example = metrics.compute_all(task, predictions, references, loaded.tokenizer,
+                                               sources=[source_text(e) for e in examples], lexicon=lexicon)
+    if perplexity:
+        summary["perplexity"] = metrics.reference_perplexity(
+            loaded.model, loaded.tokenizer, prompts, [refs[0] for refs in references],
+            batch_size=gen_cfg.batch_size)
+    completion = sum(r.completion_tokens for r in results)
+    summary.update({
+        "n_examples": len(prompts), "generation_s": round(gen_s, 3),
+        "examples_per_s": len(prompts) / gen_s if gen_s else None,
+        "completion_tokens_per_s": completion / gen_s if gen_s else None,
+        "prompt_tokens_mean": sum(r.prompt_tokens for r in results) / len(results),
+        "stopped_share": sum(r.finish_reason == "stop" for r in results) / len(results),
+    })
+    headline_scores = per_example.get(summary["headline"])
+    invented = per_example.get("invented_entities")
+    rows = []
+    for i, (ex, prompt, res) in enumerate(zip(examples, prompts, results)):
+        row = {"index": i, "where": ex.where, "input": ex.input, "prompt": prompt,
+               "references": ex.targets, "prediction": res.text, "finish_reason": res.finish_reason,
+               "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}
+        if headline_scores is not None and i < len(headline_scores):
+            row[summary["headline"]] = headline_scores[i]
+        if invented is not None:  # the output's entities its input does not contain
+            row["invented_entities"] = invented[i]
+        rows.append(row)
+    return summary, rows
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def request_latency(generator, prompts: list[str], gen_cfg, n: int) -> dict:
+    """p50 / p95 milliseconds of the first n prompts generated one at a time (a lone request, batch 1)."""
+    sample = prompts[:n]
+    if not sample:
+        return {}
+    generator.generate(sample[:1], gen_cfg)  # warm-up: lazy initialisation is nobody's latency
+    times = []
+    for prompt in sample:
+        t0 = time.perf_counter()
+        generator.generate([prompt], gen_cfg)  # returns token lists: the device has finished
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"latency_p50_ms": round(percentile(times, 50), 3), "latency_p95_ms": round(percentile(times, 95), 3),
+            "latency_samples": len(sample)}
+
+
+def source_text(example) -> str:
+    """What an output may take its facts from: the input and the record's other text fields (a QA
+    context, say), never its references."""
+    targets = set(example.targets)
+    extra = [v for v in example.fields.values() if isinstance(v, str) and v not in targets and v != example.input]
+    return "\n".join([example.input, *extra])
+
+
+def write_predictions(run, rows: list[dict], name: str = PREDICTIONS) -> Path:
+    from llmcycle.core.store import atomic_write_text
+
+    path = run.artifacts / name
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def read_predictions(run_dir: Path, name: str = PREDICTIONS) -> list[dict] | None:
+    path = Path(run_dir) / "artifacts" / name
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""The project file, the lifecycle runner and the `init` template."""

@@ -1,0 +1,224 @@
+"""The project file, `llmcycle.yaml`: load it, apply `--set` overrides, validate it with typed models.
+
+Every stage section is optional. A stage section maps variant names to that stage's config (each
+variant becomes a run), so the override key `pretrain.tiny.lr` is exactly the YAML path. Errors name
+the dotted key and its line in the file: unknown keys come with the nearest valid key; wrong types or
+ranges with what was expected and what was given.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, create_model
+
+from llmcycle.augment.config import AugmentConfig
+from llmcycle.core.configbase import Section, _describe
+from llmcycle.core.errors import UserError, suggest
+from llmcycle.data.records import DataConfig
+from llmcycle.evaluation.settings import EvaluateConfig
+from llmcycle.models.hub import ModelConfig
+from llmcycle.stages import registry
+
+PROJECT_FILE = "llmcycle.yaml"
+TASKS = ("summarization", "qa", "classification", "generation")
+
+
+class ProjectInfo(Section):
+    name: str = Field("llmcycle-project", description="A name for the use case.")
+    task: Literal["summarization", "qa", "classification", "generation"] = Field(
+        "summarization", description="The task; it picks the headline metric and default prompts.")
+
+
+# The project file's sections: these shared ones, then one per stage in lifecycle order (each stage
+# says its section's type in its Stage; stages/registry.py lists them).
+SHARED_SECTIONS = {
+    "project": (ProjectInfo, Field(default_factory=ProjectInfo)),
+    "data": (DataConfig | None, None),
+    "model": (ModelConfig | None, None),
+    "evaluate": (EvaluateConfig | None, None),  # how every evaluating stage prompts, generates and scores
+    "augment": (AugmentConfig | None, None),  # what `llmcycle serve` answers with: RAG, PAL
+}
+ProjectConfig = create_model(
+    "ProjectConfig", __base__=Section,
+    **SHARED_SECTIONS,
+    **{s.name: (s.section, Field(default_factory=dict) if s.default == {} else None) for s in registry.STAGES})
+
+
+class Project:
+    """A validated project: its config, the folder it lives in, and the raw (resolved) dict."""
+
+    def __init__(self, config: ProjectConfig, path: Path, raw: dict):
+        self.config = config
+        self.path = path
+        self.dir = path.parent
+        self.raw = raw
+
+    def store(self):
+        from llmcycle.core.store import RunStore
+
+        return RunStore.for_project(self.dir)
+
+
+# -- YAML with YAML 1.2 numbers ------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and users say it's a
+    number. Re-register the float resolver with the 1.2 pattern."""
+
+
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in _Loader.yaml_implicit_resolvers.copy().items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """The document and a map from dotted key path to its 1-based line number."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                if path in lines and key.value != "<<":  # PyYAML keeps the last value silently
+                    raise UserError(f"{source}:{key.start_mark.line + 1}: duplicate key '{path}' (first on "
+                                    f"line {lines[path]}); keep one of them")
+                lines[path] = key.start_mark.line + 1
+                walk(value, path)
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                lines[f"{prefix}.{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}.{i}")
+
+    walk(node, "")
+    return data, lines
+
+
+def parse_value(text: str) -> Any:
+    """An override's value, parsed like YAML (so `2e-4` is a number and `[q, v]` a list)."""
+    try:
+        return yaml.load(text, Loader=_Loader) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides in place; intermediate mappings are created as needed."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set '{item}': expected KEY=VALUE, e.g. --set pretrain.tiny.lr=2e-4")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UserError(f"--set '{item}': empty part in key '{key}'")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+# -- validation errors -> one line ----------------------------------------------------------------
+def _unwrap(ann):
+    """`X | None` -> X."""
+    from typing import get_args
+
+    args = [a for a in get_args(ann) if a is not type(None)]
+    return args[0] if type(None) in get_args(ann) and len(args) == 1 else ann
+
+
+def _section_at(loc: tuple):
+    """The Section class that owns the keys at `loc` (variant-name levels skipped), or None."""
+    from typing import get_args, get_origin
+
+    cls, i = ProjectConfig, 0
+    while i < len(loc):
+        field = cls.model_fields.get(loc[i])
+        if field is None:
+            return None
+        ann = _unwrap(field.annotation)
+        if get_origin(ann) is dict:  # a map of variants: the next level is a free name
+            ann, i = _unwrap(get_args(ann)[1]), i + 1
+            if i >= len(loc):
+                return None
+        i += 1
+        cls = ann
+        if not (isinstance(cls, type) and issubclass(cls, Section)):
+            return None
+    return cls
+
+
+def format_validation_error(exc: ValidationError, source: str, lines: dict[str, int]) -> str:
+    # a misspelt key also makes its correct spelling "missing": name the misspelling, which says both
+    err = next((e for e in exc.errors() if e["type"] == "extra_forbidden"), exc.errors()[0])
+    loc = tuple(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    dotted = ".".join(loc)
+    line = None
+    for n in range(len(loc), 0, -1):
+        line = lines.get(".".join(loc[:n]))
+        if line:
+            break
+    where = f"{source}:{line}" if line else source
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        owner = _section_at(loc[:-1])
+        valid = list(owner.model_fields) if owner else []
+        hint = suggest(loc[-1], valid)
+        if not hint and valid:
+            hint = f" (valid keys: {', '.join(valid)})"
+        return f"{where}: unknown key '{dotted}'{hint}{more}"
+    return f"{where}: key '{dotted}': {_describe(err)}{more}"
+
+
+def validate(data: Any, source: str = PROJECT_FILE, lines: dict[str, int] | None = None) -> ProjectConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the project file must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return ProjectConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source, lines or {})) from None
+
+
+def load_project(path: str | Path = PROJECT_FILE, overrides: list[str] | None = None) -> Project:
+    """Read, override and validate a project file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROJECT_FILE
+    if not path.exists():
+        raise UserError(f"project file not found: {path} (create one with `llmcycle init DIR`, "
+                        "or pass -p PATH)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the project file: {exc}") from None
+    data, lines = parse_yaml(text, str(path))
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the project file must be a mapping of sections")
+    if not data and not overrides:
+        raise UserError(f"{path}: the project file is empty; it needs a `project:` section (name, task) and "
+                        "`data:` (train, eval) at least (`llmcycle init DIR` writes a commented one)")
+    apply_overrides(data, overrides or [])
+    config = validate(data, str(path), lines)
+    return Project(config, path.resolve(), data)

@@ -1,0 +1,1 @@
+"""The lifecycle report (HTML and Markdown) and its plots."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: protocol, batching engine, app, augmentation, metrics."""

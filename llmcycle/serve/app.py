@@ -1,0 +1,427 @@
+"""Serve: an OpenAI-compatible HTTP API for any model llmcycle can load.
+
+    llmcycle serve [--run RUN|best|PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream server-sent
+events with `stream: true`), GET /health, GET /metrics (Prometheus text format). Any OpenAI client works:
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "..."}])
+
+/v1/completions reads the prompt as raw text (or token ids). /v1/chat/completions uses the model's chat
+template; a model without one (T5, plain GPT-2) takes one user message, rendered into the project's
+prompt template (`evaluate.template`, whose single field receives the message), so the served model sees
+what it was evaluated and tuned on. Concurrent requests share forward passes (llmcycle.serve.engine). Errors
+use OpenAI's format: {"error": {"message", "type", "param", "code"}}. On SIGTERM the server stops
+accepting connections, finishes the requests in flight, then exits.
+
+fastapi and uvicorn are imported inside functions: they are an extra (pip install 'llmcycle[serve]').
+"""
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from llmcycle.serve.engine import BatchEngine
+from llmcycle.core.errors import UserError, suggest
+from llmcycle.core.net import _listen
+from llmcycle.serve.protocol import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    ApiError,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    _Job,
+    _parse,
+    _sse,
+    _text_of,
+    _wait,
+)
+from llmcycle.serve.metrics import Metrics
+
+log = logging.getLogger("llmcycle.serve.app")
+BACKENDS = ("transformers", "vllm")
+
+
+# ------------------------------------------------------------------------------------ served models
+@dataclass
+class ServedModel:
+    name: str
+    loaded: Any  # llmcycle.evaluation.harness.LoadedModel
+    engine: BatchEngine
+    template: str | None  # prompt template for chat on models without a chat template
+    created: int
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = list(self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not ids and self.loaded.kind == "causal":
+            bos = self.loaded.tokenizer.bos_token_id  # what a causal model saw first in pretraining
+            if bos is None:
+                raise ApiError(400, "the prompt is empty and the tokenizer has no BOS token to start from",
+                               "prompt")
+            ids = [int(bos)]
+        return ids
+
+    def completion_prompts(self, prompt: Any) -> list[list[int]]:
+        """Token ids of each prompt of a /v1/completions request (raw text: no chat template)."""
+        vocab = self.loaded.model.get_input_embeddings().num_embeddings
+
+        def is_ids(x):
+            return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(prompt, str):
+            return [self.encode_text(prompt)]
+        if is_ids(prompt):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return [self.encode_text(p) for p in prompt]
+        elif isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+            prompts = prompt
+        else:
+            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list "
+                           "of token-id lists (none empty)", "prompt")
+        if any(t < 0 or t >= vocab for p in prompts for t in p):
+            raise ApiError(400, f"'prompt' holds a token id outside the vocabulary (0..{vocab - 1})", "prompt")
+        return [list(p) for p in prompts]
+
+    def chat_prompt(self, messages: list[ChatMessage], raw: bool = False) -> list[int]:
+        """Token ids of a conversation; `raw`: a last message that is a whole prompt (RAG's), so no
+        project template around it."""
+        from llmcycle.data.prompting import encode_prompt, uses_chat_template
+
+        tok, kind = self.loaded.tokenizer, self.loaded.kind
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m)} for m in messages]
+        if uses_chat_template(tok, kind):
+            if len(turns) == 1 and turns[0]["role"] == "user":
+                return encode_prompt(tok, turns[0]["content"], kind)  # exactly as fine-tuning formats it
+            try:
+                text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - templates raise for conversations they refuse
+                raise ApiError(400, f"the model's chat template refused these messages: {exc}", "messages") from None
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        if len(turns) != 1 or turns[0]["role"] != "user":
+            roles = ", ".join(t["role"] for t in turns)
+            raise ApiError(400, f"model '{self.name}' has no chat template: send exactly one user message "
+                           f"(got roles: {roles})", "messages")
+        text = turns[0]["content"]
+        if self.template is not None and not raw:
+            from llmcycle.data.prompting import template_fields
+
+            text = self.template.format(**{template_fields(self.template)[0]: text})
+        return self.encode_text(text)
+
+    def check_window(self, prompt_len: int, max_tokens: int, param: str) -> None:
+        window = self.loaded.window
+        if self.loaded.kind == "causal" and prompt_len + max_tokens > window:
+            raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                           f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                           f"completion). Please reduce the length of the prompt or max_tokens.",
+                           param, "context_length_exceeded")
+        if self.loaded.kind == "seq2seq" and (prompt_len > window or max_tokens > window):
+            raise ApiError(400, f"This model reads at most {window} tokens and writes at most {window}. However, "
+                           f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}. Please reduce "
+                           "the length of the prompt or max_tokens.", param, "context_length_exceeded")
+
+
+def _check_template(template: str | None) -> None:
+    if template is None:
+        return
+    from llmcycle.data.prompting import template_fields
+
+    fields = set(template_fields(template))
+    if len(fields) != 1 or "" in fields:
+        raise UserError(f"prompt template {template[:60]!r} must have exactly one field for the user's message, "
+                        f"like {{input}} (it has {len(fields)}: {', '.join(sorted(fields)) or 'none'})")
+
+
+# --------------------------------------------------------------------------------------------- app
+def create_app(models, *, api_key: str | None = None, model_name: str | None = None,
+               prompt_template: str | None = None, max_batch_size: int = 16, drain_timeout: float | None = 30.0,
+               augment=None):
+    """The FastAPI app serving `models`: one LoadedModel (named `model_name`, default its reference) or a
+    mapping name -> LoadedModel. Each model gets its own batching engine (at most `max_batch_size` rows
+    per forward pass; 1 = one request at a time), started and drained with the app. `api_key` set: /v1/*
+    needs `Authorization: Bearer KEY`. `prompt_template` (one field) formats chat messages for models
+    without a chat template. `augment`: a serve_augment.Augmentation (RAG, PAL) for chat completions."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import (
+        JSONResponse,
+        PlainTextResponse,
+        Response,
+        StreamingResponse,
+    )
+    from starlette.exceptions import HTTPException
+
+    from llmcycle.serve.augment import prepare
+
+    _check_template(prompt_template)
+    if not isinstance(models, dict):
+        models = {model_name or models.name: models}
+    created = int(time.time())
+    served = {name: ServedModel(name, lm, BatchEngine(lm.generator, max_batch_size), prompt_template, created)
+              for name, lm in models.items()}
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for s in served.values():
+            s.engine.start()
+        yield
+        for s in served.values():  # uvicorn has already waited for the requests in flight
+            await asyncio.to_thread(s.engine.stop, drain_timeout)
+
+    app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(metrics.middleware)
+    app.state.served, app.state.metrics = served, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(ApiError(500, f"internal server error: {type(exc).__name__}").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            what = "no API key was given" if not given else "the API key is not valid"
+            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    def model_of(name: str) -> ServedModel:
+        if name not in served:
+            raise ApiError(404, f"The model '{name}' does not exist{suggest(name, served)} "
+                           f"(served: {', '.join(served)})", "model", "model_not_found")
+        return served[name]
+
+    def model_card(s: ServedModel) -> dict:
+        return {"id": s.name, "object": "model", "created": s.created, "owned_by": "llmcycle"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(served),
+                "running": sum(s.engine.running for s in served.values()),
+                "waiting": sum(s.engine.waiting for s in served.values())}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(served), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card(s) for s in served.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        authorize(request)
+        return model_card(model_of(name))
+
+    async def generate(request: Request, chat: bool):
+        authorize(request)
+        req = _parse(await request.body(), ChatRequest if chat else CompletionRequest)
+        s = model_of(req.model)
+        aug = await prepare(augment, s, req) if chat else None  # None: the model alone
+        if chat:
+            prompts, param = [aug.ids if aug else s.chat_prompt(req.messages)], "messages"
+            limit = req.max_completion_tokens or req.max_tokens
+        else:
+            prompts, param, limit = s.completion_prompts(req.prompt), "prompt", req.max_tokens
+        max_tokens = []
+        for ids in prompts:
+            room = s.loaded.window - len(ids) if s.loaded.kind == "causal" else s.loaded.window
+            m = limit or (max(room, 1) if chat else COMPLETION_DEFAULT_MAX_TOKENS)
+            s.check_window(len(ids), m, param if limit is None else "max_tokens")
+            max_tokens.append(m)
+        if req.min_tokens > min(max_tokens):
+            raise ApiError(400, f"min_tokens {req.min_tokens} is more than max_tokens {min(max_tokens)}", "min_tokens")
+        job = _Job(s, prompts, aug.req if aug else req, max_tokens)
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": s.name}
+        if aug is not None and aug.mode == "pal":
+            return await augment.respond_pal(request, job, head, req, metrics, endpoint)
+        tail = aug.fields if aug else {}  # RAG's citations
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(job, head, chat, usage, metrics, endpoint, tail),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if not await _wait(request, job):
+            return Response(status_code=499)  # client closed the request; nobody reads this
+        metrics.finished(endpoint, s.name, job)
+        choices = []
+        for k, seq in enumerate(job.seqs):
+            if chat:
+                choices.append({"index": k, "message": {"role": "assistant", "content": seq.text},
+                                "logprobs": None, "finish_reason": seq.finish_reason})
+            else:
+                choices.append({"index": k, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason})
+        return {**head, "choices": choices, "usage": job.usage(), **tail}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    return app
+
+
+async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metrics: Metrics, endpoint: str,
+                  tail: dict):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; `tail` (RAG's citations)
+    goes into the last chunk. If the client goes away, starlette cancels this generator and `finally`
+    frees the request's rows."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(k: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return _sse({**head, "choices": [choice], **extra})
+
+    try:
+        if chat:
+            for k in range(len(job.seqs)):
+                yield chunk(k, None, None, role=True)
+        try:
+            async for k, delta, done in job.events():
+                if delta:
+                    yield chunk(k, delta, None)
+                if done:
+                    yield chunk(k, None, job.seqs[k].finish_reason)
+        except ApiError as exc:  # the status line has gone out: report the error in the stream
+            yield _sse(exc.body())
+            return
+        metrics.finished(endpoint, head["model"], job)
+        if include_usage or tail:
+            yield _sse({**head, "choices": [], **({"usage": job.usage()} if include_usage else {}), **tail})
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+# ------------------------------------------------------------------------------------------- serving
+def check_backend(name: str) -> None:
+    """Refuse a backend that cannot run here, before any model is loaded."""
+    if name not in BACKENDS:
+        raise UserError(f"unknown serving backend '{name}'{suggest(name, BACKENDS)} (choices: {', '.join(BACKENDS)})")
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("backend 'vllm' needs vLLM and a CUDA GPU: pip install vllm "
+                            "(or use --backend transformers)") from None
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("backend 'vllm' needs a CUDA GPU, and none is available (use --backend transformers)")
+
+
+def vllm_command(path: str, *, host: str, port: int, api_key: str | None, model_name: str | None) -> list[str]:
+    """vLLM's own OpenAI-compatible server on the resolved model folder. vLLM brings paged attention
+    and CUDA kernels our engine does not have; the API it speaks is the same, so clients do not change."""
+    import sys
+
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+           "--host", host, "--port", str(port)]
+    if model_name:
+        cmd += ["--served-model-name", model_name]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd
+
+
+def _exec_vllm(model_ref, project, *, host, port, api_key, model_name) -> None:
+    """Replace this process with vLLM's server (so signals and exit codes are vLLM's own)."""
+    import os
+    from pathlib import Path
+
+    from llmcycle.evaluation import harness
+    from llmcycle.models.hub import ADAPTER_CONFIG
+
+    ref = model_ref or (project.config.model.name if project is not None and project.config.model else None)
+    if ref is None:
+        raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
+    path, _ = harness.resolve(ref, project)
+    if (Path(path) / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{path} is a LoRA adapter: serve the merged model with vLLM (tune with merge: true, "
+                        "or `llmcycle optimize` with method export) or use --backend transformers")
+    cmd = vllm_command(path, host=host, port=port, api_key=api_key, model_name=model_name or ref)
+    os.execv(cmd[0], cmd)
+
+
+def _require_server() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UserError("serving needs FastAPI and uvicorn: pip install 'llmcycle[serve]'") from None
+
+
+def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, model_name: str | None = None, prompt_template: str | None = None,
+          max_batch_size: int = 16, backend: str = "transformers", context_window: int | None = None,
+          dtype: str = "auto", device: str = "auto", drain_timeout: float | None = 30.0,
+          log_level: str = "info", rag_index: str | None = None, pal: bool | None = None) -> None:
+    """Load the model (a run reference, a local folder or a Hub id; the project's model when
+    model_ref is None) and serve it until SIGINT/SIGTERM. `rag_index` / `pal` override the project's
+    `augment:` section (serve_augment). Everything that can be wrong with the model, the index or the
+    address is a UserError before the server starts."""
+    from llmcycle.evaluation import harness
+    from llmcycle.serve import augment as serve_augment
+
+    check_backend(backend)
+    augment = serve_augment.settings(project, rag_index=rag_index, pal=pal)
+    if backend == "vllm":
+        if augment is not None:
+            raise UserError("RAG and PAL are served by the transformers backend only (drop --backend vllm)")
+        return _exec_vllm(model_ref, project, host=host, port=port, api_key=api_key, model_name=model_name)
+    _require_server()
+    _check_template(prompt_template)
+    if max_batch_size < 1:
+        raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    sock = _listen(host, port)
+    try:
+        augment = serve_augment.Augmentation(augment) if augment is not None else None
+        if model_ref is None:
+            if project is None:
+                raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
+            loaded = harness.load_project_model(project)
+        else:
+            loaded = harness.load(model_ref, project, dtype=dtype, device=device, context_window=context_window)
+        if prompt_template is None and project is not None:
+            from llmcycle.evaluation.settings import project_template
+
+            prompt_template = project_template(project)
+            _check_template(prompt_template)
+        app = create_app(loaded, api_key=api_key, model_name=model_name, prompt_template=prompt_template,
+                         max_batch_size=max_batch_size, drain_timeout=drain_timeout, augment=augment)
+    except BaseException:
+        sock.close()
+        raise
+    import uvicorn
+
+    bound = sock.getsockname()
+    log.warning("serving %s on http://%s:%d/v1", next(iter(app.state.served)), host, bound[1])
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=drain_timeout)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,1 @@
+"""The align stage: reward models, PPO, and DPO / ORPO on preference pairs."""

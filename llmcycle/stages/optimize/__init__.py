@@ -1,0 +1,1 @@
+"""The optimize stage: quantize, distill, prune or export a model and measure its cost."""

@@ -1,0 +1,1 @@
+"""The pretrain stage: a tokenizer and a model trained from scratch."""

@@ -1,0 +1,123 @@
+"""Instruction fine-tuning: full, LoRA, prompt tuning and QLoRA, on the project's prompt.
+
+    llmcycle tune [--variant V] [--resume] [--merge]      (or as a stage of `llmcycle run`)
+    torchrun --nproc_per_node 2 -m llmcycle tune ...      (data parallel, also on CPU with gloo)
+    accelerate launch --config_file cfg.yaml -m llmcycle tune ...   (FSDP / DeepSpeed on GPUs)
+
+Settings come from `tune: {VARIANT: ...}` in llmcycle.yaml (TuneConfig below). Each training example
+is the project's prompt (`evaluate.template`, built by `prompts.build_prompt` and encoded like at
+inference) followed by its first reference and EOS; the loss is on the answer only. Nothing is
+truncated: overlong examples are skipped and counted (or refused with `on_overflow: refuse`).
+
+Outputs in the run's artifacts:
+  model/        LoRA / prompt tuning: the adapter (PEFT save_pretrained) + the tokenizer +
+                llmcycle_base.json naming the base; full: a normal Hugging Face model folder.
+                `load_model(path)` loads either (base + adapter for adapter folders).
+  merged/       with `merge: true` (LoRA): the adapter merged into the base, a plain HF folder that
+                needs neither peft nor the base to load. model/ keeps the adapter either way.
+  checkpoints/  step-N/ (the last two, atomic, used by --resume) and best/ (best validation score).
+  predictions.jsonl   the final evaluation on the eval split, through the shared harness.
+
+The training loop itself (batches, accumulation, DDP, checkpoints, validation, early stopping)
+lives in llmcycle/tune_loop.py.
+"""
+from __future__ import annotations
+
+import time
+
+from llmcycle.models.adapters import save_model
+from llmcycle.models.load import load_model
+from llmcycle.core.errors import UserError
+from llmcycle.training.finetune import check_quantization
+from llmcycle.stages.contract import Stage, own_model, section_variants
+from llmcycle.training.finetune import TuneConfig
+
+
+# --------------------------------------------------------------------------------- the stage
+def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
+    """Stage entry point: fine-tune `tune.<variant>`, save the model, evaluate it on the eval split."""
+    from llmcycle.evaluation import harness
+    from llmcycle.data.records import load_splits
+    from llmcycle.evaluation.settings import (
+        eval_examples,
+        name_lexicon,
+        project_template,
+        settings,
+    )
+    from llmcycle.models.generation import Generator
+    from llmcycle.core.memory import peak_mb, reset_peak
+    from llmcycle.data.prompting import check_template, fit_prompts
+    from llmcycle.training.loop import fit
+
+    t_start = time.perf_counter()
+    cfg = project.config.tune[variant]
+    check_quantization(cfg)
+    from llmcycle.models.hub import resolve_device
+
+    reset_peak(resolve_device(project.config.model.device if project.config.model else "auto"))
+    if cfg.merge and cfg.method != "lora":
+        raise UserError(f"tune.{variant}: merge applies to LoRA adapters, not to method {cfg.method}")
+    mcfg = project.config.model
+    ref = cfg.base or (mcfg.name if mcfg is not None else None)
+    if ref is None:
+        raise UserError(f"tune.{variant}: no base model: set tune.{variant}.base or the project's model.name")
+    opts = mcfg.model_dump() if mcfg is not None else {}
+    base_path, base_run = harness.resolve(ref, project)
+    if project.config.data is None:
+        raise UserError(f"{project.path}: no data configured (add a `data:` section)")
+    train_examples = load_splits(project.config.data, project.dir).train
+    if not train_examples:
+        raise UserError("tune: no training examples (set data.train)")
+    ev = settings(project)
+    final_examples = eval_examples(project, limit=ev.limit)  # refuses an eval set without targets
+    template = project_template(project)
+    check_template(template, "evaluate.template", train_examples[0])
+
+    trained = fit(cfg, base_path, train_examples, final_examples, template, run.artifacts,
+                  resume=resume, log=run.log, progress=progress, task=project.config.project.task,
+                  gen_cfg=ev.generation, dtype=opts.get("dtype", "auto"), device=opts.get("device", "auto"),
+                  context_window=opts.get("context_window"),
+                  trust_remote_code=opts.get("trust_remote_code", False),
+                  base_key=project.store().portable(base_path), on_resume=run.rewind)
+    summary = dict(trained.summary)
+    summary.update({"method": cfg.method, "base": ref, "base_path": base_path, "parent": base_run})
+    if not trained.is_main:  # another data-parallel rank: rank 0 saves and evaluates
+        return summary
+
+    model_dir = save_model(trained.model, trained.tokenizer, run.artifacts / "model",
+                           {"base": ref, "base_path": base_path, "base_run": base_run, "method": cfg.method},
+                           project_dir=project.dir)
+    summary["model_dir"] = str(model_dir)
+
+    # The final evaluation: the unmerged trained model, the project's prompt, the whole eval split,
+    # exactly as `llmcycle eval` would score it (prompts that do not fit are refused, not cut).
+    model = trained.model
+    model.eval()
+    loaded = harness.LoadedModel(f"tune/{variant}", str(model_dir), model, trained.tokenizer,
+                                 Generator(model, trained.tokenizer, trained.window), run.id)
+    fitted = fit_prompts(template, final_examples, [], [[] for _ in final_examples],
+                         harness.count_tokens(loaded), harness.generation_budget(loaded, ev.generation.max_new_tokens),
+                         shot_format="", separator="", on_overflow="refuse", variant=f"tune.{variant}")
+    # reference_perplexity scores logits position by position; a causal prompt-tuned model's logits
+    # start with the virtual tokens, so its perplexity is not computed there.
+    perplexity = ev.perplexity and not (cfg.method == "prompt_tuning" and trained.kind == "causal")
+    metrics, rows = harness.evaluate(loaded, fitted.prompts, final_examples, project.config.project.task,
+                                     ev.generation, perplexity=perplexity, progress=progress,
+                                     label=f"eval tune.{variant}", lexicon=name_lexicon(project))
+    harness.write_predictions(run, rows)
+    summary = {**metrics, **summary}
+    # training and evaluation of this variant (merging below loads another copy: not counted)
+    summary["peak_memory_mb"] = round(peak_mb(trained.device), 1)
+    if cfg.merge:
+        # merged from the saved adapter onto a freshly loaded, unquantized base: the trained model is
+        # left as it is, and a QLoRA adapter merges into full-precision weights rather than 4-bit ones
+        merged, tok = load_model(model_dir, dtype=opts.get("dtype", "auto"), device="cpu")
+        summary["merged_dir"] = str(save_model(merged.merge_and_unload(), tok, run.artifacts / "merged"))
+    summary["wall_s"] = round(time.perf_counter() - t_start, 3)
+    run.finish(summary)
+    return summary
+
+
+STAGE = Stage(name="tune", section=dict[str, TuneConfig], run=run, variants=section_variants("tune"),
+              model_of=own_model("base"), evaluates=True,
+              summary="instruction fine-tuning: full, LoRA, QLoRA or prompt tuning, then evaluation")

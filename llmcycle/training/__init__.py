@@ -1,0 +1,1 @@
+"""Fine-tuning machinery shared by the stages that train: settings, batches, the loop, checkpoints."""

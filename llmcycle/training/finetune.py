@@ -1,0 +1,192 @@
+"""Fine-tuning settings and the model they train: the base loaded (optionally quantized) and wrapped
+for full, LoRA or prompt tuning. Used by the tune stage, select's probe and align's policy."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmcycle.models.load import load_model
+from llmcycle.models.hub import ADAPTER_CONFIG
+from llmcycle.core.configbase import Section
+from llmcycle.core.errors import UserError
+
+
+class TuneConfig(Section):
+    """One variant of the `tune:` section of llmcycle.yaml."""
+
+    method: Literal["full", "lora", "prompt_tuning"] = Field(
+        "lora", description="full: train every weight; lora: low-rank adapters on target_modules "
+        "(QLoRA with bits: 4); prompt_tuning: learn num_virtual_tokens soft-prompt embeddings only")
+    base: str | None = Field(None, description="model to start from: run:REF, a local folder or a Hub id; "
+                             "default: the project's model (loaded with the project's model options)")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | None = Field(
+        None, description="module names LoRA adapts (last name components, e.g. [q, v]); default by "
+        "model type: t5 q,v; gpt2 c_attn; llama/mistral/qwen2 q_proj,v_proj; ...")
+    bits: Literal[4, 8] | None = Field(None, description="load the frozen base quantized: 4 = QLoRA (NF4), "
+                                       "8 = int8; LoRA only, needs a CUDA GPU and bitsandbytes")
+    num_virtual_tokens: int = Field(20, ge=1, description="prompt tuning: length of the learned soft prompt")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    lr_schedule: Literal["linear", "cosine"] = Field("linear", description="decay after warmup, to 0 at the end")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch, over all processes together")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    epochs: float | None = Field(None, gt=0, description="passes over the training set (may be fractional)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; with epochs, the lower bound wins")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 turns clipping off")
+    seed: int = Field(42, description="seed for adapter init, data order and dropout")
+    group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
+    on_overflow: Literal["skip", "refuse"] = Field(
+        "skip", description="an example longer than the context window: skip it (counted) or refuse the run")
+    eval_every: int | None = Field(None, ge=1, description="validate every N steps: loss and the headline "
+                                   "metric on eval_samples eval examples; the best is kept in checkpoints/best")
+    eval_samples: int = Field(32, ge=1, description="eval examples used for validation during training")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many validations without a better headline metric")
+    checkpoint_every: int = Field(100, ge=1, description="save a resumable checkpoint every N steps (and at the end)")
+    log_every: int = Field(10, ge=1, description="log training loss every N steps")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass instead of keeping them: less "
+        "memory (activations dominate at long sequences), about a third more compute")
+    merge: bool = Field(False, description="LoRA: also save the adapter merged into the base in artifacts/merged")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="training arithmetic: auto = bf16 autocast on GPUs with bf16, float32 on CPUs; "
+        "bfloat16 = bf16 autocast on a CPU too (about 1.5x faster steps on CPUs with native bf16)")
+
+    @model_validator(mode="after")
+    def _length_and_combinations(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set tune.epochs or tune.max_steps (or both: max_steps caps epochs)")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("early_stopping_patience needs eval_every (how often to validate)")
+        return self
+
+
+# ------------------------------------------------------------------------------------ the model
+def task_type(kind: str):
+    from peft import TaskType
+
+    return TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM
+
+
+def adaptable_modules(model) -> list[str]:
+    """Short names (last components, unique, in model order) of the Linear / Conv1D layers LoRA can adapt."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    return list(dict.fromkeys(names))
+
+
+def lora_targets(cfg: TuneConfig, model) -> list[str]:
+    """cfg.target_modules, or the default for the model type; each must name an adaptable layer."""
+    from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
+
+    model_type = getattr(model.config, "model_type", None)
+    targets = cfg.target_modules or DEFAULT_LORA_TARGETS.get(model_type)
+    available = adaptable_modules(model)
+    if not targets:
+        raise UserError(f"tune: no default LoRA target modules for model type '{model_type}'; set "
+                        f"target_modules (Linear/Conv1D layers of this model: {', '.join(available)})")
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise UserError(f"tune: target_modules {missing} not found among the model's Linear/Conv1D layers: "
+                        f"{', '.join(available)}")
+    return list(targets)
+
+
+def check_quantization(cfg: TuneConfig) -> None:
+    """QLoRA's requirements, checked before anything is loaded."""
+    if cfg.bits is None:
+        return
+    import importlib.util
+
+    import torch
+
+    if cfg.method != "lora":
+        raise UserError(f"tune: bits: {cfg.bits} (quantized base) works with method lora only, not {cfg.method}")
+    lacking = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     ("bitsandbytes", importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+    if lacking:
+        raise UserError(f"tune: bits: {cfg.bits} ({'QLoRA' if cfg.bits == 4 else 'int8 LoRA'}) needs a CUDA GPU "
+                        f"and the bitsandbytes package; missing here: {' and '.join(lacking)} (drop bits to "
+                        "train LoRA on the unquantized model)")
+
+
+def load_base(path: str, cfg: TuneConfig, *, dtype: str = "auto", device: str = "cpu",
+              trust_remote_code: bool = False):
+    """(model, tokenizer) of the base, a fresh copy for training (the harness's cached eval model is
+    never touched). An adapter folder as base is merged first, so tuning a tuned model works.
+    Full fine-tuning keeps float32 master weights (half-precision AdamW updates underflow); mixed
+    precision comes from autocast. Adapters leave the frozen base in the project's dtype."""
+    import torch
+
+    from llmcycle.models import hub as models
+
+    if (Path(path) / ADAPTER_CONFIG).is_file():
+        model, tok = load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device)
+        return model.merge_and_unload(), tok
+    if cfg.bits is None:
+        return load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device,
+                                 trust_remote_code=trust_remote_code)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    config = models.load_config(path, trust_remote_code)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute) if cfg.bits == 4
+             else BitsAndBytesConfig(load_in_8bit=True))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    model = models.auto_class(config).from_pretrained(
+        path, config=config, quantization_config=quant, dtype=compute, device_map={"": local},
+        trust_remote_code=trust_remote_code)
+    # casts norms to fp32 and enables input grads, as QLoRA needs
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, models.load_tokenizer(path, trust_remote_code)
+
+
+def wrap(cfg: TuneConfig, model, kind: str, new_modules: list[str] = (), new_tokens: list[int] = ()):
+    """The model ready to train: PEFT-wrapped for lora / prompt_tuning, all weights trainable for full.
+    What a warm start added without pretrained weights trains beside LoRA's adapters and is saved with
+    them: `new_modules` (its cross-attention: nothing for a low-rank update to adapt) fully, and the
+    embedding rows of `new_tokens` (tags such as #Person1#; with tied embeddings also their output rows)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    if cfg.method == "lora":
+        new = {}
+        if new_modules:
+            new = {"modules_to_save": list(new_modules),
+                   "exclude_modules": r".*\.(" + "|".join(new_modules) + r")\..*"}  # no adapters inside them
+        if new_tokens:
+            new["trainable_token_indices"] = list(new_tokens)
+        peft_cfg = LoraConfig(task_type=task_type(kind), r=cfg.r, lora_alpha=cfg.alpha,
+                              lora_dropout=cfg.dropout, target_modules=lora_targets(cfg, model), **new)
+        return get_peft_model(model, peft_cfg)
+    peft_cfg = PromptTuningConfig(task_type=task_type(kind), num_virtual_tokens=cfg.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.RANDOM)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except Exception as exc:  # noqa: BLE001 - peft's refusal of an architecture, as one line
+        raise UserError(f"tune: prompt tuning is not supported by peft for model type "
+                        f"'{getattr(model.config, 'model_type', '?')}': {str(exc).splitlines()[0]}") from None
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total); peft's count for adapters (it counts 4-bit packed weights correctly)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    from llmcycle.models.hub import count_parameters
+
+    total, trainable = count_parameters(model)
+    return trainable, total

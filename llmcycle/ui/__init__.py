@@ -1,0 +1,1 @@
+"""The dashboard (`llmcycle ui`): a JSON API and a static page."""
