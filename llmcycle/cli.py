@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from llmcycle.core.configbase import PROJECT_FILE
 from llmcycle.core.errors import UserError
 
 app = typer.Typer(help="llmcycle: the generative-AI project lifecycle in one tool.",
@@ -26,7 +27,12 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 _state = {"debug": False}
 
-ProjectOpt = typer.Option(Path("llmcycle.yaml"), "-p", "--project", help="Project file (or its folder).")
+ProjectOpt = typer.Option(Path(PROJECT_FILE), "-p", "--project", help="Project file (or its folder).")
+
+
+def _has_project(project: Path) -> bool:
+    """A project file at --project, or in the folder it names."""
+    return project.exists() or (project.parent / PROJECT_FILE).exists()
 SetOpt = typer.Option(None, "--set", help="Override a key: --set pretrain.tiny.lr=2e-4 (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 
@@ -53,10 +59,10 @@ def init(directory: Path = typer.Argument(..., help="Folder for the new project.
          force: bool = typer.Option(False, "--force", help="Overwrite an existing llmcycle.yaml."),
          as_json: bool = JsonOpt):
     """Write a fully commented llmcycle.yaml for a task."""
-    from llmcycle.project import init_template as templates
-    from llmcycle.project.config import PROJECT_FILE, TASKS, load_project
     from llmcycle.core.errors import suggest
     from llmcycle.core.store import atomic_write_text
+    from llmcycle.project import init_template as templates
+    from llmcycle.project.config import TASKS, load_project
 
     if task not in TASKS:
         raise UserError(f"--task: unknown task '{task}'{suggest(task, TASKS)} (tasks: {', '.join(TASKS)})")
@@ -135,8 +141,8 @@ def _variants_of(proj, stage: str, missing: str) -> list[str]:
 
 
 def _show_selection(outcomes) -> None:
-    from llmcycle.evaluation.compare import select_reasons, select_table
     from llmcycle.core.textsafe import as_text
+    from llmcycle.evaluation.compare import select_reasons, select_table
 
     for o in outcomes:
         if o.stage == "select" and "candidates" in o.summary:
@@ -238,7 +244,7 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
     from llmcycle.serve.app import serve as start
 
     check_backend(backend)
-    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    has_project = _has_project(project)
     proj = _project(project, overrides) if has_project else None
     ref = run
     if run == "best":
@@ -291,8 +297,8 @@ def pal(data: Path = typer.Option(..., "--data", help="GSM8K-style JSONL: questi
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens for each program."),
         project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Program-aided LM: the model writes a program, a sandbox runs it; accuracy vs answering directly."""
-    from llmcycle.evaluation import harness
     from llmcycle.augment.pal import DEFAULT_SHOTS, evaluate_model_on_gsm8k
+    from llmcycle.evaluation import harness
 
     if not 0 <= shots <= len(DEFAULT_SHOTS):
         raise UserError(f"--shots must be between 0 and {len(DEFAULT_SHOTS)}, got {shots}")
@@ -300,7 +306,7 @@ def pal(data: Path = typer.Option(..., "--data", help="GSM8K-style JSONL: questi
         raise UserError(f"--limit must be at least 1, got {limit}")
     if not data.is_file():
         raise UserError(f"--data: file not found: {data}")
-    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    has_project = _has_project(project)
     proj = _project(project, overrides) if has_project else None
     if model is None and (proj is None or proj.config.model is None):
         raise UserError("no model: pass --model or run inside a project with a `model:` section")
@@ -342,12 +348,12 @@ def agent(question: str = typer.Argument(..., help="The question."),
     import contextlib
 
     from llmcycle.augment import agent as react
-    from llmcycle.evaluation import harness
     from llmcycle.augment.index import MANIFEST, Index
+    from llmcycle.evaluation import harness
 
     if max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {max_steps}")
-    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    has_project = _has_project(project)
     proj = _project(project, overrides) if has_project else None
     if model is None and (proj is None or proj.config.model is None):
         raise UserError("no model: pass --model or run inside a project with a `model:` section")
@@ -427,14 +433,14 @@ def ask(question: str = typer.Argument(..., help="The question."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
         project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Answer from the indexed documents, with citations [1], [2] mapping to file and position."""
-    from llmcycle.evaluation import harness
     from llmcycle.augment import rag
     from llmcycle.augment.index import Index
+    from llmcycle.evaluation import harness
 
     if k < 1:
         raise UserError(f"-k must be at least 1, got {k}")
     idx = Index.load(_index_dir(index, project))
-    has_project = project.exists() or (project.parent / "llmcycle.yaml").exists()
+    has_project = _has_project(project)
     proj = _project(project, overrides) if has_project else None
     if model is None and (proj is None or proj.config.model is None):
         raise UserError("no model: pass --model or run inside a project with a `model:` section")
@@ -455,8 +461,8 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, 
              project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Evaluate any model with the project's prompt and record a run with per-example outputs."""
     from llmcycle.evaluation import harness
-    from llmcycle.evaluation.evaluate import evaluate_model
     from llmcycle.evaluation.compare import compare
+    from llmcycle.evaluation.evaluate import evaluate_model
 
     proj = _project(project, overrides)
     ref = model or (proj.config.model.name if proj.config.model else None)

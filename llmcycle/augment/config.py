@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from llmcycle.core.configbase import Section
 from llmcycle.augment.pal import DEFAULT_SHOTS
+from llmcycle.core.configbase import Section
 
 
 class RagServeConfig(Section):

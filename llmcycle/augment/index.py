@@ -40,10 +40,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable
 
-from llmcycle.models.embeddings import DEFAULT_EMBEDDER, Embedder, load_embedding_model
 from llmcycle.core.errors import UserError, suggest
 from llmcycle.core.progress import bar
 from llmcycle.core.store import atomic_write_json, atomic_write_text
+from llmcycle.models.embeddings import DEFAULT_EMBEDDER, Embedder, load_embedding_model
 
 FORMAT = 1
 MANIFEST = "manifest.json"

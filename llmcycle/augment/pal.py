@@ -17,7 +17,6 @@ has the pieces to compare that with answering directly, for the same model and q
   keeps those as (prompt, target) pairs for fine-tuning.
 
 Example:
-    from llmcycle.augment.pal import evaluate_model_on_gsm8k
     report = evaluate_model_on_gsm8k("google/flan-t5-base", "gsm8k/train.jsonl", limit=20)
     print(report["pal"]["accuracy"], report["direct"]["accuracy"])
 """

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+PROJECT_FILE = "llmcycle.yaml"  # the project file's name (`--project DIR` looks for it there)
+
 
 class Section(BaseModel):
     """A section of llmcycle.yaml. Unknown keys are rejected (with the nearest valid key suggested by
@@ -11,7 +13,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
+    """One pydantic validation error in words: what was expected and what was given (used by the
+    project file, generation settings and the server's request checks alike)."""
     kind, ctx = err["type"], err.get("ctx") or {}
     given = err.get("input")
     given_text = repr(given) if not isinstance(given, dict) else "a mapping"

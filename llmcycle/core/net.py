@@ -4,7 +4,7 @@ from __future__ import annotations
 from llmcycle.core.errors import UserError
 
 
-def _listen(host: str, port: int):
+def listen(host: str, port: int):
     """A bound, listening socket, so a taken port is a clear error before the model is loaded."""
     import socket
 

@@ -188,8 +188,8 @@ def side_by_side(records, n: int = 3) -> list[dict]:
 
 def marked(text: str, invented):
     """The output as rich Text with its invented entities in red (never parsed as markup)."""
-    from llmcycle.evaluation.faithfulness import spans
     from llmcycle.core.textsafe import as_text
+    from llmcycle.evaluation.faithfulness import spans
 
     out = as_text(text)  # one symbol for each control character: the spans' offsets hold
     for start, end in spans(text, invented):

@@ -8,11 +8,13 @@ import shutil
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
-from llmcycle.models.hub import ADAPTER_CONFIG
-from llmcycle.models.hub import BASE_FILE
-from llmcycle.models.hub import adapter_base
-from llmcycle.models.hub import load_plain
-from llmcycle.models.hub import load_tokenizer
+from llmcycle.models.hub import (
+    ADAPTER_CONFIG,
+    BASE_FILE,
+    adapter_base,
+    load_plain,
+    load_tokenizer,
+)
 
 
 def load_adapter(path, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):

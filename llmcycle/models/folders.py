@@ -8,7 +8,6 @@ from pathlib import Path
 from llmcycle.core.errors import UserError
 from llmcycle.models.hub import INFO_FILE
 
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

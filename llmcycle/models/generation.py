@@ -73,7 +73,7 @@ class GenerationConfig(Section):
         try:
             return cls.model_validate(d)
         except ValidationError as exc:
-            from llmcycle.core.configbase import _describe
+            from llmcycle.core.configbase import describe_error
 
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
@@ -81,7 +81,7 @@ class GenerationConfig(Section):
             if err["type"] == "extra_forbidden":
                 hint = suggest(key, list(cls.model_fields)) or f" (valid: {', '.join(cls.model_fields)})"
                 raise UserError(f"{where}: unknown generation parameter '{key}'{hint}{more}") from None
-            raise UserError(f"{where}: generation parameter '{key}': {_describe(err)}{more}") from None
+            raise UserError(f"{where}: generation parameter '{key}': {describe_error(err)}{more}") from None
 
 
 @dataclass

@@ -5,6 +5,7 @@ such as `llmcycle --help` or config validation must not pay for it.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -13,7 +14,6 @@ from pydantic import Field
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
-import json
 
 INFO_FILE = "llmcycle_optimize.json"  # what was done to make the folder (for people and lineage)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "tokenizer.model",

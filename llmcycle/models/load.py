@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmcycle.models.adapters import load_adapter
-from llmcycle.models.int8 import load_int8
 from llmcycle.models.hub import INT8_MARKER, adapter_base, load_plain
+from llmcycle.models.int8 import load_int8
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):

@@ -61,7 +61,7 @@ def build_model_config(cfg, tokenizer):
     return _model_config(cfg, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
 
 
-def _model_class(arch: str):
+def model_class(arch: str):
     from transformers import GPT2LMHeadModel, T5ForConditionalGeneration
 
     return T5ForConditionalGeneration if arch == "t5" else GPT2LMHeadModel
@@ -74,7 +74,7 @@ def count_parameters(cfg, vocab_size: int | None = None) -> int:
 
     config = _model_config(cfg, vocab_size or cfg.vocab_size, 0, 1, 1)
     with torch.device("meta"):
-        model = _model_class(cfg.architecture)(config)
+        model = model_class(cfg.architecture)(config)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -33,9 +33,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmcycle.models.bundled import MINILM
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
+from llmcycle.models.bundled import MINILM
 
 MARKER = "llmcycle_warm_start.json"
 # The module names (last components) a warm start adds without pretrained weights: LoRA cannot adapt

@@ -15,14 +15,13 @@ import yaml
 from pydantic import Field, ValidationError, create_model
 
 from llmcycle.augment.config import AugmentConfig
-from llmcycle.core.configbase import Section, _describe
+from llmcycle.core.configbase import PROJECT_FILE, Section, describe_error
 from llmcycle.core.errors import UserError, suggest
 from llmcycle.data.records import DataConfig
 from llmcycle.evaluation.settings import EvaluateConfig
 from llmcycle.models.hub import ModelConfig
 from llmcycle.stages import registry
 
-PROJECT_FILE = "llmcycle.yaml"
 TASKS = ("summarization", "qa", "classification", "generation")
 
 
@@ -186,7 +185,7 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict[str, 
         if not hint and valid:
             hint = f" (valid keys: {', '.join(valid)})"
         return f"{where}: unknown key '{dotted}'{hint}{more}"
-    return f"{where}: key '{dotted}': {_describe(err)}{more}"
+    return f"{where}: key '{dotted}': {describe_error(err)}{more}"
 
 
 def validate(data: Any, source: str = PROJECT_FILE, lines: dict[str, int] | None = None) -> ProjectConfig:

@@ -253,8 +253,8 @@ def lineage(items: list[Item], deployed: str | None) -> list[dict]:
 # -- putting it together ----------------------------------------------------------------------------
 def build(project) -> dict:
     """Everything the report shows, as data; render_html / render_md turn it into a page."""
-    from llmcycle.report import plots as rp
     from llmcycle.evaluation.success import best_run, success_metric
+    from llmcycle.report import plots as rp
 
     store = project.store()
     items = read_items(store)
@@ -344,8 +344,8 @@ def output_path(project, output: Path | None, fmt: str | None) -> tuple[Path, st
 
 def write_report(project, output: Path | None = None, fmt: str | None = None) -> dict:
     """Build and write the report; returns {"report", "runs", "plots", "missing"} (the --json line)."""
-    from llmcycle.report.render import render_html, render_md
     from llmcycle.core.store import atomic_write_bytes, atomic_write_text
+    from llmcycle.report.render import render_html, render_md
 
     path, fmt = output_path(project, output, fmt)
     view = build(project)

@@ -27,22 +27,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from llmcycle.serve.engine import BatchEngine
 from llmcycle.core.errors import UserError, suggest
-from llmcycle.core.net import _listen
+from llmcycle.core.net import listen
+from llmcycle.serve.engine import BatchEngine
+from llmcycle.serve.metrics import Metrics
 from llmcycle.serve.protocol import (
     COMPLETION_DEFAULT_MAX_TOKENS,
     ApiError,
     ChatMessage,
     ChatRequest,
     CompletionRequest,
-    _Job,
-    _parse,
-    _sse,
-    _text_of,
-    _wait,
+    Job,
+    parse_request,
+    sse,
+    text_of,
+    wait_for_job,
 )
-from llmcycle.serve.metrics import Metrics
 
 log = logging.getLogger("llmcycle.serve.app")
 BACKENDS = ("transformers", "vllm")
@@ -95,7 +95,7 @@ class ServedModel:
         from llmcycle.data.prompting import encode_prompt, uses_chat_template
 
         tok, kind = self.loaded.tokenizer, self.loaded.kind
-        turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m)} for m in messages]
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m)} for m in messages]
         if uses_chat_template(tok, kind):
             if len(turns) == 1 and turns[0]["role"] == "user":
                 return encode_prompt(tok, turns[0]["content"], kind)  # exactly as fine-tuning formats it
@@ -232,7 +232,7 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
 
     async def generate(request: Request, chat: bool):
         authorize(request)
-        req = _parse(await request.body(), ChatRequest if chat else CompletionRequest)
+        req = parse_request(await request.body(), ChatRequest if chat else CompletionRequest)
         s = model_of(req.model)
         aug = await prepare(augment, s, req) if chat else None  # None: the model alone
         if chat:
@@ -248,7 +248,7 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
             max_tokens.append(m)
         if req.min_tokens > min(max_tokens):
             raise ApiError(400, f"min_tokens {req.min_tokens} is more than max_tokens {min(max_tokens)}", "min_tokens")
-        job = _Job(s, prompts, aug.req if aug else req, max_tokens)
+        job = Job(s, prompts, aug.req if aug else req, max_tokens)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
@@ -260,7 +260,7 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(job, head, chat, usage, metrics, endpoint, tail),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        if not await _wait(request, job):
+        if not await wait_for_job(request, job):
             return Response(status_code=499)  # client closed the request; nobody reads this
         metrics.finished(endpoint, s.name, job)
         choices = []
@@ -283,7 +283,7 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
     return app
 
 
-async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metrics: Metrics, endpoint: str,
+async def _stream(job: Job, head: dict, chat: bool, include_usage: bool, metrics: Metrics, endpoint: str,
                   tail: dict):
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; `tail` (RAG's citations)
     goes into the last chunk. If the client goes away, starlette cancels this generator and `finally`
@@ -297,7 +297,7 @@ async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metric
             choice = {"index": k, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": k, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse({**head, "choices": [choice], **extra})
+        return sse({**head, "choices": [choice], **extra})
 
     try:
         if chat:
@@ -310,11 +310,11 @@ async def _stream(job: _Job, head: dict, chat: bool, include_usage: bool, metric
                 if done:
                     yield chunk(k, None, job.seqs[k].finish_reason)
         except ApiError as exc:  # the status line has gone out: report the error in the stream
-            yield _sse(exc.body())
+            yield sse(exc.body())
             return
         metrics.finished(endpoint, head["model"], job)
         if include_usage or tail:
-            yield _sse({**head, "choices": [], **({"usage": job.usage()} if include_usage else {}), **tail})
+            yield sse({**head, "choices": [], **({"usage": job.usage()} if include_usage else {}), **tail})
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
@@ -400,7 +400,7 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
     _check_template(prompt_template)
     if max_batch_size < 1:
         raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
-    sock = _listen(host, port)
+    sock = listen(host, port)
     try:
         augment = serve_augment.Augmentation(augment) if augment is not None else None
         if model_ref is None:

@@ -32,8 +32,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from llmcycle.augment.config import AugmentConfig, PalServeConfig, RagServeConfig
-from llmcycle.core.errors import UserError, suggest
 from llmcycle.augment.pal import DEFAULT_SHOTS
+from llmcycle.core.errors import UserError, suggest
 
 
 class RequestOptions(BaseModel):
@@ -136,10 +136,10 @@ class Augmentation:
         from fastapi.responses import Response, StreamingResponse
 
         from llmcycle.augment.pal import extract_program
-        from llmcycle.serve.protocol import _sse, _wait
         from llmcycle.augment.sandbox import run_program
+        from llmcycle.serve.protocol import sse, wait_for_job
 
-        if not await _wait(request, job):
+        if not await wait_for_job(request, job):
             return Response(status_code=499)
         metrics.finished(endpoint, head["model"], job)
         seq = job.seqs[0]
@@ -160,12 +160,12 @@ class Augmentation:
         head = {**head, "object": "chat.completion.chunk", **({"usage": None} if usage else {})}
 
         def chunk(delta: dict, finish: str | None) -> str:
-            return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                               "finish_reason": finish}]})
 
         events = [chunk({"role": "assistant", "content": ""}, None), chunk({"content": content}, None),
                   chunk({}, seq.finish_reason),
-                  _sse({**head, "choices": [], **({"usage": job.usage()} if usage else {}), **extra}),
+                  sse({**head, "choices": [], **({"usage": job.usage()} if usage else {}), **extra}),
                   "data: [DONE]\n\n"]
 
         async def stream():
@@ -179,20 +179,20 @@ def _options(req) -> RequestOptions:
     try:
         return RequestOptions.model_validate(req.llmcycle or {})
     except ValidationError as exc:
-        from llmcycle.core.configbase import _describe
+        from llmcycle.core.configbase import describe_error
 
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             raise _error(400, f"unknown key 'llmcycle.{key}'{suggest(key, RequestOptions.model_fields)}",
                          "llmcycle") from None
-        raise _error(400, f"'llmcycle.{key}': {_describe(err)}", "llmcycle") from None
+        raise _error(400, f"'llmcycle.{key}': {describe_error(err)}", "llmcycle") from None
 
 
 async def prepare(aug: Augmentation | None, s, req) -> Prepared | None:
     """The augmented prompt for a chat request, or None for a plain one. A mode the server was not
     started with is a 400: answering without it would silently be a different answer."""
-    from llmcycle.serve.protocol import _text_of
+    from llmcycle.serve.protocol import text_of
 
     mode = _options(req).mode or ("rag" if aug is not None and aug.rag is not None else "plain")
     if mode == "plain":
@@ -204,7 +204,7 @@ async def prepare(aug: Augmentation | None, s, req) -> Prepared | None:
         raise _error(400, "PAL is not enabled on this server: start it with --pal (or `augment.pal` in "
                      "llmcycle.yaml)", "llmcycle")
     last = req.messages[-1]
-    question = _text_of(last).strip() if last.role == "user" else ""
+    question = text_of(last).strip() if last.role == "user" else ""
     if not question:
         raise _error(400, f"{mode} answers the last message, which must be a non-empty user message", "messages")
     if mode == "pal":

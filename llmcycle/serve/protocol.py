@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmcycle.serve.engine import SamplingParams
 from llmcycle.core.errors import suggest
+from llmcycle.serve.engine import SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -20,7 +20,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -40,7 +40,7 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(Sampling):
     prompt: Any = Field(description="a string, a list of strings, token ids or a list of token-id lists")
     echo: bool = False
     logprobs: int | None = None
@@ -54,7 +54,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict] | None = None
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -84,8 +84,8 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-def _parse(raw: bytes, cls: type[BaseModel]) -> Any:
-    from llmcycle.core.configbase import _describe
+def parse_request(raw: bytes, cls: type[BaseModel]) -> Any:
+    from llmcycle.core.configbase import describe_error
 
     try:
         data = json.loads(raw)
@@ -101,7 +101,7 @@ def _parse(raw: bytes, cls: type[BaseModel]) -> Any:
         if err["type"] == "extra_forbidden":
             raise ApiError(400, f"unknown parameter '{param}'{suggest(param, cls.model_fields)}", param) from None
         where = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-        raise ApiError(400, f"parameter '{where}': {_describe(err)}", param) from None
+        raise ApiError(400, f"parameter '{where}': {describe_error(err)}", param) from None
     for name, neutral in NEUTRAL.items():
         if name in req.model_fields_set and getattr(req, name) not in neutral:
             raise ApiError(400, f"parameter '{name}' is not supported by this server (leave it out)", name)
@@ -111,7 +111,7 @@ def _parse(raw: bytes, cls: type[BaseModel]) -> Any:
     return req
 
 
-def _text_of(message: ChatMessage) -> str:
+def text_of(message: ChatMessage) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     parts = []
@@ -123,10 +123,10 @@ def _text_of(message: ChatMessage) -> str:
 
 
 # -------------------------------------------------------------------------------------------- jobs
-class _Job:
+class Job:
     """The sequences of one request (prompts x n choices), their events funnelled into one asyncio queue."""
 
-    def __init__(self, served, prompts: list[list[int]], req: _Sampling, max_tokens: list[int]):
+    def __init__(self, served, prompts: list[list[int]], req: Sampling, max_tokens: list[int]):
         loop = asyncio.get_running_loop()
         self.engine, self.queue = served.engine, asyncio.Queue()
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -174,7 +174,7 @@ class _Job:
                 "total_tokens": self.prompt_tokens + completion}
 
 
-async def _wait(request, job: _Job) -> bool:
+async def wait_for_job(request, job: Job) -> bool:
     """Wait for every sequence of a non-streaming request; False (and the rows freed) if the client left."""
     async def drain():
         async for _ in job.events():
@@ -195,5 +195,5 @@ async def _wait(request, job: _Job) -> bool:
         job.cancel()  # no-op for finished sequences
 
 
-def _sse(obj) -> str:
+def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

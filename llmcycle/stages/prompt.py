@@ -79,12 +79,12 @@ _EMBEDDERS: dict[str, object] = {}
 
 def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
     """Stage entry point: evaluate one prompt variant and record it."""
-    from llmcycle.evaluation import harness
-    from llmcycle.data.records import load_splits
-    from llmcycle.models.embeddings import load_embedder
     from llmcycle.core.errors import UserError
-    from llmcycle.evaluation.settings import eval_examples, name_lexicon, settings
     from llmcycle.data.prompting import check_template, fit_prompts, select_shots
+    from llmcycle.data.records import load_splits
+    from llmcycle.evaluation import harness
+    from llmcycle.evaluation.settings import eval_examples, name_lexicon, settings
+    from llmcycle.models.embeddings import load_embedder
 
     v = variant_grid(project)[variant]
     gen = GenerationConfig.model_validate(v["generation"])

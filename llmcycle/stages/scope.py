@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
 from llmcycle.core.configbase import Section
+from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
 from llmcycle.stages.contract import Stage, own_model
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -128,8 +128,8 @@ def _model_plan(name: str, params: int, tokens: int, scope: ScopeConfig, *, lora
 
 def build_plan(project) -> dict:
     """Everything `llmcycle scope` reports, as a JSON-able dict."""
-    from llmcycle.models import hub as models
     from llmcycle.data.records import load_splits
+    from llmcycle.models import hub as models
 
     cfg = project.config
     scope = cfg.scope or ScopeConfig()

@@ -119,8 +119,8 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
 def _candidate_model(project, name: str, cand: CandidateConfig, run) -> tuple[str, str | None, dict]:
     """(path or Hub id, producing run, facts): the warm start built into the run's artifacts, or the
     reference resolved and written as artifacts/model_ref.json (nothing is copied)."""
-    from llmcycle.evaluation import harness
     from llmcycle.core.store import MODEL_REF, atomic_write_json
+    from llmcycle.evaluation import harness
 
     if cand.warm_start is not None:
         from llmcycle.models import warm_start
@@ -177,17 +177,17 @@ def _fitting(loaded, prompts: list[str], max_new_tokens: int) -> list[int]:
 
 def measure(project, name: str, run, *, progress: bool = True) -> dict:
     """Build or load one candidate, score it zero-shot (and after the probe), measure its costs."""
+    from llmcycle.data.prompting import build_prompt, check_template
     from llmcycle.evaluation import harness
-    from llmcycle.models import warm_start
-    from llmcycle.evaluation.success import budget_reasons, model_size_mb
     from llmcycle.evaluation.settings import (
         eval_examples,
         name_lexicon,
         project_template,
         settings,
     )
+    from llmcycle.evaluation.success import budget_reasons, model_size_mb
+    from llmcycle.models import warm_start
     from llmcycle.models.hub import count_parameters
-    from llmcycle.data.prompting import build_prompt, check_template
 
     t_start = time.perf_counter()
     cfg = project.config.select
@@ -240,11 +240,11 @@ def _local_folder(path: str):
 # ------------------------------------------------------------------------------------- probe
 def _probe(project, name: str, path: str, probe: ProbeConfig, examples, prompts, run, progress) -> dict:
     """The pilot fine-tune (tune's own loop, on the project's training data) and its score."""
-    from llmcycle.evaluation import harness
     from llmcycle.data.records import load_splits
+    from llmcycle.evaluation import harness
     from llmcycle.evaluation.settings import name_lexicon, project_template, settings
-    from llmcycle.training.finetune import TuneConfig
     from llmcycle.models.generation import Generator
+    from llmcycle.training.finetune import TuneConfig
     from llmcycle.training.loop import fit
 
     t_start = time.perf_counter()
@@ -286,7 +286,6 @@ def _probe(project, name: str, path: str, probe: ProbeConfig, examples, prompts,
     return out
 
 
-
 # ------------------------------------------------------------------------------------ choosing
 FIGURES = ("parameters", "size_mb", "serve_memory_mb", "latency_p50_ms", "latency_p95_ms", "context_window",
            "overflow_share", "lowercases", "fits_budget", "budget_misses", "hallucinated_entity_rate")
@@ -317,9 +316,9 @@ def _candidate_row(store, name: str, run_id: str | None, metric: str, probed: bo
 def choose(project, run) -> dict:
     """The run `select/best`: every candidate's figures, the choice and why, and a pointer to the
     chosen model (artifacts/model_ref.json) that `run:select/best` resolves."""
-    from llmcycle.evaluation.success import success_metric
-    from llmcycle.evaluation.metrics import higher_is_better
     from llmcycle.core.store import MODEL_REF, atomic_write_json
+    from llmcycle.evaluation.metrics import higher_is_better
+    from llmcycle.evaluation.success import success_metric
 
     cfg = project.config.select
     store = project.store()

@@ -25,19 +25,20 @@ from __future__ import annotations
 
 import time
 
+from llmcycle.core.errors import UserError
 from llmcycle.models.adapters import save_model
 from llmcycle.models.load import load_model
-from llmcycle.core.errors import UserError
-from llmcycle.training.finetune import check_quantization
 from llmcycle.stages.contract import Stage, own_model, section_variants
-from llmcycle.training.finetune import TuneConfig
+from llmcycle.training.finetune import TuneConfig, check_quantization
 
 
 # --------------------------------------------------------------------------------- the stage
 def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
     """Stage entry point: fine-tune `tune.<variant>`, save the model, evaluate it on the eval split."""
-    from llmcycle.evaluation import harness
+    from llmcycle.core.memory import peak_mb, reset_peak
+    from llmcycle.data.prompting import check_template, fit_prompts
     from llmcycle.data.records import load_splits
+    from llmcycle.evaluation import harness
     from llmcycle.evaluation.settings import (
         eval_examples,
         name_lexicon,
@@ -45,8 +46,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
         settings,
     )
     from llmcycle.models.generation import Generator
-    from llmcycle.core.memory import peak_mb, reset_peak
-    from llmcycle.data.prompting import check_template, fit_prompts
     from llmcycle.training.loop import fit
 
     t_start = time.perf_counter()

@@ -8,10 +8,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmcycle.models.load import load_model
-from llmcycle.models.hub import ADAPTER_CONFIG
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
+from llmcycle.models.hub import ADAPTER_CONFIG
+from llmcycle.models.load import load_model
 
 
 class TuneConfig(Section):

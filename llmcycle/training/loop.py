@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from llmcycle.core.errors import UserError
+from llmcycle.core.files import fsync_dir, fsync_tree, quiet_saves
 from llmcycle.training.checkpoints import (
     COMPLETE_MARKER,
     check_same_run,
@@ -39,8 +41,6 @@ from llmcycle.training.checkpoints import (
     save_checkpoint,
     training_bar,
 )
-from llmcycle.core.errors import UserError
-from llmcycle.core.files import fsync_dir, fsync_tree, quiet_saves
 
 # Fields that do not change the trained weights: they may differ when resuming.
 NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge"}
@@ -261,13 +261,13 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     import torch.distributed as dist
     from accelerate import Accelerator
 
-    from llmcycle.evaluation import harness
-    from llmcycle.training.finetune import load_base, parameter_counts, wrap
-    from llmcycle.models.generation import GenerationConfig, Generator
     from llmcycle.core.memory import large_blocks_off_the_heap, release_free_memory
+    from llmcycle.data.prompting import build_prompt, encode_prompt
+    from llmcycle.evaluation import harness
+    from llmcycle.models.generation import GenerationConfig, Generator
     from llmcycle.models.hub import context_window as window_of
     from llmcycle.models.hub import model_kind
-    from llmcycle.data.prompting import build_prompt, encode_prompt
+    from llmcycle.models.warm_start import facts_of as warm_start_facts
     from llmcycle.training.batches import (
         collate,
         encode_examples,
@@ -275,7 +275,7 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
         padded_tokens,
         useful_tokens,
     )
-    from llmcycle.models.warm_start import facts_of as warm_start_facts
+    from llmcycle.training.finetune import load_base, parameter_counts, wrap
 
     t_start = time.perf_counter()
     gen_cfg = gen_cfg or GenerationConfig()

@@ -23,7 +23,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmcycle.core.errors import UserError
-from llmcycle.stages.registry import NAMES as STAGES
 from llmcycle.evaluation.compare import (
     COMPARE_KEYS,
     SHORT,
@@ -32,6 +31,7 @@ from llmcycle.evaluation.compare import (
     compare_rows,
     side_by_side,
 )
+from llmcycle.stages.registry import NAMES as STAGES
 
 STATIC = Path(__file__).parent / "static"
 # Numbers in a row that say which run and when, not how it did: never offered as figures.
@@ -366,12 +366,12 @@ def _require_ui() -> None:
 def serve_ui(store, *, host: str = "127.0.0.1", port: int = 8765, model_url: str = "http://127.0.0.1:8000",
              api_key: str | None = None, allowed_hosts=(), log_level: str = "warning") -> None:
     """Serve the dashboard until Ctrl-C. A taken port is a UserError before anything starts."""
-    from llmcycle.core.net import _listen
+    from llmcycle.core.net import listen
 
     _require_ui()
     named = [] if host in ("0.0.0.0", "::", "") else [host]  # a wildcard address is no name to answer to
     app = create_ui_app(store, model_url=model_url, api_key=api_key, allowed_hosts=[*named, *allowed_hosts])
-    sock = _listen(host, port)
+    sock = listen(host, port)
     import uvicorn
 
     bound = sock.getsockname()[1]

@@ -38,6 +38,9 @@ from typing import Callable
 
 from pydantic import Field
 
+from llmcycle.core.configbase import Section
+from llmcycle.core.errors import UserError
+from llmcycle.models.hub import decoder_prefix
 from llmcycle.training.checkpoints import (
     check_same_run,
     config_hash,
@@ -49,9 +52,6 @@ from llmcycle.training.checkpoints import (
     save_checkpoint,
     unusable,
 )
-from llmcycle.core.configbase import Section
-from llmcycle.core.errors import UserError
-from llmcycle.models.hub import decoder_prefix
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 FULL_POLICY_FILE = "policy.safetensors"
@@ -261,8 +261,8 @@ class PPOTrainer:
                  window: int | None = None):
         import torch
 
-        from llmcycle.models.hub import context_window, model_kind
         from llmcycle.data.prompting import encode_prompt
+        from llmcycle.models.hub import context_window, model_kind
 
         check_settings(settings)
         if tokenizer is None:

@@ -301,8 +301,8 @@ def _train(model, lengths: list[int], loss_of: Callable, *, epochs: float, max_s
     """AdamW with linear warmup and decay over length-grouped, seeded batches; returns loop statistics."""
     import torch
 
-    from llmcycle.training.checkpoints import lr_factor, training_bar
     from llmcycle.training.batches import length_grouped_batches
+    from llmcycle.training.checkpoints import lr_factor, training_bar
 
     n_batches = math.ceil(len(lengths) / batch_size)
     total = math.ceil(epochs * n_batches) if epochs else 0
@@ -352,8 +352,8 @@ def _train(model, lengths: list[int], loss_of: Callable, *, epochs: float, max_s
 
 
 def _save(model, tok, out_dir, summary: dict) -> None:
-    from llmcycle.models.adapters import save_model
     from llmcycle.core.store import atomic_write_json
+    from llmcycle.models.adapters import save_model
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

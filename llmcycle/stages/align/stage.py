@@ -221,8 +221,8 @@ def load_policy(project, variant: str, cfg: AlignConfig):
     """(trainable policy, tokenizer, kind, source ref, source path, source run). An adapter policy is
     merged into its base first (tune.load_base does that), then wrapped in a fresh LoRA adapter."""
     from llmcycle.evaluation import harness
-    from llmcycle.training.finetune import TuneConfig, load_base, wrap
     from llmcycle.models.hub import model_kind
+    from llmcycle.training.finetune import TuneConfig, load_base, wrap
 
     mcfg = project.config.model
     ref = cfg.policy or (mcfg.name if mcfg is not None else None)
@@ -246,9 +246,9 @@ def load_policy(project, variant: str, cfg: AlignConfig):
 
 def _held_out(project, cfg: AlignConfig, loaded, variant: str):
     """The eval split's examples and their prompts (the project's prompt, refused if over the window)."""
+    from llmcycle.data.prompting import check_template, fit_prompts
     from llmcycle.evaluation import harness
     from llmcycle.evaluation.settings import eval_examples, project_template, settings
-    from llmcycle.data.prompting import check_template, fit_prompts
 
     ev = settings(project)
     examples = eval_examples(project, limit=cfg.eval_limit or ev.limit)
@@ -262,9 +262,9 @@ def _held_out(project, cfg: AlignConfig, loaded, variant: str):
 
 def _training_prompts(project, template: str, loaded, variant: str) -> list[str]:
     """PPO's prompts: the training split rendered with the project's prompt; overlong ones skipped."""
-    from llmcycle.evaluation import harness
-    from llmcycle.data.records import load_splits
     from llmcycle.data.prompting import fit_prompts
+    from llmcycle.data.records import load_splits
+    from llmcycle.evaluation import harness
 
     if project.config.data is None:
         raise UserError(f"{project.path}: no data configured (PPO draws its prompts from data.train)")
@@ -299,13 +299,13 @@ def _toxicity_model(project, variant: str, cfg: AlignConfig, reward_model=None):
 
 
 def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, progress: bool) -> dict:
+    from llmcycle.core.memory import peak_mb, reset_peak
     from llmcycle.evaluation import harness
     from llmcycle.models.adapters import save_model
-    from llmcycle.training.finetune import parameter_counts
     from llmcycle.models.generation import Generator
-    from llmcycle.core.memory import peak_mb, reset_peak
     from llmcycle.models.hub import resolve_device
     from llmcycle.stages.align.reward import load_reward_model
+    from llmcycle.training.finetune import parameter_counts
 
     device = resolve_device(project.config.model.device if project.config.model else "auto")
     reset_peak(device)

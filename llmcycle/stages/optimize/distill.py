@@ -198,8 +198,8 @@ def fit_steps(model, features: list[dict], pad_id: int, loss_fn: Callable, *, st
     `features`; loss_fn(model, batch) -> (loss, extra figures). Returns the loss history."""
     import torch
 
-    from llmcycle.training.checkpoints import lr_factor, training_bar
     from llmcycle.training.batches import collate, length_grouped_batches
+    from llmcycle.training.checkpoints import lr_factor, training_bar
 
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -245,9 +245,9 @@ def teacher_outputs(teacher, tokenizer, examples, template: str, gen_cfg, window
     """The examples with the teacher's greedy output for each prompt as their only target."""
     from dataclasses import replace
 
-    from llmcycle.models.generation import GenerationConfig, Generator
     from llmcycle.core.progress import bar
     from llmcycle.data.prompting import build_prompt
+    from llmcycle.models.generation import GenerationConfig, Generator
 
     greedy = GenerationConfig(max_new_tokens=gen_cfg.max_new_tokens, batch_size=gen_cfg.batch_size,
                               max_batch_tokens=gen_cfg.max_batch_tokens, stop=gen_cfg.stop)

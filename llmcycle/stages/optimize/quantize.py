@@ -20,7 +20,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from llmcycle.models.int8 import conv1d_to_linear, dynamic_linears, quantize_int8, save_int8
+from llmcycle.models.int8 import (
+    conv1d_to_linear,
+    dynamic_linears,
+    quantize_int8,
+    save_int8,
+)
 
 
 def quantize(cfg, source_path: str, dest: Path, opts: dict, info: dict) -> dict:

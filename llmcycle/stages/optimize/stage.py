@@ -168,6 +168,8 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     latency and throughput next to quality."""
     import gc
 
+    from llmcycle.core.memory import peak_mb, reset_peak
+    from llmcycle.data.prompting import check_template, fit_prompts
     from llmcycle.evaluation import harness
     from llmcycle.evaluation.settings import (
         eval_examples,
@@ -176,10 +178,8 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
         settings,
     )
     from llmcycle.models.generation import Generator
-    from llmcycle.core.memory import peak_mb, reset_peak
-    from llmcycle.models.load import load_model
     from llmcycle.models.hub import resolve_device
-    from llmcycle.data.prompting import check_template, fit_prompts
+    from llmcycle.models.load import load_model
 
     t_start = time.perf_counter()
     cfg = project.config.optimize[variant]
@@ -215,8 +215,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     elif cfg.method == "export":
         facts = export(cfg, source_path, dest, opts, info, run.artifacts / "onnx")
     else:
-        from llmcycle.stages.optimize import distill
-        from llmcycle.stages.optimize import prune
+        from llmcycle.stages.optimize import distill, prune
 
         module = distill if cfg.method == "distill" else prune
         facts = module.optimize(cfg, source_path, dest, train, template, info=info, opts=opts,

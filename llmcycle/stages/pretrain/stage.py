@@ -25,6 +25,11 @@ from typing import Callable, Literal
 
 from pydantic import Field, model_validator
 
+from llmcycle.core.configbase import Section
+from llmcycle.core.errors import UserError
+from llmcycle.core.files import fsync_tree, quiet_saves
+from llmcycle.models.scratch import build_model_config, model_class, preset_dims
+from llmcycle.stages.contract import Stage, section_variants
 from llmcycle.training.checkpoints import (
     check_same_run,
     config_hash,
@@ -38,11 +43,6 @@ from llmcycle.training.checkpoints import (
     training_bar,
     unusable,
 )
-from llmcycle.core.configbase import Section
-from llmcycle.core.errors import UserError
-from llmcycle.core.files import fsync_tree, quiet_saves
-from llmcycle.models.scratch import _model_class, build_model_config, preset_dims
-from llmcycle.stages.contract import Stage, section_variants
 
 # Fields that do not change the trained weights: they may differ when resuming.
 NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every"}
@@ -102,7 +102,7 @@ def _load_checkpoint(path: Path, cfg: PretrainConfig):
     import torch
 
     try:
-        model = _model_class(cfg.architecture).from_pretrained(str(path / "model"), dtype=torch.float32)
+        model = model_class(cfg.architecture).from_pretrained(str(path / "model"), dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
         raise unusable(path, exc) from None
     return model, load_trainer_state(path)
@@ -170,7 +170,7 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     if ckpt is not None:
         model, trainer_state = _load_checkpoint(ckpt, cfg)
     else:
-        model, trainer_state = _model_class(cfg.architecture)(build_model_config(cfg, tokenizer)), None
+        model, trainer_state = model_class(cfg.architecture)(build_model_config(cfg, tokenizer)), None
     if cfg.architecture == "gpt":
         model.loss_type = "ForCausalLM"  # GPT2LMHeadModel leaves it unset and warns on first use
     model.train()  # from_pretrained returns eval mode; dropout must match the uninterrupted run
