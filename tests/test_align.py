@@ -1,4 +1,4 @@
-"""The align stage (llmcycle/align.py): its config, the toxicity label and figures, and the stage end to
+"""The align stage (llmcycle/stages/align/stage.py): its config, the toxicity label and figures, and the stage end to
 end on tiny models — a reward classifier trained here, PPO against it, DPO on pairs — each recorded
 with the task metric and toxicity before and after."""
 import json

@@ -1,4 +1,4 @@
-"""Choosing the run to deploy (llmcycle/deploy.py): the best success metric within the scope's budgets."""
+"""Choosing the run to deploy (llmcycle/evaluation/success.py): the best success metric within the scope's budgets."""
 import pytest
 
 from llmcycle.project.config import load_project

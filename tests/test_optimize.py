@@ -1,4 +1,4 @@
-"""Optimizing for deployment (llmcycle/optimize.py, distill.py, prune.py) on tiny models: int8 size and
+"""Optimizing for deployment (llmcycle/stages/optimize/stage.py, distill.py, prune.py) on tiny models: int8 size and
 round trip, distillation's loss and student, pruning's exact sparsity and removed shapes, merged export,
 and the errors."""
 import json

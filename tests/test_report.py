@@ -1,4 +1,4 @@
-"""`llmcycle report` (llmcycle/report.py): built from run records fabricated in code, no model trained."""
+"""`llmcycle report` (llmcycle/report/build.py): built from run records fabricated in code, no model trained."""
 import base64
 import io
 import json

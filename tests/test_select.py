@@ -1,4 +1,4 @@
-"""The select stage (llmcycle/select.py): candidates measured on the project's data, a probe fine-tune,
+"""The select stage (llmcycle/stages/select.py): candidates measured on the project's data, a probe fine-tune,
 the choice and why, run:select/best in later stages, and bad input."""
 import json
 from pathlib import Path

@@ -62,7 +62,7 @@ def gpt2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
-    """An encoder-decoder warm-started from a tiny BERT (llmcycle/warm_start.py): a BART model."""
+    """An encoder-decoder warm-started from a tiny BERT (llmcycle/models/warm_start.py): a BART model."""
     from llmcycle.models.warm_start import WarmStartConfig, build
 
     root = tmp_path_factory.mktemp("warm")

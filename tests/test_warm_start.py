@@ -1,4 +1,4 @@
-"""Warm-started encoder-decoders (llmcycle/warm_start.py) from tiny BERT checkpoints built in code, and
+"""Warm-started encoder-decoders (llmcycle/models/warm_start.py) from tiny BERT checkpoints built in code, and
 from the real all-MiniLM-L6-v2 when its package is installed."""
 import importlib.util
 import json

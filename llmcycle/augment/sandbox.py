@@ -47,7 +47,7 @@ a process with the program; a program that defeated layer 1 and found a way past
 only the OS layer: rlimits, the network namespace where available, and the chroot + `nobody` only when
 run as root. Without the chroot, os.stat and os.readlink (not audited) would let such a program see
 whether files exist outside its directory. The sandbox needs
-a POSIX system (`resource`). The child can be run by hand, `python -I -S -B llmcycle/sandbox.py
+a POSIX system (`resource`). The child can be run by hand, `python -I -S -B llmcycle/augment/sandbox.py
 --sandbox-child`, in a folder holding the `.job.json` that run_program writes.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ METRIC_NAMES = (*ROUGE_TYPES, "bleu", "chrf", "exact_match", "f1", "accuracy", "
                 "perplexity", "hallucinated_entity_rate", *LENGTH_NAMES)
 # Lower is better for these; length statistics describe outputs and have no better direction.
 _LOWER_IS_BETTER = {"perplexity", "empty_share", "hallucinated_entity_rate"}
-# Tasks whose outputs state facts of their input: scored for faithfulness (llmcycle/faithfulness.py).
+# Tasks whose outputs state facts of their input: scored for faithfulness (llmcycle/evaluation/faithfulness.py).
 GROUNDED_TASKS = ("summarization", "qa")
 
 

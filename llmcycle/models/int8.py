@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llmcycle.core.errors import UserError
 from llmcycle.models.hub import (
-    INT8_MARKER as QUANT_MARKER,  # models.load_model looks for it
+    INT8_MARKER as QUANT_MARKER,  # models.load.load_model looks for it
 )
 
 QUANT_WEIGHTS = "model.int8.safetensors"

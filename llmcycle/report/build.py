@@ -10,8 +10,8 @@ It reads the run store only (nothing is trained or evaluated) and shows:
   aligned → optimized → deployed;
 - every variant (its latest completed run): the headline metric with its 95% bootstrap interval,
   latency p50/p95, peak memory, size on disk, trainable share, and whether it reaches the scope's
-  success threshold and fits its budgets (the checks of `serve --run best`, llmcycle/deploy.py);
-- plots (llmcycle/report_plots.py): loss curves, PPO reward and KL, the metric per variant, quality vs
+  success threshold and fits its budgets (the checks of `serve --run best`, llmcycle/evaluation/success.py);
+- plots (llmcycle/report/plots.py): loss curves, PPO reward and KL, the metric per variant, quality vs
   latency and vs size; a plot without data is left out with a one-line note;
 - sample outputs side by side (llmcycle/runs_view.side_by_side).
 

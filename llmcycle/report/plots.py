@@ -12,7 +12,7 @@ from dataclasses import dataclass
 # Stage colours, the same in every plot so a stage is recognisable at a glance.
 STAGE_COLOURS = {"pretrain": "#7f7f7f", "prompt": "#1f77b4", "tune": "#2ca02c", "align": "#d62728",
                  "optimize": "#9467bd", "eval": "#8c564b", "augment": "#e377c2"}
-# metrics.jsonl keys that a PPO step logs (llmcycle/ppo.py); runs with them get the PPO plot.
+# metrics.jsonl keys that a PPO step logs (llmcycle/stages/align/ppo.py); runs with them get the PPO plot.
 PPO_KEYS = ("reward_mean", "kl")
 
 

@@ -1,4 +1,4 @@
-"""Pages for `llmcycle report` (llmcycle/report.py builds the data): one self-contained HTML file, or
+"""Pages for `llmcycle report` (llmcycle/report/build.py builds the data): one self-contained HTML file, or
 Markdown with the plots as PNG files beside it.
 
 The content is laid out once as blocks (heading, paragraph, table, tree, plot, example), then each

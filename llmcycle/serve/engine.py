@@ -18,7 +18,7 @@ Why an engine of our own? transformers 5 has continuous batching (`generate_batc
 `init_continuous_batching`), but only for decoder-only models (paged attention); llmcycle serves
 seq2seq models (T5) as much as causal ones. `model.generate` cannot take new rows mid-flight. This
 engine works with the model's ordinary forward pass and DynamicCache, so it runs anything
-`llmcycle.models.hub.load_model` loads (LoRA adapters included).
+`llmcycle.models.load.load_model` loads (LoRA adapters included).
 
 Padding keeps every row aligned on the last column. Causal rows are left-padded (as in
 llmcycle.models.generation) with explicit position ids, so a padded row computes exactly what it would alone.

@@ -10,7 +10,7 @@
       probe: {method: full, steps: 60, lr: 3e-4, batch_size: 16}    # the same pilot fine-tune for each
       pick: minilm                                                  # optional: overrides the choice
 
-Each candidate is a run `select/NAME`: its model is built (a warm start, llmcycle/warm_start.py) or
+Each candidate is a run `select/NAME`: its model is built (a warm start, llmcycle/models/warm_start.py) or
 referred to, scored on the project's eval set with the project's template and generation settings
 through the shared harness, and measured: parameters, size on disk, memory to hold its weights,
 latency p50 / p95 of a lone request, its context window and the share of eval prompts over it (with

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node 2 -m llmcycle tune ...      (data parallel, also on CPU with gloo)
     accelerate launch --config_file cfg.yaml -m llmcycle tune ...   (FSDP / DeepSpeed on GPUs)
 
-Settings come from `tune: {VARIANT: ...}` in llmcycle.yaml (TuneConfig below). Each training example
-is the project's prompt (`evaluate.template`, built by `prompts.build_prompt` and encoded like at
+Settings come from `tune: {VARIANT: ...}` in llmcycle.yaml (training/finetune.TuneConfig). Each training example
+is the project's prompt (`evaluate.template`, built by `data.prompting.build_prompt` and encoded like at
 inference) followed by its first reference and EOS; the loss is on the answer only. Nothing is
 truncated: overlong examples are skipped and counted (or refused with `on_overflow: refuse`).
 
@@ -19,7 +19,7 @@ Outputs in the run's artifacts:
   predictions.jsonl   the final evaluation on the eval split, through the shared harness.
 
 The training loop itself (batches, accumulation, DDP, checkpoints, validation, early stopping)
-lives in llmcycle/tune_loop.py.
+lives in llmcycle/training/loop.py.
 """
 from __future__ import annotations
 

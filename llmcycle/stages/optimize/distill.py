@@ -6,7 +6,7 @@ than the teacher. When the widths match it starts from the teacher's embeddings 
 layers (first and last included), as DistilBERT did; otherwise from fresh weights.
 
 It trains on the project's training split with the project's prompt (encoded exactly as fine-tuning
-and inference encode it, llmcycle/tune_data.py), on the answer tokens only:
+and inference encode it, llmcycle/training/batches.py), on the answer tokens only:
 
     loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, target)
 
@@ -28,7 +28,7 @@ from llmcycle.training.loop import (
     answer_logits,  # the forward every training loss here shares (tune, DPO, this)
 )
 
-# model_type -> pretrain's architecture name (bart: warm-started encoder-decoders, llmcycle/warm_start.py)
+# model_type -> pretrain's architecture name (bart: warm-started encoder-decoders, llmcycle/models/warm_start.py)
 ARCHITECTURES = {"t5": "t5", "mt5": "t5", "gpt2": "gpt", "bart": "bart"}
 # a layer's weights: encoder.block.3.… (t5), transformer.h.3.… (gpt2), model.layers.3.…
 LAYER_KEY = re.compile(r"^(?P<stack>(?:.*?\.)?(?:block|h|layers))\.(?P<index>\d+)\.(?P<rest>.*)$")

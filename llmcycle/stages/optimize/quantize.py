@@ -9,11 +9,11 @@
 
 An int8_dynamic folder holds config.json, the tokenizer, `model.int8.safetensors` (the int8 weights
 with their scales and zero points, the other tensors in float32; safetensors, so loading runs no
-pickled code) and `llmcycle_quantization.json`. `models.load_model` sees the marker and calls
+pickled code) and `llmcycle_quantization.json`. `models.load.load_model` sees the marker and calls
 `load_int8`, which rebuilds the architecture from the config, quantizes it the same way and loads
 the stored int8 weights, so `eval`, `serve` and `run:optimize/VARIANT` get the same int8 model the
 stage evaluated. bitsandbytes folders are plain save_pretrained folders whose config.json carries
-the quantization_config; models.load_model places them on the GPU while loading.
+the quantization_config; models.hub.load_plain places them on the GPU while loading.
 """
 from __future__ import annotations
 

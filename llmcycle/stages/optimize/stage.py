@@ -7,11 +7,11 @@ what a variant does to its `source` (run:STAGE/VARIANT, a folder or a Hub id; de
 model; LoRA adapters are merged first):
 
   quantize  int8_dynamic: int8 Linear weights, activations quantized on the fly, CPU only;
-            bnb_int8 / bnb_nf4: bitsandbytes 8-bit / 4-bit on a CUDA GPU (llmcycle/quantize.py).
+            bnb_int8 / bnb_nf4: bitsandbytes 8-bit / 4-bit on a CUDA GPU (llmcycle/stages/optimize/quantize.py).
   distill   a smaller student trained on the teacher's softened logits and the references (or the
-            teacher's own outputs) (llmcycle/distill.py).
+            teacher's own outputs) (llmcycle/stages/optimize/distill.py).
   prune     magnitude pruning, unstructured or of whole attention heads / FFN channels, with an
-            optional short recovery fine-tune (llmcycle/prune.py).
+            optional short recovery fine-tune (llmcycle/stages/optimize/prune.py).
   export    a plain Hugging Face folder (adapters merged), and ONNX through `optimum` when installed.
 
 Every variant saves its model to artifacts/model (so `eval`, `serve` and `run:optimize/VARIANT` load

@@ -1,7 +1,7 @@
 """Data side of `llmcycle pretrain`: tokenizer training, packing, T5 span corruption or BART-style
 denoising, batching.
 
-Kept apart from llmcycle/pretrain.py (model + training loop) so each part stays readable and can be
+Kept apart from llmcycle/stages/pretrain/stage.py (model + training loop) so each part stays readable and can be
 tested on its own. Heavy imports (tokenizers, transformers, torch) happen inside the functions.
 
 Two ways to turn documents into training examples:
