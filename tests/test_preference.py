@@ -1,4 +1,4 @@
-"""Preference optimization (llmcycle/preference.py): the DPO loss and sequence log-probs by hand, pair
+"""Preference optimization (llmcycle/stages/align/preference.py): the DPO loss and sequence log-probs by hand, pair
 loading (HH-RLHF transcripts split into prompt and responses), DPO (ours on T5, TRL's on GPT-2) and ORPO
 (TRL's) learning on tiny models with the reference being the untouched starting model, and bad input."""
 import json

@@ -1,4 +1,4 @@
-"""Fine-tuning (llmcycle/tune.py, tune_loop.py) on tiny models: formatting, what each method trains,
+"""Fine-tuning (llmcycle/stages/tune.py, training/loop.py) on tiny models: formatting, what each method trains,
 learning, bad input, validation and early stopping, kill -9 + resume, merging."""
 import json
 import os
@@ -504,7 +504,7 @@ def test_chunked_loss_is_not_used_when_the_model_changes_logits_after_the_head(t
     assert "forward" not in vars(model.get_output_embeddings())
 
 
-# -- giving freed memory back (llmcycle/memory.py, tune_loop.py) ----------------------------------
+# -- giving freed memory back (llmcycle/core/memory.py, training/loop.py) ----------------------------
 def _rss_mib() -> float:
     return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS")).split()[1]) / 1024
 

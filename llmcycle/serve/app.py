@@ -147,17 +147,12 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
     mapping name -> LoadedModel. Each model gets its own batching engine (at most `max_batch_size` rows
     per forward pass; 1 = one request at a time), started and drained with the app. `api_key` set: /v1/*
     needs `Authorization: Bearer KEY`. `prompt_template` (one field) formats chat messages for models
-    without a chat template. `augment`: a serve_augment.Augmentation (RAG, PAL) for chat completions."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import (
-        JSONResponse,
-        PlainTextResponse,
-        Response,
-        StreamingResponse,
-    )
-    from starlette.exceptions import HTTPException
+    without a chat template. `augment`: a serve_augment.Augmentation (RAG, PAL) for chat completions.
 
-    from llmcycle.serve.augment import prepare
+    The handlers reach what they share through `app.state`: served, metrics, api_key, augment and
+    drain_timeout."""
+    from fastapi import FastAPI
+    from starlette.exceptions import HTTPException
 
     _check_template(prompt_template)
     if not isinstance(models, dict):
@@ -167,121 +162,162 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
               for name, lm in models.items()}
     metrics = Metrics()
 
-    @asynccontextmanager
-    async def lifespan(app):
-        for s in served.values():
-            s.engine.start()
-        yield
-        for s in served.values():  # uvicorn has already waited for the requests in flight
-            await asyncio.to_thread(s.engine.stop, drain_timeout)
-
-    app = FastAPI(title="llmcycle", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llmcycle", lifespan=_run_engines, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(metrics.middleware)
     app.state.served, app.state.metrics = served, metrics
+    app.state.api_key, app.state.augment, app.state.drain_timeout = api_key, augment, drain_timeout
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    _add_routes(app)
+    return app
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+@asynccontextmanager
+async def _run_engines(app):
+    """The app's lifespan: every model's engine runs while the app does, and is drained when it stops."""
+    served = app.state.served
+    for s in served.values():
+        s.engine.start()
+    yield
+    for s in served.values():  # uvicorn has already waited for the requests in flight
+        await asyncio.to_thread(s.engine.stop, app.state.drain_timeout)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(ApiError(500, f"internal server error: {type(exc).__name__}").body(), status_code=500)
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            what = "no API key was given" if not given else "the API key is not valid"
-            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
-
-    def model_of(name: str) -> ServedModel:
-        if name not in served:
-            raise ApiError(404, f"The model '{name}' does not exist{suggest(name, served)} "
-                           f"(served: {', '.join(served)})", "model", "model_not_found")
-        return served[name]
-
-    def model_card(s: ServedModel) -> dict:
-        return {"id": s.name, "object": "model", "created": s.created, "owned_by": "llmcycle"}
+def _add_routes(app) -> None:
+    """The endpoints. FastAPI reads the handlers' `Request` annotations, and fastapi (an extra) is only
+    imported inside functions, so the handlers are declared here and hand the work to module functions."""
+    from fastapi import Request
+    from fastapi.responses import PlainTextResponse
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        served = request.app.state.served
         return {"status": "ok", "models": list(served),
                 "running": sum(s.engine.running for s in served.values()),
                 "waiting": sum(s.engine.waiting for s in served.values())}
 
     @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(metrics.render(served), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: Request):
+        state = request.app.state
+        return PlainTextResponse(state.metrics.render(state.served), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [model_card(s) for s in served.values()]}
+        _authorize(request)
+        return {"object": "list", "data": [_model_card(s) for s in request.app.state.served.values()]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
-        authorize(request)
-        return model_card(model_of(name))
-
-    async def generate(request: Request, chat: bool):
-        authorize(request)
-        req = parse_request(await request.body(), ChatRequest if chat else CompletionRequest)
-        s = model_of(req.model)
-        aug = await prepare(augment, s, req) if chat else None  # None: the model alone
-        if chat:
-            prompts, param = [aug.ids if aug else s.chat_prompt(req.messages)], "messages"
-            limit = req.max_completion_tokens or req.max_tokens
-        else:
-            prompts, param, limit = s.completion_prompts(req.prompt), "prompt", req.max_tokens
-        max_tokens = []
-        for ids in prompts:
-            room = s.loaded.window - len(ids) if s.loaded.kind == "causal" else s.loaded.window
-            m = limit or (max(room, 1) if chat else COMPLETION_DEFAULT_MAX_TOKENS)
-            s.check_window(len(ids), m, param if limit is None else "max_tokens")
-            max_tokens.append(m)
-        if req.min_tokens > min(max_tokens):
-            raise ApiError(400, f"min_tokens {req.min_tokens} is more than max_tokens {min(max_tokens)}", "min_tokens")
-        job = Job(s, prompts, aug.req if aug else req, max_tokens)
-        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": s.name}
-        if aug is not None and aug.mode == "pal":
-            return await augment.respond_pal(request, job, head, req, metrics, endpoint)
-        tail = aug.fields if aug else {}  # RAG's citations
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, head, chat, usage, metrics, endpoint, tail),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        if not await wait_for_job(request, job):
-            return Response(status_code=499)  # client closed the request; nobody reads this
-        metrics.finished(endpoint, s.name, job)
-        choices = []
-        for k, seq in enumerate(job.seqs):
-            if chat:
-                choices.append({"index": k, "message": {"role": "assistant", "content": seq.text},
-                                "logprobs": None, "finish_reason": seq.finish_reason})
-            else:
-                choices.append({"index": k, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason})
-        return {**head, "choices": choices, "usage": job.usage(), **tail}
+        _authorize(request)
+        return _model_card(_model_of(request.app.state.served, name))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await generate(request, chat=False)
+        return await _generate(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await generate(request, chat=True)
+        return await _generate(request, chat=True)
 
-    return app
 
+def _error_response(error: ApiError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _api_error(request, exc: ApiError):
+    return _error_response(exc)
+
+
+async def _http_error(request, exc):
+    """starlette's HTTPException (an unknown path, a wrong method) in OpenAI's error format."""
+    return _error_response(ApiError(exc.status_code, str(exc.detail)))
+
+
+async def _internal_error(request, exc: Exception):
+    log.exception("internal error on %s", request.url.path)
+    return _error_response(ApiError(500, f"internal server error: {type(exc).__name__}"))
+
+
+def _authorize(request) -> None:
+    api_key = request.app.state.api_key
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), api_key.encode()):
+        what = "no API key was given" if not given else "the API key is not valid"
+        raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+
+def _model_of(served: dict[str, ServedModel], name: str) -> ServedModel:
+    if name not in served:
+        raise ApiError(404, f"The model '{name}' does not exist{suggest(name, served)} "
+                       f"(served: {', '.join(served)})", "model", "model_not_found")
+    return served[name]
+
+
+def _model_card(s: ServedModel) -> dict:
+    return {"id": s.name, "object": "model", "created": s.created, "owned_by": "llmcycle"}
+
+
+async def _generate(request, chat: bool):
+    """POST /v1/chat/completions (`chat`) or /v1/completions: one response, or a stream with `stream: true`."""
+    from fastapi.responses import Response, StreamingResponse
+
+    from llmcycle.serve.augment import prepare
+
+    _authorize(request)
+    state = request.app.state
+    req = parse_request(await request.body(), ChatRequest if chat else CompletionRequest)
+    s = _model_of(state.served, req.model)
+    aug = await prepare(state.augment, s, req) if chat else None  # None: the model alone
+    prompts = [aug.ids if aug else s.chat_prompt(req.messages)] if chat else s.completion_prompts(req.prompt)
+    job = Job(s, prompts, aug.req if aug else req, _max_tokens(s, req, prompts, chat))
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    head = {"id": ident, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": s.name}
+    if aug is not None and aug.mode == "pal":
+        return await state.augment.respond_pal(request, job, head, req, state.metrics, endpoint)
+    tail = aug.fields if aug else {}  # RAG's citations
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(job, head, chat, usage, state.metrics, endpoint, tail),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    if not await wait_for_job(request, job):
+        return Response(status_code=499)  # client closed the request; nobody reads this
+    state.metrics.finished(endpoint, s.name, job)
+    choices = [_choice(k, seq, chat) for k, seq in enumerate(job.seqs)]
+    return {**head, "choices": choices, "usage": job.usage(), **tail}
+
+
+def _max_tokens(s: ServedModel, req, prompts: list[list[int]], chat: bool) -> list[int]:
+    """Each prompt's token budget: the request's limit, else what the window leaves (chat) or OpenAI's
+    default (completions); an ApiError when it does not fit the window or is below min_tokens."""
+    if chat:
+        param, limit = "messages", req.max_completion_tokens or req.max_tokens
+    else:
+        param, limit = "prompt", req.max_tokens
+    max_tokens = []
+    for ids in prompts:
+        room = s.loaded.window - len(ids) if s.loaded.kind == "causal" else s.loaded.window
+        m = limit or (max(room, 1) if chat else COMPLETION_DEFAULT_MAX_TOKENS)
+        s.check_window(len(ids), m, param if limit is None else "max_tokens")
+        max_tokens.append(m)
+    if req.min_tokens > min(max_tokens):
+        raise ApiError(400, f"min_tokens {req.min_tokens} is more than max_tokens {min(max_tokens)}", "min_tokens")
+    return max_tokens
+
+
+def _choice(k: int, seq, chat: bool) -> dict:
+    """One finished sequence as a choice of a (non-streamed) response."""
+    if chat:
+        return {"index": k, "message": {"role": "assistant", "content": seq.text},
+                "logprobs": None, "finish_reason": seq.finish_reason}
+    return {"index": k, "text": seq.text, "logprobs": None, "finish_reason": seq.finish_reason}
 
 async def _stream(job: Job, head: dict, chat: bool, include_usage: bool, metrics: Metrics, endpoint: str,
                   tail: dict):

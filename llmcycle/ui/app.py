@@ -214,33 +214,39 @@ def create_ui_app(store, *, model_url: str = "http://127.0.0.1:8000", api_key: s
 
     Why a proxy rather than a model loaded in-process: the dashboard stays light (no torch, no weights)
     and starts instantly, works the same against `llmcycle serve`, vLLM or any OpenAI-compatible server,
-    and the browser talks to one origin only, so there is no CORS to configure."""
+    and the browser talks to one origin only, so there is no CORS to configure.
+
+    The handlers reach what they share through `app.state`: store, model_url and client."""
     import httpx
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi import FastAPI
 
     model_url = check_model_url(model_url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    app = FastAPI(title="llmcycle ui", lifespan=_model_client, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store, app.state.model_url = store, model_url
     # No read limit between tokens would hang forever on a stuck server; 5 minutes covers a slow CPU model.
-    timeout = httpx.Timeout(10.0, read=300.0)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        async with httpx.AsyncClient(base_url=model_url, headers=headers, timeout=timeout) as client:
-            app.state.client = client
-            yield
-
-    app = FastAPI(title="llmcycle ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.model_url = model_url
+    app.state.client_options = dict(base_url=model_url, headers=headers, timeout=httpx.Timeout(10.0, read=300.0))
     # the loopback names, and the names it was started under (--host, --allow-host)
     app.add_middleware(SameOriginOnly, allowed_hosts=[*LOOPBACK_NAMES, *allowed_hosts])
+    _add_routes(app)
+    return app
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
 
-    def unreachable(exc: Exception) -> JSONResponse:
-        return error(502, f"the model server at {model_url} is not reachable ({type(exc).__name__}: {exc}); "
-                          "start one with `llmcycle serve` or pass --model-url")
+@asynccontextmanager
+async def _model_client(app):
+    """The app's lifespan: one HTTP client to the model server (app.state.client) while the app runs."""
+    import httpx
+
+    async with httpx.AsyncClient(**app.state.client_options) as client:
+        app.state.client = client
+        yield
+
+
+def _add_routes(app) -> None:
+    """The page and the JSON API. FastAPI reads the handlers' `Request` annotations, and fastapi (an
+    extra) is only imported inside functions, so the handlers are declared here and hand the work on."""
+    from fastapi import Request
+    from fastapi.responses import FileResponse
 
     @app.get("/")
     async def index():
@@ -248,87 +254,130 @@ def create_ui_app(store, *, model_url: str = "http://127.0.0.1:8000", api_key: s
 
     @app.get("/static/{name}")
     async def static(name: str):
-        # Only the files that ship with the page: a name never becomes a path the client chooses.
-        files = {p.name: p for p in STATIC.iterdir() if p.is_file()}
-        if name not in files:
-            return error(404, f"no static file {name!r}")
-        return FileResponse(files[name], headers={"Cache-Control": "no-cache"})
+        return _static_file(name)
 
     # The store's handlers are plain functions: FastAPI runs them in threads, so reading run folders never
     # holds up a playground answer streaming at the same time.
     @app.get("/api/runs")
-    def runs(stage: str | None = None, status: str | None = None, variant: str | None = None,
+    def runs(request: Request, stage: str | None = None, status: str | None = None, variant: str | None = None,
              sort: str | None = None, order: str = "desc"):
         if order not in ("asc", "desc"):
-            return error(400, f"order must be 'asc' or 'desc', not {order!r}")
-        return run_rows(store, stage, status, variant, sort, order == "desc")
+            return _error(400, f"order must be 'asc' or 'desc', not {order!r}")
+        return run_rows(request.app.state.store, stage, status, variant, sort, order == "desc")
 
     @app.get("/api/runs/{run_id}/metrics")
-    def metrics(run_id: str):
-        try:
-            rec = store.get(run_id)
-        except UserError as exc:
-            return error(404, str(exc))
-        rows = rec.metrics()
-        return {"id": rec.id, "label": label({"id": rec.id, "variant": rec.variant}), "rows": len(rows),
-                "curves": curves(rows)}
+    def metrics(request: Request, run_id: str):
+        return _run_curves(request.app.state.store, run_id)
 
     @app.get("/api/compare")
-    def compare_runs(ids: str = "", examples: int = 3):
+    def compare_runs(request: Request, ids: str = "", examples: int = 3):
         chosen = [i for i in (s.strip() for s in ids.split(",")) if i]
         if not chosen:
-            return error(400, "choose at least one run: /api/compare?ids=RUN,RUN")
-        return compare(store, chosen, max(0, min(examples, 20)))
+            return _error(400, "choose at least one run: /api/compare?ids=RUN,RUN")
+        return compare(request.app.state.store, chosen, max(0, min(examples, 20)))
 
     @app.get("/api/models")
-    async def models():
-        try:
-            return {"url": model_url, "models": await _model_names(app.state.client)}
-        except LookupError as exc:
-            return error(502, str(exc))
-        except httpx.HTTPError as exc:
-            return unreachable(exc)
+    async def models(request: Request):
+        return await _served_models(request.app.state)
 
     @app.post("/api/playground")
     async def playground(request: Request):
-        try:
-            req = PlaygroundRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            return error(400, f"{where}: {first['msg']}")
-        client = app.state.client
-        try:
-            model = req.model or (await _model_names(client))[0]
-            upstream = await client.send(client.build_request("POST", "/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": req.prompt}], "stream": True,
-                "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p}), stream=True)
-        except LookupError as exc:
-            return error(502, str(exc))
-        except httpx.HTTPError as exc:
-            return unreachable(exc)
-        if upstream.status_code != 200:
-            body = await upstream.aread()
-            await upstream.aclose()
-            return error(502, f"the model server at {model_url} answered: "
-                              f"{_upstream_error(body, upstream.status_code)}")
+        return await _playground(request)
 
-        async def relay():
-            # Passed through as it arrives; if the browser leaves, starlette cancels this generator and
-            # closing the upstream response tells the model server to free the request's rows.
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            except httpx.HTTPError as exc:
-                yield f"data: {json.dumps({'error': {'message': f'the model server stopped: {exc}'}})}\n\n"
-            finally:
-                await upstream.aclose()
 
-        return StreamingResponse(relay(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _error(status: int, message: str):
+    from fastapi.responses import JSONResponse
 
-    return app
+    return JSONResponse({"error": message}, status_code=status)
 
+
+def _unreachable(model_url: str, exc: Exception):
+    return _error(502, f"the model server at {model_url} is not reachable ({type(exc).__name__}: {exc}); "
+                       "start one with `llmcycle serve` or pass --model-url")
+
+
+def _static_file(name: str):
+    """GET /static/{name}."""
+    from fastapi.responses import FileResponse
+
+    # Only the files that ship with the page: a name never becomes a path the client chooses.
+    files = {p.name: p for p in STATIC.iterdir() if p.is_file()}
+    if name not in files:
+        return _error(404, f"no static file {name!r}")
+    return FileResponse(files[name], headers={"Cache-Control": "no-cache"})
+
+
+def _run_curves(store, run_id: str):
+    """GET /api/runs/{id}/metrics: the run's metrics.jsonl as curves."""
+    try:
+        rec = store.get(run_id)
+    except UserError as exc:
+        return _error(404, str(exc))
+    rows = rec.metrics()
+    return {"id": rec.id, "label": label({"id": rec.id, "variant": rec.variant}), "rows": len(rows),
+            "curves": curves(rows)}
+
+
+async def _served_models(state):
+    """GET /api/models: the model server's address and the models it serves."""
+    import httpx
+
+    try:
+        return {"url": state.model_url, "models": await _model_names(state.client)}
+    except LookupError as exc:
+        return _error(502, str(exc))
+    except httpx.HTTPError as exc:
+        return _unreachable(state.model_url, exc)
+
+
+async def _playground(request):
+    """POST /api/playground: the prompt sent to the model server, its server-sent events relayed."""
+    import httpx
+    from fastapi.responses import StreamingResponse
+
+    try:
+        req = PlaygroundRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        return _error(400, f"{where}: {first['msg']}")
+    model_url = request.app.state.model_url
+    try:
+        upstream = await _open_chat_stream(request.app.state.client, req)
+    except LookupError as exc:
+        return _error(502, str(exc))
+    except httpx.HTTPError as exc:
+        return _unreachable(model_url, exc)
+    if upstream.status_code != 200:
+        body = await upstream.aread()
+        await upstream.aclose()
+        return _error(502, f"the model server at {model_url} answered: "
+                           f"{_upstream_error(body, upstream.status_code)}")
+    return StreamingResponse(_relay(upstream), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _open_chat_stream(client, req: PlaygroundRequest):
+    """The model server's streamed answer to the prompt (the first model it lists when none is chosen)."""
+    model = req.model or (await _model_names(client))[0]
+    return await client.send(client.build_request("POST", "/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": req.prompt}], "stream": True,
+        "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p}), stream=True)
+
+
+async def _relay(upstream):
+    """The upstream response's bytes, passed through as they arrive. If the browser leaves, starlette
+    cancels this generator and closing the upstream response tells the model server to free the
+    request's rows."""
+    import httpx
+
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:
+        yield f"data: {json.dumps({'error': {'message': f'the model server stopped: {exc}'}})}\n\n"
+    finally:
+        await upstream.aclose()
 
 async def _model_names(client) -> list[str]:
     """The models the server lists at /v1/models (`llmcycle serve` serves one); LookupError when it

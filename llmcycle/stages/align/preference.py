@@ -440,64 +440,18 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
     parameter that requires grad is trained). max_length: most tokens of prompt + response (causal) or of
     a response (seq2seq); max_prompt_length: most prompt tokens; both default to the model's window.
     """
-    from llmcycle.models.hub import context_window
-
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise UserError(f"preference: unknown method '{method}'{suggest(method, METHODS)} (choices: dpo, orpo)")
-    if backend not in BACKENDS:
-        raise UserError(f"preference: unknown backend '{backend}'{suggest(backend, BACKENDS)} "
-                        f"(choices: {', '.join(BACKENDS)})")
-    if kind not in ("seq2seq", "causal"):
-        raise UserError(f"preference: model kind must be seq2seq or causal, not '{kind}'")
-    if tokenizer is None:
-        raise UserError("preference: the policy has no tokenizer (save one with the model)")
-    for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("log_every", log_every)):
-        if value < 1:
-            raise UserError(f"preference: {name} must be at least 1, not {value}")
-    if epochs is None and max_steps is None:
-        raise UserError("preference: set epochs or max_steps")
-    if (epochs is not None and epochs <= 0) or (max_steps is not None and max_steps < 1) or lr <= 0 or beta <= 0:
-        raise UserError("preference: epochs, max_steps, lr and beta must be positive")
-    if not 0 <= label_smoothing < 0.5:
-        raise UserError(f"preference: label_smoothing must be in [0, 0.5), not {label_smoothing}")
-    if not pairs:
-        raise UserError("preference: no preference pairs to train on")
-    chosen_backend = _choose_backend(method, kind, backend)
-    if label_smoothing and chosen_backend == "trl":
-        raise UserError("preference: label_smoothing is part of llmcycle's own DPO (backend llmcycle); TRL 1.16's "
-                        "sigmoid DPO loss has none and ORPO has no such term")
-    if not any(p.requires_grad for p in policy.parameters()):
-        raise UserError("preference: the policy has no trainable parameters (wrap it with tune.wrap)")
-
-    if tokenizer.pad_token_id is None:  # causal tokenizers often lack one; EOS pads, as at inference
-        tokenizer.pad_token = tokenizer.eos_token
-    window = context_window(policy.config, tokenizer)
-    max_length, max_prompt_length = max_length or window, max_prompt_length or window
-    features, overlong = encode_pairs(pairs, tokenizer, kind, max_length, max_prompt_length)
-    if not features:
-        raise UserError(f"preference: all {len(pairs)} pairs are longer than max_length {max_length} / "
-                        f"max_prompt_length {max_prompt_length} tokens and were skipped (nothing is truncated)")
-    measured = features[:measure_pairs]
-    if eval_pairs:
-        measured, _ = encode_pairs(eval_pairs, tokenizer, kind, max_length, max_prompt_length)
-        if not measured:
-            raise UserError(f"preference: every eval pair is longer than max_length {max_length} / "
-                            f"max_prompt_length {max_prompt_length} tokens")
+    _check_settings(method, backend, kind, tokenizer, pairs, beta=beta, label_smoothing=label_smoothing, lr=lr,
+                    batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
+                    log_every=log_every)
+    chosen_backend = _backend_for(method, kind, backend, policy, label_smoothing)
+    features, overlong, measured = _encode_all(pairs, eval_pairs, policy, tokenizer, kind, max_length,
+                                               max_prompt_length, measure_pairs)
     steps, per_epoch = total_steps(len(features), batch_size, grad_accum, epochs, max_steps)
     device = next(policy.parameters()).device
     pad_id = tokenizer.pad_token_id
-
-    # Reference log-probs from the policy as it starts (for a fresh adapter: the adapter-disabled base).
-    # Our loop needs them for every training pair; the summary for the measured ones.
-    _disable_dropout(policy)
-    ref_all = None
-    if chosen_backend == "llmcycle":
-        ref_all = all_logps(policy, features, kind, pad_id, batch_size, device)
-    if ref_all is not None and not eval_pairs:
-        ref_measured = tuple(t[:len(measured)] for t in ref_all)
-    else:
-        ref_measured = all_logps(policy, measured, kind, pad_id, batch_size, device)
+    ref_all, ref_measured = _reference_logps(policy, features, measured, chosen_backend == "llmcycle",
+                                             bool(eval_pairs), kind, pad_id, batch_size, device)
     before = preference_metrics(*ref_measured, *ref_measured, beta)
 
     from llmcycle.core.progress import bar
@@ -521,9 +475,7 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
         "steps": steps, "epochs_done": round(steps / per_epoch, 4),
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         "measured_on": "eval" if eval_pairs else "train", "measured_pairs": len(measured),
-        "before": before, "after": after,
-        **{k: after[k] for k in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")},
-        "loss_before": before["dpo_loss"], "loss_after": after["dpo_loss"],
+        **_measurements(before, after),
     }
     if out_dir is not None:
         from llmcycle.models.adapters import save_model
@@ -532,3 +484,84 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return summary
 
+
+def _check_settings(method, backend, kind, tokenizer, pairs, *, beta, label_smoothing, lr, batch_size, grad_accum,
+                    epochs, max_steps, log_every) -> None:
+    """A UserError for any argument of train_preference that cannot work, before any pair is encoded."""
+    if method not in METHODS:
+        raise UserError(f"preference: unknown method '{method}'{suggest(method, METHODS)} (choices: dpo, orpo)")
+    if backend not in BACKENDS:
+        raise UserError(f"preference: unknown backend '{backend}'{suggest(backend, BACKENDS)} "
+                        f"(choices: {', '.join(BACKENDS)})")
+    if kind not in ("seq2seq", "causal"):
+        raise UserError(f"preference: model kind must be seq2seq or causal, not '{kind}'")
+    if tokenizer is None:
+        raise UserError("preference: the policy has no tokenizer (save one with the model)")
+    for name, value in (("batch_size", batch_size), ("grad_accum", grad_accum), ("log_every", log_every)):
+        if value < 1:
+            raise UserError(f"preference: {name} must be at least 1, not {value}")
+    if epochs is None and max_steps is None:
+        raise UserError("preference: set epochs or max_steps")
+    if (epochs is not None and epochs <= 0) or (max_steps is not None and max_steps < 1) or lr <= 0 or beta <= 0:
+        raise UserError("preference: epochs, max_steps, lr and beta must be positive")
+    if not 0 <= label_smoothing < 0.5:
+        raise UserError(f"preference: label_smoothing must be in [0, 0.5), not {label_smoothing}")
+    if not pairs:
+        raise UserError("preference: no preference pairs to train on")
+
+
+def _backend_for(method: str, kind: str, backend: str, policy, label_smoothing: float) -> str:
+    """The backend that trains (see _choose_backend), refused when it cannot honour the settings."""
+    chosen_backend = _choose_backend(method, kind, backend)
+    if label_smoothing and chosen_backend == "trl":
+        raise UserError("preference: label_smoothing is part of llmcycle's own DPO (backend llmcycle); TRL 1.16's "
+                        "sigmoid DPO loss has none and ORPO has no such term")
+    if not any(p.requires_grad for p in policy.parameters()):
+        raise UserError("preference: the policy has no trainable parameters (wrap it with tune.wrap)")
+    return chosen_backend
+
+
+def _encode_all(pairs, eval_pairs, policy, tokenizer, kind: str, max_length: int | None,
+                max_prompt_length: int | None, measure_pairs: int):
+    """(training features, wheres of the overlong training pairs, measured features): the measured ones
+    are the eval pairs if given, else the first `measure_pairs` training pairs."""
+    from llmcycle.models.hub import context_window
+
+    if tokenizer.pad_token_id is None:  # causal tokenizers often lack one; EOS pads, as at inference
+        tokenizer.pad_token = tokenizer.eos_token
+    window = context_window(policy.config, tokenizer)
+    max_length, max_prompt_length = max_length or window, max_prompt_length or window
+    features, overlong = encode_pairs(pairs, tokenizer, kind, max_length, max_prompt_length)
+    if not features:
+        raise UserError(f"preference: all {len(pairs)} pairs are longer than max_length {max_length} / "
+                        f"max_prompt_length {max_prompt_length} tokens and were skipped (nothing is truncated)")
+    measured = features[:measure_pairs]
+    if eval_pairs:
+        measured, _ = encode_pairs(eval_pairs, tokenizer, kind, max_length, max_prompt_length)
+        if not measured:
+            raise UserError(f"preference: every eval pair is longer than max_length {max_length} / "
+                            f"max_prompt_length {max_prompt_length} tokens")
+    return features, overlong, measured
+
+
+def _reference_logps(policy, features, measured, own_loop: bool, on_eval_pairs: bool, kind: str, pad_id: int,
+                     batch_size: int, device):
+    """(reference log-probs of every training pair, None unless `own_loop`; those of the measured pairs)."""
+    # Reference log-probs from the policy as it starts (for a fresh adapter: the adapter-disabled base).
+    # Our loop needs them for every training pair; the summary for the measured ones.
+    _disable_dropout(policy)
+    ref_all = None
+    if own_loop:
+        ref_all = all_logps(policy, features, kind, pad_id, batch_size, device)
+    if ref_all is not None and not on_eval_pairs:
+        ref_measured = tuple(t[:len(measured)] for t in ref_all)
+    else:
+        ref_measured = all_logps(policy, measured, kind, pad_id, batch_size, device)
+    return ref_all, ref_measured
+
+
+def _measurements(before: dict, after: dict) -> dict:
+    """The summary's before/after figures, with the headline ones (after training) at its top level."""
+    return {"before": before, "after": after,
+            **{k: after[k] for k in ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")},
+            "loss_before": before["dpo_loss"], "loss_after": after["dpo_loss"]}
