@@ -92,7 +92,7 @@ def test_init_templates_commented_tune_align_and_augment_blocks_validate_when_un
 
     lines = templates.render(task, "x").splitlines()
     start = lines.index("# tune:")
-    uncommented = [line[2:] if line.startswith(("# tune:", "# align:", "# augment:"))
+    uncommented = [line[2:] if line.startswith(("# tune:", "# align:", "# optimize:", "# augment:"))
                    or (line.startswith("#   ") and not line.startswith("#     # ")) else line
                    for line in lines[start:]]
     (tmp_path / "llmcycle.yaml").write_text("\n".join(lines[:start] + uncommented) + "\n")
@@ -100,6 +100,7 @@ def test_init_templates_commented_tune_align_and_augment_blocks_validate_when_un
     assert cfg.align["toxicity"].label_map == {"0": "toxic", "1": "toxic", "2": "not_toxic"}
     assert cfg.align["detox"].reward == "run:align/toxicity" and cfg.tune["lora"].method == "lora"
     assert cfg.augment.rag.index == "index" and cfg.augment.rag.k == 5 and cfg.augment.pal.enabled
+    assert cfg.optimize["int8"].method == "quantize" and cfg.optimize["student"].student.preset == "tiny"
 
 
 @pytest.mark.slow

@@ -34,16 +34,22 @@ class ProjectInfo(Section):
 # The project file's sections: these shared ones, then one per stage in lifecycle order (each stage
 # says its section's type in its Stage; stages/registry.py lists them).
 SHARED_SECTIONS = {
-    "project": (ProjectInfo, Field(default_factory=ProjectInfo)),
-    "data": (DataConfig | None, None),
-    "model": (ModelConfig | None, None),
-    "evaluate": (EvaluateConfig | None, None),  # how every evaluating stage prompts, generates and scores
-    "augment": (AugmentConfig | None, None),  # what `llmcycle serve` answers with: RAG, PAL
+    "project": (ProjectInfo, Field(default_factory=ProjectInfo,
+                                   description="The use case: its name and its task.")),
+    "data": (DataConfig | None, Field(None, description="The task's data: where the train and eval records "
+                                      "are, and which fields hold the input and the reference.")),
+    "model": (ModelConfig | None, Field(None, description="The base model every stage works on unless a "
+                                        "variant names its own.")),
+    "evaluate": (EvaluateConfig | None, Field(None, description="How every evaluating stage prompts, "
+                                              "generates and scores.")),
+    "augment": (AugmentConfig | None, Field(None, description="What `llmcycle serve` answers chat "
+                                            "completions with besides the model: RAG, PAL.")),
 }
 ProjectConfig = create_model(
     "ProjectConfig", __base__=Section,
     **SHARED_SECTIONS,
-    **{s.name: (s.section, Field(default_factory=dict) if s.default == {} else None) for s in registry.STAGES})
+    **{s.name: (s.section, Field(default_factory=dict, description=s.summary) if s.default == {}
+                else Field(None, description=s.summary)) for s in registry.STAGES})
 
 
 class Project:
