@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -246,6 +246,127 @@ def _load_weights(model, path: Path, method: str, cfg_dtype):
         raise UserError(f"corrupt checkpoint {path}: {reason}") from None
 
 
+@dataclass
+class TuneData:
+    """The encoded training examples and the validation sample fit trains and validates on."""
+    features: list[dict]
+    skipped: list  # training examples longer than the context window (encode_examples)
+    sample: list  # the first eval_samples eval examples
+    sample_prompts: list[str]  # their prompts, position by position
+    val: list[dict]  # the sample's features that fit the window with room to generate
+    data_hash: str
+
+
+@dataclass
+class TuneRun:
+    """What fit sets up before its first step and keeps unchanged to the end."""
+    cfg: object
+    accel: object
+    model: object  # as accel.prepare returned it: DDP-wrapped under torchrun / accelerate launch
+    inner: object  # the unwrapped model, for validation and checkpoints
+    tok: object
+    kind: str
+    window: int
+    pad_multiple: tuple[int, int]
+    data: TuneData
+    params: list
+    optimizer: object
+    scheduler: object
+    n_batches: int  # micro-batches per epoch
+    steps_per_epoch: int
+    total_steps: int
+    head: object | None  # the output head when the loss is computed chunk by chunk (sum_loss_chunked)
+    trim: Callable[[], object]
+    release_hooks: list
+    trainable_params: int
+    total_params: int
+    base_path: str
+    base_key: str
+    relevant: dict  # the config fields that shape the weights
+    ckpt_root: Path
+    ckpt: Path | None  # the checkpoint resumed from
+    saved: dict  # its state.json ({} for a fresh run)
+    task: str
+    gen_cfg: object
+
+    @property
+    def rank(self) -> int:
+        return self.accel.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accel.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accel.is_main_process
+
+
+@dataclass
+class TrainState:
+    """Where a tuning run stands. The fields from step to last_loss, and `done` brought up to date
+    (so_far), are saved in each checkpoint (checkpoint_state) and read back on resume; the counters
+    after `done` cover this process's session only."""
+    started: float  # time.perf_counter() when fit was called
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # the micro-batch of the epoch's order where the next step starts
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    loss_window: list[float] = field(default_factory=list)  # step losses since the last log line
+    last_loss: float | None = None
+    # tokens, step time and wall time of the steps before the checkpoint resumed from: the summary's
+    # rates and times cover the whole run, not only this process's share of it
+    done: dict = field(default_factory=dict)
+    session_tokens: int = 0
+    session_useful: int = 0
+    step_time: float = 0.0
+    window_tokens: int = 0  # since the last log line
+    window_time: float = 0.0
+
+    @classmethod
+    def resumed(cls, saved: dict, started: float) -> TrainState:
+        """The state a checkpoint's state.json records; a fresh run's for {}."""
+        return cls(started, step=saved.get("step", 0), epoch=saved.get("epoch", 0),
+                   position=saved.get("position", 0), best=saved.get("best"), best_step=saved.get("best_step"),
+                   bad_evals=saved.get("bad_evals", 0), stopped_early=saved.get("stopped_early", False),
+                   loss_window=list(saved.get("loss_window", [])), last_loss=saved.get("last_loss"),
+                   done={"tokens": 0, "useful_tokens": 0, "step_time": 0.0, "wall_s": 0.0, **saved.get("done", {})})
+
+    def so_far(self) -> dict:
+        """Tokens, step time and wall time of the whole run up to now, resumed parts included."""
+        return {"tokens": self.done["tokens"] + self.session_tokens,
+                "useful_tokens": self.done["useful_tokens"] + self.session_useful,
+                "step_time": self.done["step_time"] + self.step_time,
+                "wall_s": self.done["wall_s"] + time.perf_counter() - self.started}
+
+    def settle_last_loss(self) -> None:
+        """last_loss becomes the mean loss of the steps since the last log line, if there were any."""
+        if self.loss_window:
+            self.last_loss = sum(self.loss_window) / len(self.loss_window)
+
+    def record_step(self, micro_batches: int, n_batches: int, tokens: int, useful: int, seconds: float,
+                    loss: float) -> None:
+        self.step, self.position = self.step + 1, self.position + micro_batches
+        if self.position >= n_batches:  # the saved position is where the *next* step starts
+            self.epoch, self.position = self.epoch + 1, 0
+        self.session_tokens, self.session_useful = self.session_tokens + tokens, self.session_useful + useful
+        self.step_time += seconds
+        self.window_tokens, self.window_time = self.window_tokens + tokens, self.window_time + seconds
+        self.loss_window.append(loss)
+
+
+def checkpoint_state(run: TuneRun, state: TrainState) -> dict:
+    """A checkpoint's state.json: what resuming reads back and checks against."""
+    return {"step": state.step, "epoch": state.epoch, "position": state.position, "config": run.relevant,
+            "base": run.base_key, "config_hash": config_hash(run.relevant), "data_hash": run.data.data_hash,
+            "best": state.best, "best_step": state.best_step, "bad_evals": state.bad_evals,
+            "stopped_early": state.stopped_early, "loss_window": state.loss_window, "last_loss": state.last_loss,
+            "total_steps": run.total_steps, "done": state.so_far(), "time": time.time()}
+
+
 def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_dir: Path, *,
         resume: bool = False, log: Callable[[dict], None] | None = None, progress: bool = True,
         task: str = "summarization", gen_cfg=None, dtype: str = "auto", device: str = "auto",
@@ -256,29 +377,95 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     base_key names the base in checkpoints (default base_path; the stage passes a project-relative
     path, so a moved project resumes). on_resume(step) is called once a resume from the checkpoint of
     `step` is accepted (the run store drops metrics rows of the steps to be redone)."""
-    import numpy as np
+    from llmcycle.models.generation import GenerationConfig
+    from llmcycle.training.batches import length_grouped_batches
+
+    started = time.perf_counter()
+    run = prepare_run(cfg, base_path, train_examples, eval_examples, template, Path(work_dir) / "checkpoints",
+                      resume=resume, task=task, gen_cfg=gen_cfg or GenerationConfig(), dtype=dtype,
+                      device=device, context_window=context_window, trust_remote_code=trust_remote_code,
+                      base_key=base_key or base_path, on_resume=on_resume)
+    state = TrainState.resumed(run.saved, started)
+    with training_bar(progress and run.main) as bar:
+        bar_task = bar.add_task(f"tune {cfg.method}", total=run.total_steps, completed=state.step, loss="-", tps="-")
+        order_epoch, batches = None, []
+        while state.step < run.total_steps and not state.stopped_early:
+            if order_epoch != state.epoch:
+                lengths = [len(f["input_ids"]) for f in run.data.features]
+                order_epoch = state.epoch
+                batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
+            lr = optimizer_step(run, state, batches[state.position:state.position + cfg.grad_accum])
+            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+                report_losses(run, state, lr, log, bar, bar_task)
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                validate_and_track_best(run, state, log)
+            bar.update(bar_task, completed=state.step)
+            if run.main and (state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps
+                             or state.stopped_early):
+                state.settle_last_loss()  # the loss of steps since the last log line
+                save_checkpoint(run.ckpt_root, state.step, run.inner, run.optimizer, run.scheduler,
+                                checkpoint_state(run, state))
+    run.accel.wait_for_everyone()
+    for handle in run.release_hooks:
+        handle.remove()
+    state.settle_last_loss()
+    return Trained(run.inner, run.tok, run.kind, run.window, run.accel.device, run.main, run_summary(run, state))
+
+
+def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: str, ckpt_root: Path, *,
+                resume: bool, task: str, gen_cfg, dtype: str, device: str, context_window: int | None,
+                trust_remote_code: bool, base_key: str, on_resume: Callable[[int], object] | None) -> TuneRun:
+    """The accelerator, the model ready to train (resumed weights, optimizer and random streams
+    included), the encoded data and the validation sample, in the order that fixes the random streams."""
+    from llmcycle.core.memory import release_free_memory
+    from llmcycle.training.batches import collate
+    from llmcycle.training.finetune import parameter_counts
+
+    accel, on_cpu = _accelerator(cfg, device)
+    model, tok, kind, window = _load_model(cfg, base_path, on_cpu, dtype, trust_remote_code, context_window)
+    # GPU batches padded to few distinct widths (see collate); a CPU gains nothing from extra padding.
+    # Causal labels mirror the inputs position by position, so both take the same width.
+    pad_multiple = (1, 1) if on_cpu else (64, 16) if kind == "seq2seq" else (64, 64)
+    data = _encode_data(cfg, tok, kind, window, template, train_examples, eval_examples, gen_cfg)
+    relevant = {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
+    ckpt, saved = _open_checkpoints(accel, ckpt_root, resume, relevant, data.data_hash, base_path, base_key,
+                                    on_resume)
+    model, release_hooks = _ready_model(cfg, model, tok, kind, base_path, ckpt, data.features, on_cpu)
+    trainable, total = parameter_counts(model)
+    params, optimizer, scheduler, n_batches, steps_per_epoch, total_steps = _optimizer(cfg, model, data.features)
+    model, optimizer = accel.prepare(model, optimizer)
+    if ckpt is not None:
+        restore_training_state(load_trainer_state(ckpt), optimizer, scheduler)
+    inner = accel.unwrap_model(model)
+    # On CPU, activations come from malloc, whose heap keeps freed memory resident (llmcycle/memory.py):
+    # hand it back where one phase's temporaries are dead (loading, a forward pass, the loss and the
+    # decoder inside backward via release_hooks, a validation) so the next phase does not pile its
+    # own beside them. Not after the optimizer step: the next forward reuses that memory as it is, and
+    # handing it back would only make it fault in again. Peak RSS of a LoRA step drops by hundreds of
+    # MB; the computation is untouched. Not on GPUs, whose activations are not on this heap.
+    trim = release_free_memory if on_cpu else (lambda: None)
+    # With gradient checkpointing the vocabulary logits are recomputed too, a chunk at a time
+    # (sum_loss_chunked), once a check on the first examples shows it gives the same loss.
+    head = None
+    if cfg.gradient_checkpointing:
+        probe = {k: v.to(accel.device) for k, v in collate(data.features[:2], tok.pad_token_id, pad_multiple).items()}
+        with rng_preserved(), accel.autocast():
+            head = chunkable_head(inner, model, probe, kind)
+        del probe
+    trim()
+    return TuneRun(cfg=cfg, accel=accel, model=model, inner=inner, tok=tok, kind=kind, window=window,
+                   pad_multiple=pad_multiple, data=data, params=params, optimizer=optimizer, scheduler=scheduler,
+                   n_batches=n_batches, steps_per_epoch=steps_per_epoch, total_steps=total_steps, head=head,
+                   trim=trim, release_hooks=release_hooks, trainable_params=trainable, total_params=total,
+                   base_path=base_path, base_key=base_key, relevant=relevant, ckpt_root=ckpt_root, ckpt=ckpt,
+                   saved=saved, task=task, gen_cfg=gen_cfg)
+
+
+def _accelerator(cfg, device: str):
+    """(the Accelerator, whether training runs on the CPU)."""
     import torch
-    import torch.distributed as dist
     from accelerate import Accelerator
 
-    from llmcycle.core.memory import large_blocks_off_the_heap, release_free_memory
-    from llmcycle.data.prompting import build_prompt, encode_prompt
-    from llmcycle.evaluation import harness
-    from llmcycle.models.generation import GenerationConfig, Generator
-    from llmcycle.models.hub import context_window as window_of
-    from llmcycle.models.hub import model_kind
-    from llmcycle.models.warm_start import facts_of as warm_start_facts
-    from llmcycle.training.batches import (
-        collate,
-        encode_examples,
-        length_grouped_batches,
-        padded_tokens,
-        useful_tokens,
-    )
-    from llmcycle.training.finetune import load_base, parameter_counts, wrap
-
-    t_start = time.perf_counter()
-    gen_cfg = gen_cfg or GenerationConfig()
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     # bf16 autocast (float32 master weights for full fine-tuning) on GPUs that have bf16, and on a CPU when
     # asked (precision: bfloat16): a CPU with native bf16 (avx512_bf16, AMX) ran a step of the quickstart's
@@ -286,10 +473,19 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     precision = getattr(cfg, "precision", "auto")
     bf16 = precision == "bfloat16" or (precision == "auto" and not on_cpu and torch.cuda.is_bf16_supported())
     accel = Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 else "no")
-    rank, world, main = accel.process_index, accel.num_processes, accel.is_main_process
-    if cfg.batch_size < world:
-        raise UserError(f"tune: batch_size {cfg.batch_size} is smaller than the {world} processes sharing "
-                        "each batch; raise batch_size")
+    if cfg.batch_size < accel.num_processes:
+        raise UserError(f"tune: batch_size {cfg.batch_size} is smaller than the {accel.num_processes} processes "
+                        "sharing each batch; raise batch_size")
+    return accel, on_cpu
+
+
+def _load_model(cfg, base_path: str, on_cpu: bool, dtype: str, trust_remote_code: bool,
+                context_window: int | None):
+    """(model, tokenizer, kind, window): the base as loaded, and the prompt + answer tokens it can take."""
+    from llmcycle.core.memory import large_blocks_off_the_heap
+    from llmcycle.models.hub import context_window as window_of
+    from llmcycle.models.hub import model_kind
+    from llmcycle.training.finetune import load_base
 
     if on_cpu and cfg.gradient_checkpointing:
         # memory over speed, as checkpointing itself: activations in their own mappings, so freed
@@ -299,11 +495,16 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     model, tok = load_base(base_path, cfg, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     kind = model_kind(model.config)
     window = window_of(model.config, tok, context_window)
-    # GPU batches padded to few distinct widths (see collate); a CPU gains nothing from extra padding.
-    # Causal labels mirror the inputs position by position, so both take the same width.
-    pad_multiple = (1, 1) if on_cpu else (64, 16) if kind == "seq2seq" else (64, 64)
     if cfg.method == "prompt_tuning":
         window -= cfg.num_virtual_tokens  # the soft prompt occupies positions too
+    return model, tok, kind, window
+
+
+def _encode_data(cfg, tok, kind: str, window: int, template: str, train_examples, eval_examples,
+                 gen_cfg) -> TuneData:
+    from llmcycle.data.prompting import build_prompt, encode_prompt
+    from llmcycle.training.batches import encode_examples
+
     enc = encode_examples(train_examples, [build_prompt(template, ex) for ex in train_examples], tok, kind,
                           window, on_overflow=cfg.on_overflow)
     features = enc.features
@@ -313,26 +514,30 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     # The validation sample: the first eval_samples eval examples that fit for scoring and generating.
     room = gen_cfg.max_new_tokens if kind == "causal" else 0
     sample = eval_examples[:cfg.eval_samples]
-    val_prompts_all = [build_prompt(template, ex) for ex in sample]
-    val = encode_examples(sample, val_prompts_all, tok, kind, window, on_overflow="skip").features
-    val = [f for f in val if len(encode_prompt(tok, val_prompts_all[f["index"]], kind)) + room <= window]
+    sample_prompts = [build_prompt(template, ex) for ex in sample]
+    val = encode_examples(sample, sample_prompts, tok, kind, window, on_overflow="skip").features
+    val = [f for f in val if len(encode_prompt(tok, sample_prompts[f["index"]], kind)) + room <= window]
     if cfg.eval_every and not val:
         raise UserError(f"tune: none of the first {len(sample)} eval examples fits the context window of "
                         f"{window} tokens with room to generate {room}; validation has nothing to score")
     data_hash = config_hash([[f["input_ids"], f["labels"]] for f in features + val])
-    relevant = {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
+    return TuneData(features, enc.skipped, sample, sample_prompts, val, data_hash)
 
-    ckpt_root = Path(work_dir) / "checkpoints"
+
+def _open_checkpoints(accel, ckpt_root: Path, resume: bool, relevant: dict, data_hash: str, base_path: str,
+                      base_key: str, on_resume: Callable[[int], object] | None) -> tuple[Path | None, dict]:
+    """(the checkpoint to resume from or None, its state.json or {}), once it is known to match this run;
+    a fresh run clears older checkpoints, and any run clears what a crash left half-written."""
+    main = accel.is_main_process
     ckpt = latest_checkpoint(ckpt_root) if resume else None
-    state: dict = {}
-    base_key = base_key or base_path
+    saved: dict = {}
     if ckpt is not None:
-        state = read_state(ckpt)
+        saved = read_state(ckpt)
         # checkpoints written before bases were named relative to the project hold the absolute path
-        check_same_run(ckpt, state, relevant, data_hash,
-                       extra={"base": base_path if state.get("base") == base_path else base_key})
+        check_same_run(ckpt, saved, relevant, data_hash,
+                       extra={"base": base_path if saved.get("base") == base_path else base_key})
         if main and on_resume is not None:
-            on_resume(state["step"])
+            on_resume(saved["step"])
     elif main:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with older checkpoints
     if main and ckpt_root.is_dir():
@@ -341,26 +546,32 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
         if not (ckpt_root / BEST).exists() and (ckpt_root / ".old-best").exists():
             os.replace(ckpt_root / ".old-best", ckpt_root / BEST)  # a crash between save_best's renames
     accel.wait_for_everyone()
+    return ckpt, saved
+
+
+def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, features: list[dict],
+                 on_cpu: bool):
+    """(the model seeded, wrapped for the method and in train mode with the checkpoint's weights if any,
+    the release hooks on CPU)."""
+    import numpy as np
+    import torch
+
+    from llmcycle.core.memory import release_free_memory
+    from llmcycle.models.warm_start import facts_of as warm_start_facts
+    from llmcycle.training.batches import collate
+    from llmcycle.training.finetune import wrap
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # before wrapping: LoRA A and the soft prompt are drawn from it
     if cfg.gradient_checkpointing:
-        model.config.use_cache = False  # the cache is for generation; checkpointing recomputes instead
-        # transformers renamed gradient_ to activation_checkpointing_enable (5.2x); accept either
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.method != "full":
-            model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
+        _enable_gradient_checkpointing(model, cfg.method)
     warm = warm_start_facts(base_path) or {}
     model = wrap(cfg, model, kind, new_modules=warm.get("new_modules", []),
                  new_tokens=[tok.convert_tokens_to_ids(t) for t in warm.get("added_tokens", [])])
     if ckpt is not None:
         model = _load_weights(model, ckpt, cfg.method, torch.float32)
-    # see `trim` below; removed before returning, so the trained model carries no hooks
+    # see `trim` in prepare_run; removed before fit returns, so the trained model carries no hooks
     release_hooks = release_between_backward_phases(model, release_free_memory) if on_cpu else []
     if cfg.method == "prompt_tuning":  # peft accepts some models it cannot run; find out now
         try:
@@ -371,7 +582,26 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
             raise UserError(f"tune: prompt tuning does not work with model type "
                             f"'{getattr(model.config, 'model_type', '?')}': {str(exc).splitlines()[0]}") from None
     model.train()
-    trainable, total = parameter_counts(model)
+    return model, release_hooks
+
+
+def _enable_gradient_checkpointing(model, method: str) -> None:
+    model.config.use_cache = False  # the cache is for generation; checkpointing recomputes instead
+    # transformers renamed gradient_ to activation_checkpointing_enable (5.2x); accept either
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method != "full":
+        model.enable_input_require_grads()  # frozen embeddings: give checkpointed blocks a grad path
+
+
+def _optimizer(cfg, model, features: list[dict]):
+    """(trainable parameters, AdamW, its lr schedule, micro-batches per epoch, steps per epoch, total steps)."""
+    import torch
+
+    from llmcycle.training.batches import length_grouped_batches
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -383,158 +613,139 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     total_steps = max(1, min(total_steps, cfg.max_steps or total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_schedule))
-    model, optimizer = accel.prepare(model, optimizer)
-    if ckpt is not None:
-        restore_training_state(load_trainer_state(ckpt), optimizer, scheduler)
-    inner = accel.unwrap_model(model)
-    # On CPU, activations come from malloc, whose heap keeps freed memory resident (llmcycle/memory.py):
-    # hand it back where one phase's temporaries are dead (loading, a forward pass, the loss and the
-    # decoder inside backward via the hooks above, a validation) so the next phase does not pile its
-    # own beside them. Not after the optimizer step: the next forward reuses that memory as it is, and
-    # handing it back would only make it fault in again. Peak RSS of a LoRA step drops by hundreds of
-    # MB; the computation is untouched. Not on GPUs, whose activations are not on this heap.
-    trim = release_free_memory if on_cpu else (lambda: None)
-    # With gradient checkpointing the vocabulary logits are recomputed too, a chunk at a time
-    # (sum_loss_chunked), once a check on the first examples shows it gives the same loss.
-    head = None
-    if cfg.gradient_checkpointing:
-        probe = {k: v.to(accel.device) for k, v in collate(features[:2], tok.pad_token_id, pad_multiple).items()}
-        with rng_preserved(), accel.autocast():
-            head = chunkable_head(inner, model, probe, kind)
-        del probe
-    trim()
+    return params, optimizer, scheduler, n_batches, steps_per_epoch, total_steps
 
-    def validate() -> dict:
-        """Token-weighted loss and the task's headline metric (through the harness) on the sample."""
-        inner.eval()
-        with rng_preserved(), torch.no_grad():
-            nll, n = 0.0, 0
-            for i in range(0, len(val), cfg.batch_size):
-                batch = {k: v.to(accel.device)
-                         for k, v in collate(val[i:i + cfg.batch_size], tok.pad_token_id, pad_multiple).items()}
-                s, c = sum_loss(inner, batch, kind)
-                nll, n = nll + float(s), n + c
-            loaded = harness.LoadedModel("validation", base_path, inner, tok, Generator(inner, tok, window))
-            summary, _ = harness.evaluate(loaded, [val_prompts_all[f["index"]] for f in val],
-                                          [sample[f["index"]] for f in val], task, gen_cfg,
-                                          perplexity=False, progress=False)
-        inner.train()
-        trim()  # scoring's and generation's temporaries
-        return {"val_loss": nll / max(n, 1), "headline": summary["headline"],
-                "headline_value": summary["headline_value"]}
 
-    step, epoch, position = state.get("step", 0), state.get("epoch", 0), state.get("position", 0)
-    best, best_step, bad = state.get("best"), state.get("best_step"), state.get("bad_evals", 0)
-    stopped_early = state.get("stopped_early", False)
-    window_losses: list[float] = list(state.get("loss_window", []))
-    last_loss = state.get("last_loss")
-    # tokens, step time and wall time of the steps before the checkpoint resumed from: the summary's
-    # rates and times cover the whole run, not only this process's share of it
-    done = {"tokens": 0, "useful_tokens": 0, "step_time": 0.0, "wall_s": 0.0, **state.get("done", {})}
-    sess_tokens = sess_useful = 0
-    step_time = 0.0
-    win_tokens, win_time = 0, 0.0
+def optimizer_step(run: TuneRun, state: TrainState, micro: list[list[int]]) -> float:
+    """One optimizer step over the micro-batches `micro` (rows of run.data.features), recorded in `state`;
+    returns the learning rate it used."""
+    import torch.distributed as dist
 
-    def so_far() -> dict:
-        return {"tokens": done["tokens"] + sess_tokens, "useful_tokens": done["useful_tokens"] + sess_useful,
-                "step_time": done["step_time"] + step_time,
-                "wall_s": done["wall_s"] + time.perf_counter() - t_start}
+    from llmcycle.training.batches import useful_tokens
 
-    def checkpoint_state() -> dict:
-        return {"step": step, "epoch": epoch, "position": position, "config": relevant, "base": base_key,
-                "config_hash": config_hash(relevant), "data_hash": data_hash, "best": best, "best_step": best_step,
-                "bad_evals": bad, "stopped_early": stopped_early, "loss_window": window_losses,
-                "last_loss": last_loss, "total_steps": total_steps, "done": so_far(), "time": time.time()}
+    t0 = time.perf_counter()
+    features = run.data.features
+    n_scored = sum(scored_tokens(features[i], run.kind) for b in micro for i in b)  # the whole step's
+    local = _accumulate_gradients(run, micro, n_scored)
+    if run.world > 1:
+        dist.all_reduce(local)
+    if run.cfg.grad_clip > 0:
+        run.accel.clip_grad_norm_(run.params, run.cfg.grad_clip)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    useful = useful_tokens([features[i] for b in micro for i in b], run.kind)
+    state.record_step(len(micro), run.n_batches, int(local[1]), useful, dt, float(local[0]) / max(n_scored, 1))
+    return lr
 
-    with training_bar(progress and main) as bar:
-        task_id = bar.add_task(f"tune {cfg.method}", total=total_steps, completed=step, loss="-", tps="-")
-        order_epoch, batches = None, []
-        while step < total_steps and not stopped_early:
-            if order_epoch != epoch:
-                lengths = [len(f["input_ids"]) for f in features]
-                order_epoch = epoch
-                batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)
-            t0 = time.perf_counter()
-            micro = batches[position:position + cfg.grad_accum]
-            n_scored = sum(scored_tokens(features[i], kind) for b in micro for i in b)  # the whole step's
-            local = torch.zeros(2, dtype=torch.float64)  # summed loss, padded tokens: this process's share
-            for j, rows in enumerate(micro):
-                mine, weight = rows[rank::world], 1.0
-                if not mine:  # a short last batch: join the gradient all-reduce with a zero-weight row
-                    mine, weight = rows[:1], 0.0
-                batch = {k: v.to(accel.device) for k, v in collate([features[i] for i in mine], tok.pad_token_id,
-                                                                 pad_multiple).items()}
-                sync = accel.no_sync(model) if j < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
-                    if head is not None:
-                        with accel.autocast():
-                            s, _ = sum_loss_chunked(model, batch, kind, head)
-                    else:
-                        s, _ = sum_loss(model, batch, kind)
-                    trim()  # the forward's temporaries are freed; what backward needs is saved
-                    # DDP averages gradients over processes; times world, the sum over them remains
-                    accel.backward(s * (weight * world / max(n_scored, 1)))
-                local += torch.tensor([float(s.detach()) * weight, padded_tokens(batch, kind) * weight], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(local)
-            if cfg.grad_clip > 0:
-                accel.clip_grad_norm_(params, cfg.grad_clip)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            useful = useful_tokens([features[i] for b in micro for i in b], kind)
-            step, position = step + 1, position + len(micro)
-            if position >= n_batches:  # the saved position is where the *next* step starts
-                epoch, position = epoch + 1, 0
-            sess_tokens, sess_useful, step_time = sess_tokens + int(local[1]), sess_useful + useful, step_time + dt
-            win_tokens, win_time = win_tokens + int(local[1]), win_time + dt
-            window_losses.append(float(local[0]) / max(n_scored, 1))
-            if step % cfg.log_every == 0 or step == total_steps:
-                last_loss = sum(window_losses) / len(window_losses)
-                bar.update(task_id, loss=f"{last_loss:.4f}", tps=f"{win_tokens / win_time:,.0f}")
-                if main and log is not None:
-                    log({"step": step, "epoch": round(epoch + position / n_batches, 4), "loss": last_loss,
-                         "lr": lr, "tokens_per_s": win_tokens / win_time})
-                window_losses, win_tokens, win_time = [], 0, 0.0
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                result = [validate() if main else None]
-                if world > 1:  # every process must agree on early stopping
-                    dist.broadcast_object_list(result, src=0)
-                result = result[0]
-                if best is None or result["headline_value"] > best:
-                    best, best_step, bad = result["headline_value"], step, 0
-                    if main:
-                        save_best(ckpt_root, inner, checkpoint_state())
-                else:
-                    bad += 1
-                stopped_early = bool(cfg.early_stopping_patience and bad >= cfg.early_stopping_patience)
-                if main and log is not None:
-                    log({"step": step, "val_loss": result["val_loss"], "headline": result["headline"],
-                         result["headline"]: result["headline_value"]})
-            bar.update(task_id, completed=step)
-            if main and (step % cfg.checkpoint_every == 0 or step == total_steps or stopped_early):
-                if window_losses:  # the loss of steps since the last log line
-                    last_loss = sum(window_losses) / len(window_losses)
-                save_checkpoint(ckpt_root, step, inner, optimizer, scheduler, checkpoint_state())
-    accel.wait_for_everyone()
-    for handle in release_hooks:
-        handle.remove()
-    if window_losses:
-        last_loss = sum(window_losses) / len(window_losses)
-    whole_run = so_far()
-    summary = {
+
+def _accumulate_gradients(run: TuneRun, micro: list[list[int]], n_scored: int):
+    """Forward and backward over this process's rows of each micro-batch, the gradient scaled so that the
+    all-reduced one is the token-weighted mean's over the whole step; returns this process's
+    (summed loss, padded tokens) as a float64 tensor."""
+    import torch
+
+    from llmcycle.training.batches import collate, padded_tokens
+
+    accel, world = run.accel, run.world
+    local = torch.zeros(2, dtype=torch.float64)  # summed loss, padded tokens: this process's share
+    for j, rows in enumerate(micro):
+        mine, weight = rows[run.rank::world], 1.0
+        if not mine:  # a short last batch: join the gradient all-reduce with a zero-weight row
+            mine, weight = rows[:1], 0.0
+        batch = {k: v.to(accel.device) for k, v in collate([run.data.features[i] for i in mine],
+                                                         run.tok.pad_token_id, run.pad_multiple).items()}
+        sync = accel.no_sync(run.model) if j < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            if run.head is not None:
+                with accel.autocast():
+                    s, _ = sum_loss_chunked(run.model, batch, run.kind, run.head)
+            else:
+                s, _ = sum_loss(run.model, batch, run.kind)
+            run.trim()  # the forward's temporaries are freed; what backward needs is saved
+            # DDP averages gradients over processes; times world, the sum over them remains
+            accel.backward(s * (weight * world / max(n_scored, 1)))
+        local += torch.tensor([float(s.detach()) * weight, padded_tokens(batch, run.kind) * weight],
+                              dtype=torch.float64)
+    return local
+
+
+def report_losses(run: TuneRun, state: TrainState, lr: float, log: Callable[[dict], None] | None,
+                  bar, bar_task) -> None:
+    """The mean loss and token rate since the last log line, to the progress bar and `log`."""
+    state.settle_last_loss()
+    tokens_per_s = state.window_tokens / state.window_time
+    bar.update(bar_task, loss=f"{state.last_loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+    if run.main and log is not None:
+        log({"step": state.step, "epoch": round(state.epoch + state.position / run.n_batches, 4),
+             "loss": state.last_loss, "lr": lr, "tokens_per_s": tokens_per_s})
+    state.loss_window, state.window_tokens, state.window_time = [], 0, 0.0
+
+
+def validate_and_track_best(run: TuneRun, state: TrainState, log: Callable[[dict], None] | None) -> None:
+    """Validate (on rank 0), keep checkpoints/best/ at the best headline score and decide early stopping."""
+    import torch.distributed as dist
+
+    result = [validate(run) if run.main else None]
+    if run.world > 1:  # every process must agree on early stopping
+        dist.broadcast_object_list(result, src=0)
+    result = result[0]
+    if state.best is None or result["headline_value"] > state.best:
+        state.best, state.best_step, state.bad_evals = result["headline_value"], state.step, 0
+        if run.main:
+            save_best(run.ckpt_root, run.inner, checkpoint_state(run, state))
+    else:
+        state.bad_evals += 1
+    patience = run.cfg.early_stopping_patience
+    state.stopped_early = bool(patience and state.bad_evals >= patience)
+    if run.main and log is not None:
+        log({"step": state.step, "val_loss": result["val_loss"], "headline": result["headline"],
+             result["headline"]: result["headline_value"]})
+
+
+def validate(run: TuneRun) -> dict:
+    """Token-weighted loss and the task's headline metric (through the harness) on the sample."""
+    import torch
+
+    from llmcycle.evaluation import harness
+    from llmcycle.models.generation import Generator
+    from llmcycle.training.batches import collate
+
+    inner, val, size, tok = run.inner, run.data.val, run.cfg.batch_size, run.tok
+    inner.eval()
+    with rng_preserved(), torch.no_grad():
+        nll, n = 0.0, 0
+        for i in range(0, len(val), size):
+            batch = {k: v.to(run.accel.device)
+                     for k, v in collate(val[i:i + size], tok.pad_token_id, run.pad_multiple).items()}
+            s, c = sum_loss(inner, batch, run.kind)
+            nll, n = nll + float(s), n + c
+        loaded = harness.LoadedModel("validation", run.base_path, inner, tok, Generator(inner, tok, run.window))
+        summary, _ = harness.evaluate(loaded, [run.data.sample_prompts[f["index"]] for f in val],
+                                      [run.data.sample[f["index"]] for f in val], run.task, run.gen_cfg,
+                                      perplexity=False, progress=False)
+    inner.train()
+    run.trim()  # scoring's and generation's temporaries
+    return {"val_loss": nll / max(n, 1), "headline": summary["headline"],
+            "headline_value": summary["headline_value"]}
+
+
+def run_summary(run: TuneRun, state: TrainState) -> dict:
+    whole_run = state.so_far()
+    step, trainable, total = state.step, run.trainable_params, run.total_params
+    return {
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
-        "train_examples": len(features), "skipped_overlong": len(enc.skipped), "skipped": enc.skipped[:10],
-        "steps": step, "total_steps": total_steps, "epochs_done": round(step / steps_per_epoch, 4),
-        "final_train_loss": last_loss, "best_step": best_step, "best_headline": best,
-        "stopped_early": stopped_early, "stopped_at": step if stopped_early else None,
+        "train_examples": len(run.data.features), "skipped_overlong": len(run.data.skipped),
+        "skipped": run.data.skipped[:10],
+        "steps": step, "total_steps": run.total_steps, "epochs_done": round(step / run.steps_per_epoch, 4),
+        "final_train_loss": state.last_loss, "best_step": state.best_step, "best_headline": state.best,
+        "stopped_early": state.stopped_early, "stopped_at": step if state.stopped_early else None,
         "train_wall_s": round(whole_run["wall_s"], 3),
         "tokens_per_s": whole_run["tokens"] / whole_run["step_time"] if whole_run["step_time"] else None,
         "useful_tokens_per_s": (whole_run["useful_tokens"] / whole_run["step_time"]
                                 if whole_run["step_time"] else None),
-        "world_size": world, "resumed_from": resumed_from(ckpt, state),
-        "chunked_loss": head is not None,  # the vocabulary logits recomputed chunk by chunk
+        "world_size": run.world, "resumed_from": resumed_from(run.ckpt, run.saved),
+        "chunked_loss": run.head is not None,  # the vocabulary logits recomputed chunk by chunk
     }
-    return Trained(inner, tok, kind, window, accel.device, main, summary)

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -109,6 +110,77 @@ def _load_checkpoint(path: Path, cfg: PretrainConfig):
 
 
 # --------------------------------------------------------------------------------------- training
+@dataclass
+class PretrainSetup:
+    """What train sets up before its first step and keeps unchanged to the end."""
+    cfg: PretrainConfig
+    work_dir: Path
+    ckpt_root: Path
+    ckpt: Path | None  # the checkpoint resumed from
+    saved: dict  # its state.json ({} for a fresh run)
+    data_hash: str
+    tokenizer: object
+    data: object  # PretrainDataset
+    model: object
+    optimizer: object
+    scheduler: object
+    batches_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class PretrainState:
+    """Where a pretraining run stands. The fields from step to last_loss, and `done` brought up to date
+    (so_far), are saved in each checkpoint (checkpoint_state) and read back on resume; the counters
+    after `done` cover this session only."""
+    started: float  # time.perf_counter() when train was called
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # the batch of the epoch's order where the next step starts
+    tokens_seen: int = 0
+    useful_tokens: int = 0
+    loss_window: list[float] = field(default_factory=list)  # losses since the last log line
+    last_loss: float | None = None
+    # step and wall time of the steps before the checkpoint resumed from (rates cover the whole run)
+    done: dict = field(default_factory=dict)
+    step_time: float = 0.0  # time in training steps only (not tokenizer training or checkpoint I/O)
+    window_tokens: int = 0  # since the last log line
+    window_useful: int = 0
+    window_time: float = 0.0
+
+    @classmethod
+    def resumed(cls, saved: dict, started: float) -> PretrainState:
+        """The state a checkpoint's state.json records; a fresh run's for {}."""
+        return cls(started, step=saved.get("step", 0), epoch=saved.get("epoch", 0),
+                   position=saved.get("position", 0), tokens_seen=saved.get("tokens_seen", 0),
+                   useful_tokens=saved.get("useful_tokens", 0), loss_window=list(saved.get("loss_window", [])),
+                   last_loss=saved.get("last_loss"), done={"step_time": 0.0, "wall_s": 0.0, **saved.get("done", {})})
+
+    def so_far(self) -> dict:
+        """Step time and wall time of the whole run up to now, resumed parts included."""
+        return {"step_time": self.done["step_time"] + self.step_time,
+                "wall_s": self.done["wall_s"] + time.perf_counter() - self.started}
+
+    def record_step(self, batches_per_epoch: int, tokens: int, useful: int, seconds: float, loss: float) -> None:
+        self.step, self.position = self.step + 1, self.position + 1
+        self.tokens_seen, self.useful_tokens = self.tokens_seen + tokens, self.useful_tokens + useful
+        self.step_time += seconds
+        self.window_tokens, self.window_useful = self.window_tokens + tokens, self.window_useful + useful
+        self.window_time += seconds
+        self.loss_window.append(loss)
+        if self.position == batches_per_epoch:  # the saved position is where the *next* step starts
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+def checkpoint_state(setup: PretrainSetup, state: PretrainState) -> dict:
+    """A checkpoint's state.json: what resuming reads back and checks against."""
+    relevant = _relevant(setup.cfg)
+    return {"step": state.step, "epoch": state.epoch, "position": state.position, "config_hash": config_hash(relevant),
+            "config": relevant, "data_hash": setup.data_hash, "tokens_seen": state.tokens_seen,
+            "useful_tokens": state.useful_tokens, "loss_window": state.loss_window, "last_loss": state.last_loss,
+            "total_steps": setup.total_steps, "time": time.time(), "done": state.so_far()}
+
+
 def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool = False,
           log: Callable[[dict], None] | None = None, progress: bool = True,
           project_dir: Path | None = None, tokenizer=None,
@@ -121,19 +193,33 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     tokenizer: use this already-trained tokenizer instead of training one (e.g. to share one across
     runs); it is saved to work_dir/tokenizer like a trained one. Ignored when resuming.
     on_resume(step): called once a resume from the checkpoint of `step` is accepted."""
-    import numpy as np
-    import torch
-    from transformers import AutoTokenizer
+    started = time.perf_counter()
+    setup = prepare(cfg, texts, Path(work_dir), resume=resume, project_dir=project_dir, tokenizer=tokenizer,
+                    on_resume=on_resume)
+    state = PretrainState.resumed(setup.saved, started)
+    with training_bar(progress) as bar:
+        bar_task = bar.add_task(f"pretrain {cfg.architecture}", total=setup.total_steps, completed=state.step,
+                                loss="-", tps="-")
+        order_epoch, order = None, None
+        while state.step < setup.total_steps:
+            if order_epoch != state.epoch:  # data order is a function of (seed, epoch): replayable on resume
+                order_epoch, order = state.epoch, setup.data.order(state.epoch)
+            lr = optimizer_step(setup, state, order)
+            if state.step % cfg.log_every == 0 or state.step == setup.total_steps:
+                report_losses(setup, state, lr, log, bar, bar_task)
+            bar.update(bar_task, completed=state.step)
+            if state.step % cfg.checkpoint_every == 0 or state.step == setup.total_steps:
+                save_checkpoint(setup.ckpt_root, state.step, setup.model, setup.optimizer, setup.scheduler,
+                                checkpoint_state(setup, state))
+    return summarize(setup, state, save_model(setup))
 
-    from llmcycle.stages.pretrain.data import (
-        PretrainDataset,
-        batch_token_counts,
-        load_corpus,
-        train_tokenizer,
-    )
 
-    t_start = time.perf_counter()
-    work_dir = Path(work_dir)
+def prepare(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool,
+            project_dir: Path | None, tokenizer, on_resume: Callable[[int], object] | None) -> PretrainSetup:
+    """The texts, the tokenizer (trained, given or the checkpoint's), the dataset and the model with its
+    optimizer, resumed from the newest checkpoint when `resume`."""
+    from llmcycle.stages.pretrain.data import PretrainDataset, load_corpus
+
     work_dir.mkdir(parents=True, exist_ok=True)
     if cfg.corpus:
         texts = load_corpus(cfg.corpus, Path(project_dir or Path.cwd())) + list(texts)
@@ -141,19 +227,37 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     if not texts:
         raise UserError("pretrain: no training texts (the project's training data and pretrain.corpus are empty)")
     data_hash = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
-    ckpt_root, tok_dir = work_dir / "checkpoints", work_dir / "tokenizer"
+    ckpt_root = work_dir / "checkpoints"
+    ckpt, saved, tokenizer = _open_checkpoints(cfg, texts, ckpt_root, work_dir / "tokenizer", resume, data_hash,
+                                               tokenizer, on_resume)
+    data = PretrainDataset(cfg, tokenizer, texts)
+    batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch))
+    model, optimizer, scheduler = _model_and_optimizer(cfg, tokenizer, ckpt, total_steps)
+    return PretrainSetup(cfg=cfg, work_dir=work_dir, ckpt_root=ckpt_root, ckpt=ckpt, saved=saved,
+                         data_hash=data_hash, tokenizer=tokenizer, data=data, model=model, optimizer=optimizer,
+                         scheduler=scheduler, batches_per_epoch=batches_per_epoch, total_steps=total_steps)
+
+
+def _open_checkpoints(cfg: PretrainConfig, texts: list[str], ckpt_root: Path, tok_dir: Path, resume: bool,
+                      data_hash: str, tokenizer, on_resume: Callable[[int], object] | None):
+    """(the checkpoint to resume from or None, its state.json or {}, the tokenizer to train with), once the
+    checkpoint is known to match this run; a fresh run clears older checkpoints and saves its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from llmcycle.stages.pretrain.data import train_tokenizer
 
     ckpt = latest_checkpoint(ckpt_root) if resume else None
-    state: dict = {}
+    saved: dict = {}
     if ckpt is not None:
-        state = read_state(ckpt)
-        check_same_run(ckpt, state, _relevant(cfg), data_hash)
+        saved = read_state(ckpt)
+        check_same_run(ckpt, saved, _relevant(cfg), data_hash)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot resume: tokenizer in {tok_dir} does not load ({exc})") from None
         if on_resume is not None:
-            on_resume(state["step"])
+            on_resume(saved["step"])
     else:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with an older one's checkpoints
         if tokenizer is None:
@@ -162,7 +266,13 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
             tokenizer.save_pretrained(str(tok_dir))
     for stale in ckpt_root.glob(".tmp-*") if ckpt_root.is_dir() else []:  # saves cut short by a crash
         shutil.rmtree(stale, ignore_errors=True)
-    data = PretrainDataset(cfg, tokenizer, texts)
+    return ckpt, saved, tokenizer
+
+
+def _model_and_optimizer(cfg: PretrainConfig, tokenizer, ckpt: Path | None, total_steps: int):
+    """(model in train mode, AdamW, its lr schedule): seeded and new, or as the checkpoint saved them."""
+    import numpy as np
+    import torch
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -180,91 +290,81 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, "cosine"))
     if trainer_state is not None:
         restore_training_state(trainer_state, optimizer, scheduler)
+    return model, optimizer, scheduler
 
-    step = state.get("step", 0)
-    epoch, position = state.get("epoch", 0), state.get("position", 0)
-    tokens_seen, useful_seen = state.get("tokens_seen", 0), state.get("useful_tokens", 0)
-    window: list[float] = list(state.get("loss_window", []))  # losses since the last log line
-    last_loss = state.get("last_loss")
-    n_params = sum(p.numel() for p in model.parameters())
-    step_time = 0.0  # time in training steps only (not tokenizer training or checkpoint I/O)
-    # step and wall time of the steps before the checkpoint resumed from (rates cover the whole run)
-    done = {"step_time": 0.0, "wall_s": 0.0, **state.get("done", {})}
-    win_tokens = win_useful = 0
-    win_time = 0.0
 
-    def checkpoint_state() -> dict:
-        return {"step": step, "epoch": epoch, "position": position, "config_hash": config_hash(_relevant(cfg)),
-                "config": _relevant(cfg), "data_hash": data_hash, "tokens_seen": tokens_seen,
-                "useful_tokens": useful_seen, "loss_window": window, "last_loss": last_loss,
-                "total_steps": total_steps, "time": time.time(),
-                "done": {"step_time": done["step_time"] + step_time,
-                         "wall_s": done["wall_s"] + time.perf_counter() - t_start}}
+def optimizer_step(setup: PretrainSetup, state: PretrainState, order) -> float:
+    """One optimizer step on the batch at state.position of the epoch's `order`, recorded in `state`;
+    returns the learning rate it used."""
+    import torch
 
-    with training_bar(progress) as bar:
-        task = bar.add_task(f"pretrain {cfg.architecture}", total=total_steps, completed=step, loss="-", tps="-")
-        order_epoch, order = None, None
-        while step < total_steps:
-            if order_epoch != epoch:  # data order is a function of (seed, epoch): replayable on resume
-                order_epoch, order = epoch, data.order(epoch)
-            t0 = time.perf_counter()
-            batch = data.batch(order[position * cfg.batch_size:(position + 1) * cfg.batch_size], epoch)
-            loss = model(**batch).loss
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            useful, total = batch_token_counts(batch, cfg.architecture)
-            step, position = step + 1, position + 1
-            tokens_seen, useful_seen = tokens_seen + total, useful_seen + useful
-            step_time += dt
-            win_tokens, win_useful, win_time = win_tokens + total, win_useful + useful, win_time + dt
-            window.append(float(loss.detach()))
-            if position == batches_per_epoch:  # the saved position is where the *next* step starts
-                epoch, position = epoch + 1, 0
-            if step % cfg.log_every == 0 or step == total_steps:
-                last_loss = sum(window) / len(window)
-                metrics = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
-                           "tokens_per_s": win_tokens / win_time, "useful_tokens_per_s": win_useful / win_time,
-                           "tokens": tokens_seen, "useful_tokens": useful_seen}
-                bar.update(task, loss=f"{last_loss:.3f}", tps=f"{win_tokens / win_time:,.0f}")
-                window, win_tokens, win_useful, win_time = [], 0, 0, 0.0
-                if log is not None:
-                    log(metrics)
-            bar.update(task, completed=step)
-            if step % cfg.checkpoint_every == 0 or step == total_steps:
-                save_checkpoint(ckpt_root, step, model, optimizer, scheduler, checkpoint_state())
+    from llmcycle.stages.pretrain.data import batch_token_counts
 
-    model_dir = work_dir / "model"
-    tmp = work_dir / f".tmp-model-{os.getpid()}"
+    cfg = setup.cfg
+    t0 = time.perf_counter()
+    rows = order[state.position * cfg.batch_size:(state.position + 1) * cfg.batch_size]
+    batch = setup.data.batch(rows, state.epoch)
+    loss = setup.model(**batch).loss
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
+    lr = setup.scheduler.get_last_lr()[0]
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    useful, total = batch_token_counts(batch, cfg.architecture)
+    state.record_step(setup.batches_per_epoch, total, useful, dt, float(loss.detach()))
+    return lr
+
+
+def report_losses(setup: PretrainSetup, state: PretrainState, lr: float, log: Callable[[dict], None] | None,
+                  bar, bar_task) -> None:
+    """The mean loss and token rates since the last log line, to the progress bar and `log`."""
+    state.last_loss = sum(state.loss_window) / len(state.loss_window)
+    metrics = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss, "lr": lr,
+               "tokens_per_s": state.window_tokens / state.window_time,
+               "useful_tokens_per_s": state.window_useful / state.window_time,
+               "tokens": state.tokens_seen, "useful_tokens": state.useful_tokens}
+    bar.update(bar_task, loss=f"{state.last_loss:.3f}", tps=f"{state.window_tokens / state.window_time:,.0f}")
+    state.loss_window, state.window_tokens, state.window_useful, state.window_time = [], 0, 0, 0.0
+    if log is not None:
+        log(metrics)
+
+
+def save_model(setup: PretrainSetup) -> Path:
+    """work_dir/model/ with the tokenizer, replaced atomically; returns its path."""
+    model_dir = setup.work_dir / "model"
+    tmp = setup.work_dir / f".tmp-model-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with quiet_saves():
-        model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+        setup.model.save_pretrained(str(tmp))
+    setup.tokenizer.save_pretrained(str(tmp))
     fsync_tree(tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
-    all_step_time = done["step_time"] + step_time
+    return model_dir
+
+
+def summarize(setup: PretrainSetup, state: PretrainState, model_dir: Path) -> dict:
+    cfg, tokens_seen, useful_seen = setup.cfg, state.tokens_seen, state.useful_tokens
+    whole_run = state.so_far()
+    all_step_time = whole_run["step_time"]
     return {
-        "architecture": cfg.architecture, "dims": preset_dims(cfg), "vocab_size": len(tokenizer),
-        "parameters": n_params, "steps": step, "total_steps": total_steps, "examples": len(data),
+        "architecture": cfg.architecture, "dims": preset_dims(cfg), "vocab_size": len(setup.tokenizer),
+        "parameters": sum(p.numel() for p in setup.model.parameters()), "steps": state.step,
+        "total_steps": setup.total_steps, "examples": len(setup.data),
         "tokens_seen": tokens_seen, "useful_tokens": useful_seen,
         "padding_fraction": 1 - useful_seen / tokens_seen if tokens_seen else 0.0,
-        "final_loss": last_loss,
+        "final_loss": state.last_loss,
         "tokens_per_s": tokens_seen / all_step_time if all_step_time else None,
         "useful_tokens_per_s": useful_seen / all_step_time if all_step_time else None,
-        "wall_s": done["wall_s"] + time.perf_counter() - t_start, "model_dir": str(model_dir),
-        "resumed_from": resumed_from(ckpt, state),
+        "wall_s": whole_run["wall_s"], "model_dir": str(model_dir),
+        "resumed_from": resumed_from(setup.ckpt, setup.saved),
     }
 
 
