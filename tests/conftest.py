@@ -1,8 +1,19 @@
-"""Shared test settings, and the headless browser the dashboard tests share."""
+"""Shared test settings, and the headless browser the dashboard tests share.
+
+Tests mirror the package's folders (tests/core, tests/models, tests/stages, ...). The helpers at the
+top (tiny.py: models built in code; servers.py) and the test modules that others reuse (a project
+builder, a trained tiny model) are importable from every folder: each test folder is on sys.path."""
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
+
+_TESTS = Path(__file__).resolve().parent
+for _folder in [_TESTS, *sorted(p for p in _TESTS.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))]:
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 # Tiny models run faster on one thread, and the suite must not fight itself for the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -37,7 +37,7 @@ def local_client(app):
     return TestClient(app, base_url=LOCAL, headers={"Origin": LOCAL})
 from servers import running  # noqa: E402
 
-ARTIFACTS = Path(os.environ.get("LLMCYCLE_TEST_ARTIFACTS") or Path(__file__).parent / "_artifacts")
+ARTIFACTS = Path(os.environ.get("LLMCYCLE_TEST_ARTIFACTS") or Path(__file__).parents[1] / "_artifacts")
 EXAMPLES = [("Anna books a table for two.", "Anna reserves a table."),
             ("Ben buys a red phone case.", "Ben buys a case."),
             ("Cleo takes the train to Lisbon.", "Cleo travels to Lisbon.")]
@@ -257,7 +257,7 @@ def test_playground_relays_the_stream(project, model_url):
 
 # ------------------------------------------------------------------------------------------ the CLI
 def test_cli_refuses_a_port_in_use(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

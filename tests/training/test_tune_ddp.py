@@ -80,7 +80,7 @@ def test_torchrun_through_the_cli_records_one_run(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))
     from test_evaluate import make_project
 
     path = make_project(tmp_path, extra="tune:\n  lora: {method: lora, r: 4, lr: 1e-3, batch_size: 4, "

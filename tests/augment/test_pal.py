@@ -12,7 +12,7 @@ from llmcycle.augment import pal
 from llmcycle.core.errors import UserError
 from llmcycle.augment.sandbox import run_program
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the sandbox needs POSIX rlimits")
 
 NATALIA = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

@@ -137,7 +137,7 @@ def test_init_templates_validate_and_are_commented(tmp_path, task):
 def test_every_example_project_validates():
     from pathlib import Path
 
-    examples = sorted((Path(__file__).parents[1] / "examples").glob("*/llmcycle.yaml"))
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*/llmcycle.yaml"))
     assert len(examples) >= 2
     for path in examples:
         assert load_project(path).config.project.name

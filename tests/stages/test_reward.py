@@ -12,7 +12,7 @@ from llmcycle.stages.align.reward import (balanced_weights, encode_texts, held_o
                              load_reward_model, pairwise_loss, train_classifier, train_pairwise)
 from tiny import make_bert, make_gpt2, make_t5
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 TEXTS = ["hello world", "a", "the quick brown fox jumps over the lazy dog", "", "question: what is two plus two?"]
 FILL = "the a of and to in is it for on with as was at by an be this have from".split()
 

@@ -15,7 +15,7 @@ from llmcycle.stages.align.preference import (PreferencePair, all_logps, dpo_los
 from llmcycle.training.finetune import TuneConfig, wrap
 from tiny import make_gpt2, make_t5
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 WORDS = ["red", "blue", "green", "grey", "cat", "dog"]
 RUDE = ["idiot", "fool", "clown"]
 KIND = {"t5": "seq2seq", "gpt2": "causal"}
