@@ -101,6 +101,31 @@ def _criterion(view) -> str:
 
 def blocks(view) -> list[tuple]:
     """The report's content, in order, as (kind, ...) tuples."""
+    out = _scope_blocks(view)
+    if not view["rows"]:
+        beyond = " beyond the scope plan" if view["items"] else ""
+        out.append(("p", f"No runs yet{beyond} — run `llmcycle run` (or a single stage, e.g. `llmcycle prompt`) "
+                         f"in `{view['project'].dir}`, then `llmcycle report` again."))
+        return out
+    out += _deployment_blocks(view)
+    if view.get("selection"):
+        out += _selection_blocks(view["selection"])
+    out += [("h2", "Lineage"), ("p", "Each run under the run whose model it started from (run.json's parent)."),
+            ("tree", view["lineage"])]
+    out += _variant_blocks(view)
+    out.append(("h2", "Plots"))
+    for plot in view["plots"]:
+        out.append(("plot", plot) if plot.png is not None else ("p", f"{plot.title}: omitted — {plot.note}."))
+    out += _example_blocks(view["examples"])
+    gone = [i for i in view["items"] if i.missing]
+    if gone:
+        out.append(("h2", "Missing files"))
+        out.append(("list", [f"{i.label} `{i.id}`: {', '.join(i.missing)}" for i in gone]))
+    return out
+
+
+def _scope_blocks(view) -> list[tuple]:
+    """The title, and the use case with its success criterion and budgets."""
     project, scope = view["project"], view["scope"]
     out = [("h1", f"{project.config.project.name} — lifecycle report"),
            ("meta", f"task {project.config.project.task} · {len(view['items'])} runs in `{view['store']}` · "
@@ -112,35 +137,33 @@ def blocks(view) -> list[tuple]:
                (("size on disk", scope.size_budget_mb if scope else None, "MB"),
                 ("p95 latency", scope.latency_budget_ms if scope else None, "ms")) if value is not None]
     out.append(("p", _criterion(view) + " · budgets: " + (", ".join(budgets) if budgets else "none set")))
-    if not view["rows"]:
-        beyond = " beyond the scope plan" if view["items"] else ""
-        out.append(("p", f"No runs yet{beyond} — run `llmcycle run` (or a single stage, e.g. `llmcycle prompt`) "
-                         f"in `{project.dir}`, then `llmcycle report` again."))
-        return out
+    return out
+
+
+def _deployment_blocks(view) -> list[tuple]:
+    """What `serve --run best` deploys, and the runs it passed over (or why nothing qualifies)."""
     best = view["deployed"]
-    if best:
-        latency = f"p95 {best['latency_p95_ms']:.0f} ms" if best["latency_measured"] else "latency not measured"
-        out.append(("p", f"Deployed by `llmcycle serve --run best`: {best['stage']}/{best['variant']} "
-                         f"(`{best['run']}`), {best['metric']} {best['value']:.3f}, {best['size_mb']:.1f} MB, "
-                         f"{latency}."))
-        for skipped in best["excluded"]:
-            out.append(("p", f"Passed over {skipped['stage']}/{skipped['variant']} (`{skipped['run']}`): "
-                             f"{skipped['why']}."))
-    else:
-        out.append(("p", f"Nothing to deploy: {view['deploy_note']}"))
+    if not best:
+        return [("p", f"Nothing to deploy: {view['deploy_note']}")]
+    latency = f"p95 {best['latency_p95_ms']:.0f} ms" if best["latency_measured"] else "latency not measured"
+    out = [("p", f"Deployed by `llmcycle serve --run best`: {best['stage']}/{best['variant']} "
+                 f"(`{best['run']}`), {best['metric']} {best['value']:.3f}, {best['size_mb']:.1f} MB, "
+                 f"{latency}.")]
+    for skipped in best["excluded"]:
+        out.append(("p", f"Passed over {skipped['stage']}/{skipped['variant']} (`{skipped['run']}`): "
+                         f"{skipped['why']}."))
+    return out
 
-    if view.get("selection"):
-        out += _selection_blocks(view["selection"])
-    out += [("h2", "Lineage"), ("p", "Each run under the run whose model it started from (run.json's parent)."),
-            ("tree", view["lineage"])]
 
-    out += [("h2", "Variants"),
-            ("p", "The latest completed run of each stage variant. Quality is the headline metric with its "
-                  "95% bootstrap interval as recorded; † recomputed here from the per-example scores in "
-                  "predictions.jsonl (seeded, 1000 resamples); ‡ size of the model it evaluated (its parent "
-                  "run's). n/a: the run did not record it. Hallucinated entities: of the names and numbers "
-                  "in an output, the share its input does not contain (lower is better; mean over outputs "
-                  "with such entities).")]
+def _variant_blocks(view) -> list[tuple]:
+    """The table of each variant's latest completed run (earlier runs folded below it)."""
+    out = [("h2", "Variants"),
+           ("p", "The latest completed run of each stage variant. Quality is the headline metric with its "
+                 "95% bootstrap interval as recorded; † recomputed here from the per-example scores in "
+                 "predictions.jsonl (seeded, 1000 resamples); ‡ size of the model it evaluated (its parent "
+                 "run's). n/a: the run did not record it. Hallucinated entities: of the names and numbers "
+                 "in an output, the share its input does not contain (lower is better; mean over outputs "
+                 "with such entities).")]
     headers = ["variant", "run", "status", "quality [95% CI]", "hallucinated entities [95% CI]",
                _criterion(view).split(" (")[0], "budgets",
                "latency p50 / p95 ms", "peak MB", "size MB", "trainable %", "files"]
@@ -148,28 +171,23 @@ def blocks(view) -> list[tuple]:
     if view["earlier"]:
         out.append(("details", f"Earlier runs of the same variants ({len(view['earlier'])})",
                     ("table", headers, [_row_cells(r, view) for r in view["earlier"]])))
+    return out
 
-    out.append(("h2", "Plots"))
-    for plot in view["plots"]:
-        out.append(("plot", plot) if plot.png is not None else ("p", f"{plot.title}: omitted — {plot.note}."))
 
-    out.append(("h2", "Sample outputs side by side"))
-    if not view["examples"]:
+def _example_blocks(examples: list[dict]) -> list[tuple]:
+    """Sample outputs side by side, invented entities marked."""
+    out = [("h2", "Sample outputs side by side")]
+    if not examples:
         out.append(("p", "No evaluated run has its predictions.jsonl: no outputs to show."))
-    elif any(any(ex.get("invented", {}).values()) for ex in view["examples"]):
+    elif any(any(ex.get("invented", {}).values()) for ex in examples):
         out.append(("p", "Marked: names and numbers an output states that its input does not contain."))
-    for ex in view["examples"]:
+    for ex in examples:
         rows = [[("input", "dim"), (ex["input"], "pre")]]
         rows += [[(f"reference {i + 1}" if len(ex["references"]) > 1 else "reference", "dim"), (ref, "pre")]
                  for i, ref in enumerate(ex["references"])]
         rows += [[(label, ""), (text, "marked", ex.get("invented", {}).get(label, [])) if text and text.strip()
                   else ("(empty)", "pre")] for label, text in ex["outputs"].items()]
         out += [("h3", f"Example {ex['index']} ({ex['where']})"), ("table", ["", "text"], rows)]
-
-    gone = [i for i in view["items"] if i.missing]
-    if gone:
-        out.append(("h2", "Missing files"))
-        out.append(("list", [f"{i.label} `{i.id}`: {', '.join(i.missing)}" for i in gone]))
     return out
 
 

@@ -36,42 +36,17 @@ from llmcycle.training.finetune import TuneConfig, check_quantization
 def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
     """Stage entry point: fine-tune `tune.<variant>`, save the model, evaluate it on the eval split."""
     from llmcycle.core.memory import peak_mb, reset_peak
-    from llmcycle.data.prompting import check_template, fit_prompts
-    from llmcycle.data.records import load_splits
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import (
-        eval_examples,
-        name_lexicon,
-        project_template,
-        settings,
-    )
-    from llmcycle.models.generation import Generator
+    from llmcycle.evaluation.settings import settings
+    from llmcycle.models.hub import resolve_device
     from llmcycle.training.loop import fit
 
     t_start = time.perf_counter()
     cfg = project.config.tune[variant]
     check_quantization(cfg)
-    from llmcycle.models.hub import resolve_device
-
     reset_peak(resolve_device(project.config.model.device if project.config.model else "auto"))
-    if cfg.merge and cfg.method != "lora":
-        raise UserError(f"tune.{variant}: merge applies to LoRA adapters, not to method {cfg.method}")
-    mcfg = project.config.model
-    ref = cfg.base or (mcfg.name if mcfg is not None else None)
-    if ref is None:
-        raise UserError(f"tune.{variant}: no base model: set tune.{variant}.base or the project's model.name")
-    opts = mcfg.model_dump() if mcfg is not None else {}
-    base_path, base_run = harness.resolve(ref, project)
-    if project.config.data is None:
-        raise UserError(f"{project.path}: no data configured (add a `data:` section)")
-    train_examples = load_splits(project.config.data, project.dir).train
-    if not train_examples:
-        raise UserError("tune: no training examples (set data.train)")
+    ref, base_path, base_run, train_examples, final_examples, template = _inputs(project, variant, cfg)
+    opts = project.config.model.model_dump() if project.config.model is not None else {}
     ev = settings(project)
-    final_examples = eval_examples(project, limit=ev.limit)  # refuses an eval set without targets
-    template = project_template(project)
-    check_template(template, "evaluate.template", train_examples[0])
-
     trained = fit(cfg, base_path, train_examples, final_examples, template, run.artifacts,
                   resume=resume, log=run.log, progress=progress, task=project.config.project.task,
                   gen_cfg=ev.generation, dtype=opts.get("dtype", "auto"), device=opts.get("device", "auto"),
@@ -87,34 +62,76 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                            {"base": ref, "base_path": base_path, "base_run": base_run, "method": cfg.method},
                            project_dir=project.dir)
     summary["model_dir"] = str(model_dir)
+    metrics = _final_evaluation(project, variant, cfg, run, trained, model_dir, final_examples, template,
+                                progress)
+    summary = {**metrics, **summary}
+    # training and evaluation of this variant (merging below loads another copy: not counted)
+    summary["peak_memory_mb"] = round(peak_mb(trained.device), 1)
+    if cfg.merge:
+        summary["merged_dir"] = str(_merge(model_dir, run.artifacts / "merged", opts.get("dtype", "auto")))
+    summary["wall_s"] = round(time.perf_counter() - t_start, 3)
+    run.finish(summary)
+    return summary
 
-    # The final evaluation: the unmerged trained model, the project's prompt, the whole eval split,
-    # exactly as `llmcycle eval` would score it (prompts that do not fit are refused, not cut).
+
+def _inputs(project, variant: str, cfg: TuneConfig):
+    """(base reference, its path, the run that made it, training examples, eval examples, template),
+    each checked before any training starts."""
+    from llmcycle.data.prompting import check_template
+    from llmcycle.data.records import load_splits
+    from llmcycle.evaluation import harness
+    from llmcycle.evaluation.settings import eval_examples, project_template, settings
+
+    if cfg.merge and cfg.method != "lora":
+        raise UserError(f"tune.{variant}: merge applies to LoRA adapters, not to method {cfg.method}")
+    mcfg = project.config.model
+    ref = cfg.base or (mcfg.name if mcfg is not None else None)
+    if ref is None:
+        raise UserError(f"tune.{variant}: no base model: set tune.{variant}.base or the project's model.name")
+    base_path, base_run = harness.resolve(ref, project)
+    if project.config.data is None:
+        raise UserError(f"{project.path}: no data configured (add a `data:` section)")
+    train_examples = load_splits(project.config.data, project.dir).train
+    if not train_examples:
+        raise UserError("tune: no training examples (set data.train)")
+    final_examples = eval_examples(project, limit=settings(project).limit)  # refuses one without targets
+    template = project_template(project)
+    check_template(template, "evaluate.template", train_examples[0])
+    return ref, base_path, base_run, train_examples, final_examples, template
+
+
+def _final_evaluation(project, variant: str, cfg: TuneConfig, run, trained, model_dir, examples, template,
+                      progress: bool) -> dict:
+    """The unmerged trained model on the project's prompt and the whole eval split, exactly as
+    `llmcycle eval` would score it (prompts that do not fit are refused, not cut); predictions written."""
+    from llmcycle.data.prompting import fit_prompts
+    from llmcycle.evaluation import harness
+    from llmcycle.evaluation.settings import name_lexicon, settings
+    from llmcycle.models.generation import Generator
+
+    ev = settings(project)
     model = trained.model
     model.eval()
     loaded = harness.LoadedModel(f"tune/{variant}", str(model_dir), model, trained.tokenizer,
                                  Generator(model, trained.tokenizer, trained.window), run.id)
-    fitted = fit_prompts(template, final_examples, [], [[] for _ in final_examples],
+    fitted = fit_prompts(template, examples, [], [[] for _ in examples],
                          harness.count_tokens(loaded), harness.generation_budget(loaded, ev.generation.max_new_tokens),
                          shot_format="", separator="", on_overflow="refuse", variant=f"tune.{variant}")
     # reference_perplexity scores logits position by position; a causal prompt-tuned model's logits
     # start with the virtual tokens, so its perplexity is not computed there.
     perplexity = ev.perplexity and not (cfg.method == "prompt_tuning" and trained.kind == "causal")
-    metrics, rows = harness.evaluate(loaded, fitted.prompts, final_examples, project.config.project.task,
+    metrics, rows = harness.evaluate(loaded, fitted.prompts, examples, project.config.project.task,
                                      ev.generation, perplexity=perplexity, progress=progress,
                                      label=f"eval tune.{variant}", lexicon=name_lexicon(project))
     harness.write_predictions(run, rows)
-    summary = {**metrics, **summary}
-    # training and evaluation of this variant (merging below loads another copy: not counted)
-    summary["peak_memory_mb"] = round(peak_mb(trained.device), 1)
-    if cfg.merge:
-        # merged from the saved adapter onto a freshly loaded, unquantized base: the trained model is
-        # left as it is, and a QLoRA adapter merges into full-precision weights rather than 4-bit ones
-        merged, tok = load_model(model_dir, dtype=opts.get("dtype", "auto"), device="cpu")
-        summary["merged_dir"] = str(save_model(merged.merge_and_unload(), tok, run.artifacts / "merged"))
-    summary["wall_s"] = round(time.perf_counter() - t_start, 3)
-    run.finish(summary)
-    return summary
+    return metrics
+
+
+def _merge(adapter_dir, dest, dtype: str):
+    """The adapter merged onto a freshly loaded, unquantized base: the trained model is left as it is,
+    and a QLoRA adapter merges into full-precision weights rather than 4-bit ones."""
+    merged, tok = load_model(adapter_dir, dtype=dtype, device="cpu")
+    return save_model(merged.merge_and_unload(), tok, dest)
 
 
 STAGE = Stage(name="tune", section=dict[str, TuneConfig], run=run, variants=section_variants("tune"),

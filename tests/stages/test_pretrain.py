@@ -93,9 +93,10 @@ def test_t5_tokenizer_is_the_same_in_every_process(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, %r); from test_pretrain import corpus, tiny;"
+    code = ("import sys; sys.path[:0] = %r; from test_pretrain import corpus, tiny;"
             "from llmcycle.stages.pretrain.data import train_tokenizer;"
-            "print(train_tokenizer(corpus(), tiny()).backend_tokenizer.to_str())") % str(Path(__file__).parents[1])
+            "print(train_tokenizer(corpus(), tiny()).backend_tokenizer.to_str())"
+            ) % [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # this folder, and tests/ (tiny.py)
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)}
     assert len(outs) == 1
