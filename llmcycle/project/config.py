@@ -151,31 +151,62 @@ def _unwrap(ann):
     return args[0] if type(None) in get_args(ann) and len(args) == 1 else ann
 
 
-def _section_at(loc: tuple):
-    """The Section class that owns the keys at `loc` (variant-name levels skipped), or None."""
+def _alternatives(ann) -> dict[str, type] | None:
+    """{tag: class} of a discriminated union (`Annotated[A | B, Field(discriminator=...)]`), else None."""
+    from typing import Annotated, get_args, get_origin
+
+    if get_origin(ann) is not Annotated:
+        return None
+    union, *meta = get_args(ann)
+    key = next((m.discriminator for m in meta if isinstance(getattr(m, "discriminator", None), str)), None)
+    if key is None:
+        return None
+    out = {}
+    for cls in get_args(union):
+        for tag in get_args(cls.model_fields[key].annotation):
+            out[str(tag)] = cls
+    return out
+
+
+def _walk(loc: tuple) -> tuple[tuple, type | None, dict[str, type] | None]:
+    """Follow pydantic's error `loc` through the config classes: (the loc without the union tags a
+    discriminated union adds, e.g. ('align', 'v', 'ppo', 'lr') -> ('align', 'v', 'lr'); the Section class
+    owning the last key, or None; the union's {tag: class} when that owner is one of its alternatives)."""
     from typing import get_args, get_origin
 
-    cls, i = ProjectConfig, 0
-    while i < len(loc):
-        field = cls.model_fields.get(loc[i])
-        if field is None:
-            return None
-        ann = _unwrap(field.annotation)
-        if get_origin(ann) is dict:  # a map of variants: the next level is a free name
-            ann, i = _unwrap(get_args(ann)[1]), i + 1
-            if i >= len(loc):
-                return None
-        i += 1
-        cls = ann
-        if not (isinstance(cls, type) and issubclass(cls, Section)):
-            return None
-    return cls
+    clean: list = []
+    ann, owner, alternatives = ProjectConfig, None, None
+    for part in loc:
+        union = _alternatives(ann)
+        if union is not None and part in union:  # the tag: not a key of the file
+            ann, alternatives = union[part], union
+            continue
+        clean.append(part)
+        if isinstance(ann, type) and issubclass(ann, Section):
+            owner = ann
+            field = ann.model_fields.get(part)
+            ann = _unwrap(field.annotation) if field is not None else None
+            if alternatives and owner not in alternatives.values():  # a nested section of a variant
+                alternatives = None
+        elif get_origin(ann) is dict:  # a map of variants: this level is a free name
+            owner, alternatives, ann = None, None, _unwrap(get_args(ann)[1])
+        else:
+            owner, alternatives, ann = None, None, None
+    return tuple(clean), owner, alternatives
+
+
+def _choices_text(tags: list[str]) -> str:
+    quoted = [f"'{t}'" for t in tags]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def format_validation_error(exc: ValidationError, source: str, lines: dict[str, int]) -> str:
     # a misspelt key also makes its correct spelling "missing": name the misspelling, which says both
     err = next((e for e in exc.errors() if e["type"] == "extra_forbidden"), exc.errors()[0])
-    loc = tuple(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    raw = tuple(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    loc, owner, alternatives = _walk(raw)
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the variant's `method` picks its class
+        loc += (str(err.get("ctx", {}).get("discriminator", "method")).strip("'"),)
     dotted = ".".join(loc)
     line = None
     for n in range(len(loc), 0, -1):
@@ -185,12 +216,23 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict[str, 
     where = f"{source}:{line}" if line else source
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     if err["type"] == "extra_forbidden":
-        owner = _section_at(loc[:-1])
         valid = list(owner.model_fields) if owner else []
         hint = suggest(loc[-1], valid)
+        others = [tag for tag, cls in (alternatives or {}).items() if loc[-1] in cls.model_fields]
+        if others and owner is not None:  # a key of another method: say whose it is
+            mine = next(tag for tag, cls in alternatives.items() if cls is owner)
+            return (f"{where}: key '{dotted}': '{loc[-1]}' applies to method {' / '.join(others)}, not "
+                    f"{mine}{hint}{more}")
         if not hint and valid:
             hint = f" (valid keys: {', '.join(valid)})"
         return f"{where}: unknown key '{dotted}'{hint}{more}"
+    if err["type"] == "union_tag_invalid":
+        tags = [t.strip().strip("'") for t in str(err["ctx"]["expected_tags"]).split(",")]
+        return f"{where}: key '{dotted}': expected one of {_choices_text(tags)}, got {err['ctx']['tag']!r}{more}"
+    if err["type"] == "union_tag_not_found":
+        return f"{where}: key '{dotted}': is required but missing{more}"
+    if err["type"] == "model_attributes_type":  # a variant that is not a mapping
+        err = {**err, "type": "model_type"}
     return f"{where}: key '{dotted}': {describe_error(err)}{more}"
 
 

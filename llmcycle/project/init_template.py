@@ -108,11 +108,18 @@ def examples(task: str, name: str) -> dict[str, Any]:
                          "encoder": "all-MiniLM-L6-v2", "epochs": 1, "lr": 5e-5},
             "detox": {"method": "ppo", "policy": "run:tune/lora", "reward": "run:align/toxicity",
                       "reward_label": "not_toxic", "max_steps": 50, "batch_size": 16, "mini_batch_size": 4,
-                      "init_kl_coef": 0.2, "lr": 1.41e-5}}),
+                      "init_kl_coef": 0.2, "lr": 1.41e-5},
+            "helpful": Off({"method": "reward_pairwise", "data": "pairs.jsonl", "max_steps": 200}),
+            "dpo": Off({"method": "dpo", "data": "pairs.jsonl", "beta": 0.1, "max_steps": 200,
+                        "toxicity_model": "run:align/toxicity"}),
+            "orpo": Off({"method": "orpo", "data": "pairs.jsonl", "beta": 0.1, "max_steps": 200})}),
         "optimize": Off({
             "int8": {"method": "quantize", "source": "run:tune/lora", "scheme": "int8_dynamic"},
             "student": {"method": "distill", "source": "run:tune/lora", "student": {"preset": "tiny"},
-                        "max_steps": 200}}),
+                        "max_steps": 200},
+            "sparse": Off({"method": "prune", "structure": "unstructured", "sparsity": 0.5,
+                           "recovery_steps": 100}),
+            "merged": Off({"method": "export", "source": "run:tune/lora", "format": "hf"})}),
         "augment": Off({"rag": {"index": "index", "k": 5}, "pal": {"enabled": True, "timeout_s": 5.0}}),
     }
 
@@ -131,13 +138,32 @@ def _is_model(ann) -> bool:
     return isinstance(ann, type) and issubclass(ann, BaseModel)
 
 
+def alternatives(ann) -> tuple[str, dict[str, type[BaseModel]]] | None:
+    """(discriminator, {tag: class}) of a discriminated union of models
+    (`Annotated[A | B, Field(discriminator="method")]`), else None."""
+    if get_origin(ann) is not typing.Annotated:
+        return None
+    union, *meta = get_args(ann)
+    key = next((m.discriminator for m in meta if isinstance(getattr(m, "discriminator", None), str)), None)
+    members = get_args(union)
+    if key is None or not all(_is_model(m) for m in members):
+        return None
+    return key, {str(tag): m for m in members for tag in get_args(m.model_fields[key].annotation)}
+
+
 def kind_of(ann) -> tuple[str, Any]:
-    """('model', cls) for a nested model, ('variants', cls) for `dict[str, Model]`, else ('value', None)."""
+    """('model', cls) for a nested model, ('variants', cls) for `dict[str, Model]` (cls a tuple of the
+    classes for a discriminated union of models: one class per method), else ('value', None)."""
     ann = _strip_none(ann)
     if _is_model(ann):
         return "model", ann
-    if get_origin(ann) is dict and _is_model(_strip_none(get_args(ann)[1])):
-        return "variants", _strip_none(get_args(ann)[1])
+    if get_origin(ann) is dict:
+        inner = _strip_none(get_args(ann)[1])
+        if _is_model(inner):
+            return "variants", inner
+        union = alternatives(inner)
+        if union is not None:
+            return "variants", tuple(dict.fromkeys(union[1].values()))
     return "value", None
 
 
@@ -163,9 +189,15 @@ def models_of(cls: type[BaseModel], seen: set | None = None) -> list[type[BaseMo
     found = [cls]
     for field in cls.model_fields.values():
         kind, inner = kind_of(field.annotation)
-        if inner is not None:
-            found += models_of(inner, seen)
+        for each in inner if isinstance(inner, tuple) else () if inner is None else (inner,):
+            found += models_of(each, seen)
     return found
+
+
+def _plain(ex) -> dict:
+    """An example mapping without its Off wrapper."""
+    ex = ex.value if isinstance(ex, Off) else ex
+    return ex if isinstance(ex, dict) else {}
 
 
 # -- writing YAML ---------------------------------------------------------------------------------
@@ -232,19 +264,24 @@ class _Writer:
         self.seen: set = set()  # classes written in full already
         self.where_full: dict = {}  # class -> the key path where it was written in full
 
-    def model(self, cls, ex: dict, indent: int, budget: int, where: str) -> list[str]:
+    def model(self, cls, ex: dict, indent: int, budget: int, where: str, shown: dict | None = None) -> list[str]:
         """The keys of one mapping of `cls`: every field the first time the class is written, only the
-        example keys after that (with a pointer to where the class was written in full)."""
+        example keys after that (with a pointer to where the class was written in full). `shown`: the
+        keys written in full for another method of the same section (name -> (description, default)),
+        which are not repeated."""
         full = cls not in self.seen
         if full:
             self.seen.add(cls)
             self.where_full[cls] = where
         out: list[str] = []
         for name, field in cls.model_fields.items():
+            same = (field.description, repr(_default(field)))
             if name in ex:
                 value, active = ex[name], True
                 if isinstance(value, Off):
                     value, active = value.value, False
+            elif full and shown is not None and shown.get(name) == same:
+                continue
             elif full:
                 value, active = _default(field), False
                 if field.is_required():
@@ -252,6 +289,8 @@ class _Writer:
                     value = choices[0] if choices else "..."
             else:
                 continue
+            if full and shown is not None:
+                shown.setdefault(name, same)
             out += self.field(name, field, value, active, indent, budget, f"{where}.{name}")
         return out
 
@@ -265,17 +304,25 @@ class _Writer:
             ex = value if isinstance(value, dict) else {}
             lines = self.block(name, cls, ex, text, indent, inner_budget, where)
         else:  # variants: one mapping per example name
-            variants = value if isinstance(value, dict) and value else {"example": {}}
+            variants = dict(value) if isinstance(value, dict) and value else {"example": {}}
+            union = alternatives(_strip_none(get_args(_strip_none(field.annotation))[1]))
+            shown: dict | None = None
+            if union is not None:  # one class per method: every method shown, the example's or a stub
+                key, classes = union
+                shown = {}
+                used = {str(_plain(ex).get(key)) for ex in variants.values()}
+                variants.update({tag: Off({key: tag}) for tag in classes if tag not in used})
             lines = _keyed(indent, f"{name}:", text, inner_budget)
             for variant, ex in variants.items():
                 on = not isinstance(ex, Off)
                 ex = ex if on else ex.value
-                block = self.block(variant, cls, ex, "", indent + 2, inner_budget - (0 if on else 2),
-                                   f"{where}.{variant}")
+                of = cls if union is None else union[1].get(str(ex.get(union[0])), cls[0])
+                block = self.block(variant, of, ex, "", indent + 2, inner_budget - (0 if on else 2),
+                                   f"{where}.{variant}", shown)
                 lines += block if on else _comment(block, indent + 2)
         return lines if active else _comment(lines, indent)
 
-    def block(self, name, cls, ex, text, indent, budget, where) -> list[str]:
+    def block(self, name, cls, ex, text, indent, budget, where, shown: dict | None = None) -> list[str]:
         """`name:` and the keys of `cls` under it; a class already written in full becomes one flow
         mapping of its example keys when that fits."""
         if cls in self.seen:
@@ -286,7 +333,10 @@ class _Writer:
                 line = _keyed(indent, f"{name}: {_value(flat, True)}", text, budget)
                 if len(line[-1]) <= budget:
                     return line
-        return _keyed(indent, f"{name}:", text, budget) + self.model(cls, ex, indent + 2, budget, where)
+        if shown:  # keys another method of this section has shown already are not repeated
+            note = "its other keys as in the variants above"
+            text = f"{text}; {note}" if text else note
+        return _keyed(indent, f"{name}:", text, budget) + self.model(cls, ex, indent + 2, budget, where, shown)
 
 
 def render(task: str, name: str) -> str:

@@ -21,8 +21,9 @@ def _reachable() -> dict[type, list[tuple]]:
             kind, inner = kind_of(field.annotation)
             if kind == "model":
                 walk(inner, path + (name,))
-            elif kind == "variants":
-                walk(inner, path + (name, "*"))
+            elif kind == "variants":  # one class, or one per method (a discriminated union)
+                for each in inner if isinstance(inner, tuple) else (inner,):
+                    walk(each, path + (name, "*"))
 
     walk(ProjectConfig, ())
     return found

@@ -57,9 +57,9 @@ def test_bad_align_configs_are_refused_naming_the_key(tmp_path, variant, message
 
 
 def test_toxicity_label_is_the_other_label_of_a_binary_classifier():
-    from llmcycle.stages.align.stage import AlignConfig
+    from llmcycle.stages.align.stage import PPOConfig
 
-    cfg = AlignConfig(method="ppo", reward="rm", reward_label="not_toxic", max_steps=1)
+    cfg = PPOConfig(method="ppo", reward="rm", reward_label="not_toxic", max_steps=1)
     assert toxicity_label(cfg, ["not_toxic", "toxic"], "v") == "toxic"
     with pytest.raises(UserError, match="set toxicity_label"):
         toxicity_label(cfg, ["hate", "offensive", "not_toxic"], "v")
@@ -67,6 +67,83 @@ def test_toxicity_label_is_the_other_label_of_a_binary_classifier():
         toxicity_label(cfg.model_copy(update={"toxicity_label": "rude"}), ["hate", "not_toxic"], "v")
     with pytest.raises(UserError, match="single output"):
         toxicity_label(cfg, None, "v")
+
+
+@pytest.mark.parametrize("variant, message", [
+    # an unknown key: the nearest key of the variant's own method
+    ({"method": "ppo", "reward": "rm", "max_steps": 2, "kl_horizn": 5},
+     r"unknown key 'align\.v\.kl_horizn' \(did you mean 'kl_horizon'\?\)"),
+    ({"method": "ppo", "reward": "rm", "max_steps": 2, "mini_batch_sise": 2},
+     r"unknown key 'align\.v\.mini_batch_sise' \(did you mean 'mini_batch_size'\?\)"),
+    ({"method": "reward_classifier", "data": "x.jsonl", "max_steps": 2, "mini_batch_sise": 2},
+     r"unknown key 'align\.v\.mini_batch_sise' \(did you mean 'batch_size'\?\)"),
+    ({"method": "dpo", "data": "x.jsonl", "max_steps": 2, "betta": 0.2},
+     r"unknown key 'align\.v\.betta' \(did you mean 'beta'\?\)"),
+    # a key of another method is refused, naming whose it is
+    ({"method": "ppo", "reward": "rm", "max_steps": 2, "beta": 0.2},
+     r"key 'align\.v\.beta': 'beta' applies to method dpo / orpo, not ppo"),
+    ({"method": "dpo", "data": "x.jsonl", "max_steps": 2, "init_kl_coef": 0.2},
+     r"key 'align\.v\.init_kl_coef': 'init_kl_coef' applies to method ppo, not dpo"),
+    ({"method": "reward_classifier", "data": "x.jsonl", "max_steps": 2, "policy": "base"},
+     r"'policy' applies to method ppo / dpo / orpo, not reward_classifier"),
+    # a wrong or missing method lists the methods; a value error names the key without the method tag
+    ({"method": "reinforce"}, r"llmcycle\.yaml:\d+: key 'align\.v\.method': expected one of "
+     r"'reward_classifier', 'reward_pairwise', 'ppo', 'dpo' or 'orpo', got 'reinforce'"),
+    ({"max_steps": 2}, r"key 'align\.v\.method': is required but missing"),
+    ({"method": "ppo", "reward": "rm", "max_steps": 2, "kl_horizon": 0},
+     r"key 'align\.v\.kl_horizon': expected a value >= 1, got 0"),
+])
+def test_each_method_has_its_own_keys(tmp_path, variant, message):
+    path = make_project(tmp_path, {"v": variant})
+    with pytest.raises(UserError, match=message):
+        load_project(path)
+
+
+# every PPO hyperparameter with a value other than its default
+NOT_DEFAULT = {"batch_size": 6, "mini_batch_size": 3, "ppo_epochs": 2, "lr": 2e-4, "init_kl_coef": 0.05,
+               "adaptive_kl": True, "target_kl": 3.0, "kl_horizon": 500, "gamma": 0.99, "lam": 0.9,
+               "cliprange": 0.1, "cliprange_value": 0.3, "vf_coef": 0.5, "whiten_advantages": False,
+               "min_new_tokens": 2, "max_new_tokens": 5, "temperature": 0.7, "top_k": 5, "top_p": 0.9,
+               "seed": 7, "grad_clip": 0.5, "checkpoint_every": 3, "log_every": 2}
+
+
+def test_every_ppo_setting_is_a_key_of_the_ppo_variant_with_the_trainers_default():
+    from llmcycle.stages.align.ppo import PPOHyperparameters, PPOSettings
+    from llmcycle.stages.align.stage import PPOConfig
+
+    assert set(NOT_DEFAULT) == set(PPOHyperparameters.model_fields) == set(PPOSettings.model_fields) - {"steps"}
+    cfg = PPOConfig(method="ppo", reward="rm", max_steps=5)
+    assert cfg.settings() == PPOSettings(steps=5)  # one default each, the trainer's
+    for key, value in NOT_DEFAULT.items():
+        assert PPOHyperparameters.model_fields[key].default != value, key
+
+
+def test_every_ppo_setting_in_the_project_file_reaches_the_trainer(tmp_path, monkeypatch):
+    """A ppo variant setting every hyperparameter: the PPOTrainer the stage builds gets each of them."""
+    from types import SimpleNamespace
+
+    from llmcycle.stages.align import ppo, reward, stage
+
+    path = make_project(tmp_path, {"v": {"method": "ppo", "reward": "rm", "max_steps": 4, "eval_limit": 2,
+                                         "r": 4, "alpha": 8, **NOT_DEFAULT}})
+    project = load_project(path)
+    got = {}
+
+    class Reached(Exception):
+        pass
+
+    class Trainer:
+        def __init__(self, policy, tokenizer, kind, reward_fn, settings, **kw):
+            got["settings"] = settings
+            raise Reached
+
+    monkeypatch.setattr(stage, "resolve_ref", lambda project, ref: (ref, None))
+    monkeypatch.setattr(reward, "load_reward_model", lambda *a, **kw: SimpleNamespace(labels=None))
+    monkeypatch.setattr(ppo, "PPOTrainer", Trainer)
+    run = SimpleNamespace(id="r", artifacts=tmp_path / "run", log=lambda stats: None, rewind=lambda step: None)
+    with pytest.raises(Reached):
+        stage._align_policy(project, "v", project.config.align["v"], run, False, False)
+    assert got["settings"].model_dump() == {**NOT_DEFAULT, "steps": 4}
 
 
 def test_toxicity_figures_by_hand():

@@ -9,7 +9,7 @@ import torch
 
 from llmcycle.project.config import load_project
 from llmcycle.core.errors import UserError
-from llmcycle.stages.optimize.stage import OptimizeConfig
+from llmcycle.stages.optimize.stage import DistillConfig
 from test_tune import examples, make_project as tune_project
 from tiny import make_gpt2, make_t5
 
@@ -67,6 +67,12 @@ def teacher(arch: str, layers: int = 4, heads: int = 2):
     ({"method": "distill", "student": {"n_layer": 1}},
      r"unknown key 'optimize.p.student.n_layer' \(did you mean 'n_layers'"),
     ({"sparsity": 0.5}, r"key 'optimize.p.method': is required"),
+    # one class per method: its own keys only, the nearest of them suggested
+    ({"method": "quantize", "lr": 1e-3}, r"key 'optimize.p.lr': 'lr' applies to method distill / prune, not quantize"),
+    ({"method": "export", "formt": "hf"}, r"unknown key 'optimize.p.formt' \(did you mean 'format'\?\)"),
+    ({"method": "shrink"}, r"key 'optimize.p.method': expected one of 'quantize', 'distill', 'prune' or 'export', "
+                           r"got 'shrink'"),
+    ({"method": "prune", "structure": "heads", "scope": "global"}, r"'scope' applies to unstructured pruning only"),
 ])
 def test_config_errors_name_the_key(tmp_path, variant, message):
     path = make_project(tmp_path, {"p": variant})
@@ -201,7 +207,7 @@ def test_student_is_smaller_and_starts_from_evenly_spaced_teacher_layers(arch):
     from llmcycle.stages.optimize.distill import build_student
 
     big, _ = teacher(arch, layers=4)
-    student, init = build_student(big, OptimizeConfig(method="distill"))  # default: half the layers
+    student, init = build_student(big, DistillConfig(method="distill"))  # default: half the layers
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in big.parameters())
     t, s = big.state_dict(), student.state_dict()
     stacks = ["encoder.block", "decoder.block"] if arch == "t5" else ["transformer.h"]
@@ -210,10 +216,10 @@ def test_student_is_smaller_and_starts_from_evenly_spaced_teacher_layers(arch):
         for key in [k for k in s if k.startswith(f"{stack}.1.")]:
             assert torch.equal(s[key], t[key.replace(f"{stack}.1.", f"{stack}.3.")]), key
     # a narrower student cannot copy the teacher's layers: fresh weights (and init: teacher refuses)
-    narrow = OptimizeConfig(method="distill", student={"d_model": 8, "d_ff": 16})
+    narrow = DistillConfig(method="distill", student={"d_model": 8, "d_ff": 16})
     assert build_student(big, narrow)[1] == "random"
     with pytest.raises(UserError, match="init: teacher needs the student's width"):
-        build_student(big, OptimizeConfig(method="distill", init="teacher", student={"d_model": 8, "d_ff": 16}))
+        build_student(big, DistillConfig(method="distill", init="teacher", student={"d_model": 8, "d_ff": 16}))
 
 
 def test_student_not_smaller_than_the_teacher_is_refused():
@@ -221,9 +227,9 @@ def test_student_not_smaller_than_the_teacher_is_refused():
 
     big, _ = teacher("t5", layers=2)
     with pytest.raises(UserError, match=r"the student \([\d,]+ parameters\) is not smaller than the teacher"):
-        build_student(big, OptimizeConfig(method="distill", student={"n_layers": 2}))
+        build_student(big, DistillConfig(method="distill", student={"n_layers": 2}))
     with pytest.raises(UserError, match="not smaller"):
-        build_student(big, OptimizeConfig(method="distill", student={"n_layers": 1, "d_model": 64}))
+        build_student(big, DistillConfig(method="distill", student={"n_layers": 1, "d_model": 64}))
 
 
 def test_distillation_loss_falls():
@@ -231,7 +237,7 @@ def test_distillation_loss_falls():
     from llmcycle.stages.optimize.distill import build_student, distill_loss, fit_steps, training_features
 
     big, tok = teacher("t5", layers=2)
-    student, _ = build_student(big, OptimizeConfig(method="distill", init="random", student={"n_layers": 1}))
+    student, _ = build_student(big, DistillConfig(method="distill", init="random", student={"n_layers": 1}))
     features = training_features(examples(32), "{input} ->", tok, "seq2seq", 512).features
 
     def loss_fn(model, batch):

