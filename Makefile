@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	# the layers and independent stages of .importlinter: an import that breaks them fails the build
-	$(VENV)/bin/lint-imports --config .importlinter
+	$(VENV)/bin/lint-imports .importlinter
 	$(VENV)/bin/pytest -q tests; status=$$?; if [ $$status -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$status
 
 clean-demo:

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from llmcycle.core.configbase import PROJECT_FILE
 from llmcycle.core.errors import UserError
+from llmcycle.stages import registry
 
 app = typer.Typer(help="llmcycle: the generative-AI project lifecycle in one tool.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -28,6 +29,11 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 ProjectOpt = typer.Option(Path(PROJECT_FILE), "-p", "--project", help="Project file (or its folder).")
+
+
+VariantOpt = typer.Option(None, "--variant", help="Only these variants.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue the last unfinished run.")
+ForceOpt = typer.Option(False, "--force", help="Redo a variant even if an identical run exists.")
 
 
 def _has_project(project: Path) -> bool:
@@ -93,24 +99,6 @@ def scope(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, a
         out.print(f"[dim]recorded as run {outcome.run_id}[/]")
 
 
-@app.command()
-def pretrain(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
-             variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
-             resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run."),
-             force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
-             as_json: bool = JsonOpt):
-    """Train a tokenizer and a T5- or GPT-style model from scratch on the project's corpus."""
-    from llmcycle.project import lifecycle
-
-    proj = _project(project, overrides)
-    names = variant or list(lifecycle.variants(proj, "pretrain"))
-    if not names:
-        raise UserError(f"{proj.path}: no pretrain variants configured (add a `pretrain:` section)")
-    outcomes = [lifecycle.execute(proj, "pretrain", name, force=force, resume=resume,
-                                  progress=not as_json) for name in names]
-    _report_outcomes(outcomes, as_json)
-
-
 @app.command("select")
 def select_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
                force: bool = typer.Option(False, "--force", help="Measure candidates again even when unchanged."),
@@ -166,10 +154,9 @@ def _exit_if_failed(outcomes) -> None:
 
 @app.command()
 def tune(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
-         variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
-         resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run."),
+         variant: Optional[List[str]] = VariantOpt, resume: bool = ResumeOpt,
          merge: bool = typer.Option(False, "--merge", help="Also save adapters merged into the base."),
-         force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
+         force: bool = ForceOpt,
          as_json: bool = JsonOpt):
     """Fine-tune the project's model: full, LoRA, prompt tuning or QLoRA; every variant evaluated.
 
@@ -178,50 +165,49 @@ def tune(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
     from llmcycle.project import lifecycle
 
     proj = _project(project, overrides)
-    names = variant or list(lifecycle.variants(proj, "tune"))
-    if not names:
-        raise UserError(f"{proj.path}: no tune variants configured (add a `tune:` section)")
     if merge:
+        names = _variant_names(proj, "tune", variant)
         proj = _project(project, (overrides or []) + [f"tune.{n}.merge=true" for n in names])
-    outcomes = [lifecycle.execute(proj, "tune", name, force=force, resume=resume,
-                                  progress=not as_json) for name in names]
+    outcomes = _run_stage(proj, "tune", variant, resume=resume, force=force, as_json=as_json)
     if lifecycle.is_main_process():
         _report_outcomes(outcomes, as_json, proj)
 
 
-@app.command()
-def align(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
-          variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
-          resume: bool = typer.Option(False, "--resume", help="Continue the last unfinished run."),
-          force: bool = typer.Option(False, "--force", help="Train even if an identical run exists."),
-          as_json: bool = JsonOpt):
-    """Align with preferences: train reward models, then PPO / DPO / ORPO; toxicity before and after."""
+def _variant_names(proj, stage: str, requested: Optional[List[str]]) -> list[str]:
+    """The variants to run: the requested ones in the stage's order (an unknown name is kept, so that
+    running it says which variants exist), else all; a stage with none configured is an error."""
     from llmcycle.project import lifecycle
 
-    proj = _project(project, overrides)
-    known = list(lifecycle.variants(proj, "align"))
-    names = [n for n in known if n in variant] + [n for n in variant if n not in known] if variant else known
+    known = list(lifecycle.variants(proj, stage))
+    names = [n for n in known if n in requested] + [n for n in requested if n not in known] if requested else known
     if not names:
-        raise UserError(f"{proj.path}: no align variants configured (add an `align:` section)")
-    outcomes = [lifecycle.execute(proj, "align", name, force=force, resume=resume,
-                                  progress=not as_json) for name in names]
-    _report_outcomes(outcomes, as_json, proj)
+        raise UserError(f"{proj.path}: no {stage} variants configured (add a `{stage}:` section)")
+    return names
 
 
-@app.command()
-def optimize(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
-             variant: Optional[List[str]] = typer.Option(None, "--variant", help="Only these variants."),
-             force: bool = typer.Option(False, "--force", help="Redo a variant even if an identical run exists."),
-             as_json: bool = JsonOpt):
-    """Quantize, distill, prune or export a model; each variant re-evaluated with size, latency, speed."""
+def _run_stage(proj, stage: str, requested: Optional[List[str]], *, resume: bool, force: bool, as_json: bool):
     from llmcycle.project import lifecycle
 
-    proj = _project(project, overrides)
-    names = variant or list(lifecycle.variants(proj, "optimize"))
-    if not names:
-        raise UserError(f"{proj.path}: no optimize variants configured (add an `optimize:` section)")
-    outcomes = [lifecycle.execute(proj, "optimize", name, force=force, progress=not as_json) for name in names]
-    _report_outcomes(outcomes, as_json, proj)
+    return [lifecycle.execute(proj, stage, name, force=force, resume=resume, progress=not as_json)
+            for name in _variant_names(proj, stage, requested)]
+
+
+def _stage_command(stage: str, summary: str):
+    """`llmcycle STAGE`: run the stage's variants (or --variant ones), skipping unchanged ones."""
+    def command(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
+                variant: Optional[List[str]] = VariantOpt, resume: bool = ResumeOpt, force: bool = ForceOpt,
+                as_json: bool = JsonOpt):
+        proj = _project(project, overrides)
+        _report_outcomes(_run_stage(proj, stage, variant, resume=resume, force=force, as_json=as_json), as_json, proj)
+
+    command.__doc__ = summary[0].upper() + summary[1:] + "."
+    return command
+
+
+# Stages without options of their own get their command from the registry: a new stage has one too.
+for _stage in registry.STAGES:
+    if _stage.name not in ("scope", "select", "prompt", "tune"):
+        app.command(_stage.name)(_stage_command(_stage.name, _stage.summary))
 
 
 @app.command()
