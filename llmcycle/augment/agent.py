@@ -38,7 +38,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from llmcycle.augment import rag
+from llmcycle.augment.rag import Citation
+from llmcycle.augment.sandbox import run_program
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.core.store import atomic_write_text
 
 STOP = ["Observation:", "\nQuestion:"]  # the model must not write the tool's answer itself
 MAX_OBSERVATION_CHARS = 1500  # a long observation is cut, so one tool call cannot fill the window
@@ -196,7 +200,6 @@ def calculator_tool() -> Tool:
 def retrieval_tool(index, k: int = 3, max_chars: int = 400) -> Tool:
     """Top-k passages of `index` (an llmcycle.augment.index.Index). A passage keeps its [n] for the whole
     run, so the final answer's citations mean one thing."""
-    from llmcycle.augment.rag import Citation
 
     if k < 1:
         raise UserError(f"retrieval k must be at least 1, got {k}")
@@ -225,7 +228,6 @@ def python_tool(timeout_s: float = 5.0, **sandbox) -> Tool:
     """A program run by llmcycle.augment.sandbox.run_program (`sandbox`: its other options); the observation is
     what it printed, or the sandbox's one-line error."""
     def run(code: str) -> Observation:
-        from llmcycle.augment.sandbox import run_program
 
         fenced = _FENCE.match(code.strip())
         program = fenced.group(1) if fenced else code.strip()
@@ -433,7 +435,6 @@ def run_agent(question: str, generate: Callable[[str], str], tools, *, max_steps
 def model_fn(loaded, *, max_new_tokens: int = 128, generation: dict | None = None) -> Callable[[str], str]:
     """`generate(prompt) -> text` for an llmcycle LoadedModel (rag.as_model: its generator, its token
     count and window), stopping at STOP; raises ContextFull once the prompt leaves no room to generate."""
-    from llmcycle.augment import rag
 
     stops = list(dict.fromkeys(STOP + list((generation or {}).get("stop", []))))
     m = rag.as_model(loaded, max_new_tokens=max_new_tokens, generation={**(generation or {}), "stop": stops})
@@ -451,7 +452,6 @@ def model_fn(loaded, *, max_new_tokens: int = 128, generation: dict | None = Non
 def record(run, result: AgentResult) -> None:
     """Write the transcript (artifacts/transcript.jsonl: one line per step, then the outcome) and the
     summary of a run from the run store."""
-    from llmcycle.core.store import atomic_write_text
 
     outcome = {"outcome": result.stop_reason, "answer": result.answer, "steps": result.steps,
                "message": result.message, "citations": result.citations}

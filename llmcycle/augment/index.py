@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.core.files import fsync_dir
 from llmcycle.core.progress import bar
 from llmcycle.core.store import atomic_write_json, atomic_write_text
 from llmcycle.models.embeddings import DEFAULT_EMBEDDER, Embedder, load_embedding_model
@@ -415,7 +416,6 @@ def _commit(index_dir: Path, manifest: dict, chunks: list[Chunk], vectors, faiss
     faiss = _faiss()
     import numpy as np
 
-    from llmcycle.core.files import fsync_dir
 
     index_dir.mkdir(parents=True, exist_ok=True)
     gen = manifest["generation"]

@@ -31,8 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from llmcycle.augment.sandbox import run_program
 from llmcycle.core.errors import UserError
 from llmcycle.core.progress import bar
+from llmcycle.evaluation import harness
+from llmcycle.models.generation import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,6 @@ def evaluate_pal(generate_fn: Callable[[list[str]], list[str]], questions: list[
     `failures` counts why (forbidden, syntax, timeout, error, ...)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from llmcycle.augment.sandbox import run_program
 
     _check_inputs(questions, golds)
     outputs = _generate(generate_fn, [pal_prompt(q, shots) for q in questions])
@@ -251,8 +253,6 @@ def evaluate_model_on_gsm8k(model, path, limit: int | None = 20, *, shots=DEFAUL
                             sandbox: dict | None = None, workers: int = 2, progress: bool = False) -> dict:
     """PAL vs direct answering for one model on the first `limit` GSM8K records. `model` is a model
     reference for llmcycle.evaluation.harness.load (Hub id, folder, run) or an already loaded LoadedModel."""
-    from llmcycle.evaluation import harness
-    from llmcycle.models.generation import GenerationConfig
 
     loaded = model if isinstance(model, harness.LoadedModel) else \
         harness.load(str(model), context_window=context_window)
@@ -375,7 +375,6 @@ def annotation_program_report(examples: list[GSM8KExample], *, use_sandbox: bool
     no_annotations; bad_expression; answer_is_earlier_step (the last annotation is not the answer but
     an earlier one is); rounding (the answer is the last result rounded, e.g. 7.5 buses -> 8);
     final_step_not_annotated (the last computation is only in the prose, e.g. `20/4 = $5`)."""
-    from llmcycle.augment.sandbox import run_program
 
     reasons: Counter = Counter()
     failures: list[dict] = []

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 from llmcycle.core.errors import UserError
+from llmcycle.evaluation import harness, metrics
+from llmcycle.models.generation import GenerationConfig
 
 DEFAULT_TEMPLATE = ("Answer the question using only the numbered passages below. Cite the passages you "
                     "use by their numbers in square brackets, like [1]. If the passages do not contain "
@@ -161,8 +163,6 @@ def as_model(model, *, window: int | None = None, max_new_tokens: int = 128,
     plain generate_fn(prompt) -> str with `window` and `count_tokens` given (the prompt budget is then
     window - max_new_tokens, as for a decoder-only model)."""
     if hasattr(model, "generator"):
-        from llmcycle.evaluation import harness
-        from llmcycle.models.generation import GenerationConfig
 
         cfg = GenerationConfig.from_dict({"max_new_tokens": max_new_tokens, **(generation or {})},
                                          "RAG generation")
@@ -310,7 +310,6 @@ def evaluate_answers(index, model, questions: list[str], references: list, *, k:
     """The same questions answered with retrieval (top k chunks in the prompt) and without (the
     closed-book prompt), scored by llmcycle.evaluation.metrics for `task`: {"with_retrieval": summary,
     "without_retrieval": summary, "rows": one dict per question}."""
-    from llmcycle.evaluation import metrics
 
     if not questions:
         raise UserError("no questions to evaluate")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmcycle.core.errors import UserError
+from llmcycle.core.errors import UserError, suggest
 
 STORE_DIRNAME = "runs"
 INDEX_NAME = "index.sqlite"
@@ -338,7 +338,6 @@ class RunStore:
             return matches[0]
         if len(matches) > 1:
             raise UserError(f"run id '{ref}' is ambiguous: " + ", ".join(r.id for r in matches[:5]))
-        from llmcycle.core.errors import suggest
 
         raise UserError(f"run '{ref}' not found in {self.root}{suggest(ref, [r.id for r in runs])}")
 

@@ -5,6 +5,11 @@ import time
 
 from rich.table import Table
 
+from llmcycle.core.textsafe import as_text
+from llmcycle.evaluation.faithfulness import spans
+from llmcycle.evaluation.harness import read_predictions
+from llmcycle.evaluation.metrics import higher_is_better
+
 
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
@@ -23,7 +28,6 @@ def list_table(runs) -> Table:
 
 
 def show(rec, console) -> None:
-    from llmcycle.core.textsafe import as_text
 
     console.print(f"[bold]{rec.id}[/]  {rec.stage}.{rec.variant}  status: {rec.status}")
     console.print(f"folder: {rec.dir}")
@@ -103,7 +107,6 @@ def compare_rows(records) -> list[dict]:
 
 def best_by_metric(rows: list[dict]) -> dict[str, float]:
     """For each metric with a known direction, the best value among the rows."""
-    from llmcycle.evaluation.metrics import higher_is_better
 
     best = {}
     for key in COMPARE_KEYS + ("headline_value",):
@@ -164,7 +167,6 @@ def _mark(text: str, value, best) -> str:
 
 def side_by_side(records, n: int = 3) -> list[dict]:
     """The first n evaluated examples with each run's output, aligned by example index."""
-    from llmcycle.evaluation.harness import read_predictions
 
     outputs = {}  # run label -> {example index: prediction row}
     for r in records:
@@ -188,8 +190,6 @@ def side_by_side(records, n: int = 3) -> list[dict]:
 
 def marked(text: str, invented):
     """The output as rich Text with its invented entities in red (never parsed as markup)."""
-    from llmcycle.core.textsafe import as_text
-    from llmcycle.evaluation.faithfulness import spans
 
     out = as_text(text)  # one symbol for each control character: the spans' offsets hold
     for start, end in spans(text, invented):
@@ -199,7 +199,6 @@ def marked(text: str, invented):
 
 def print_side_by_side(examples: list[dict], console, width: int = 400) -> None:
     """Each example's input, references and outputs, printed as text (data may look like markup)."""
-    from llmcycle.core.textsafe import as_text
 
     for ex in examples:
         table = Table(title=as_text(f"example {ex['index']} ({ex['where']})"), show_header=False, expand=True)

@@ -8,6 +8,8 @@ every example's prompt, references and output in artifacts/predictions.jsonl.
 """
 from __future__ import annotations
 
+from llmcycle.data.prompting import check_template, fit_prompts
+from llmcycle.evaluation import harness
 from llmcycle.evaluation.settings import (
     eval_examples,
     name_lexicon,
@@ -19,8 +21,6 @@ from llmcycle.evaluation.settings import (
 def evaluate_model(project, run, model_ref: str | None = None, *, data_file: str | None = None,
                    limit: int | None = None, progress: bool = True) -> dict:
     """Evaluate a model with the project's prompt and record the result in `run`."""
-    from llmcycle.data.prompting import check_template, fit_prompts
-    from llmcycle.evaluation import harness
 
     cfg = settings(project)
     examples = eval_examples(project, data_file, limit if limit is not None else cfg.limit)

@@ -14,6 +14,11 @@ from pathlib import Path
 
 from llmcycle.core.errors import UserError
 from llmcycle.core.progress import bar
+from llmcycle.core.store import atomic_write_text
+from llmcycle.data.prompting import encode_prompt
+from llmcycle.evaluation import metrics
+from llmcycle.models import hub as models
+from llmcycle.models.generation import Generator
 from llmcycle.models.load import load_model
 
 PREDICTIONS = "predictions.jsonl"
@@ -43,7 +48,6 @@ _CACHE: dict[tuple, LoadedModel] = {}
 def resolve(ref: str, project) -> tuple[str, str | None]:
     """(path or Hub id, producing run id) for a model reference: `run:REF`, a bare run id or
     STAGE/VARIANT known to the store, a local folder, or a Hub id."""
-    from llmcycle.models import hub as models
 
     store = project.store() if project is not None else None
     base = project.dir if project is not None else Path.cwd()
@@ -62,7 +66,6 @@ def resolve(ref: str, project) -> tuple[str, str | None]:
 def load(ref: str, project=None, *, dtype: str = "auto", device: str = "auto",
          context_window: int | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load (once per process) a model, its tokenizer and a generator for it."""
-    from llmcycle.models.generation import Generator
 
     path, run_id = resolve(ref, project)
     key = (path, dtype, device, context_window)
@@ -103,7 +106,6 @@ def generation_budget(loaded: LoadedModel, max_new_tokens: int) -> int:
 
 def count_tokens(loaded: LoadedModel):
     """Token count of a prompt as the model will see it (chat template included)."""
-    from llmcycle.data.prompting import encode_prompt
 
     return lambda text: len(encode_prompt(loaded.tokenizer, text, loaded.kind))
 
@@ -113,7 +115,6 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
              lexicon=None) -> tuple[dict, list[dict]]:
     """Generate for every prompt, score against the examples' references; (summary, rows). `lexicon`:
     names known from the project's data, for the faithfulness score (evaluate.name_lexicon)."""
-    from llmcycle.evaluation import metrics
 
     if not prompts:
         raise UserError("the evaluation set is empty: nothing to evaluate")
@@ -188,7 +189,6 @@ def source_text(example) -> str:
 
 
 def write_predictions(run, rows: list[dict], name: str = PREDICTIONS) -> Path:
-    from llmcycle.core.store import atomic_write_text
 
     path = run.artifacts / name
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -19,6 +19,8 @@ import string
 from collections import Counter
 
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.evaluation import faithfulness
+from llmcycle.models.hub import context_window, decoder_prefix
 
 HEADLINE = {"summarization": "rougeL", "qa": "f1", "classification": "macro_f1", "generation": "rougeL"}
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -298,7 +300,6 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     import torch
     import torch.nn.functional as F
 
-    from llmcycle.models.hub import context_window
 
     if not prompts or len(prompts) != len(references):
         raise UserError("perplexity needs one prompt per reference, and at least one of each")
@@ -343,7 +344,6 @@ def _seq2seq_targets(model, tokenizer, references: list[str], window: int, pad: 
     tune_data.encode_target) and read behind the decoder prefix, as generation reads them."""
     import torch
 
-    from llmcycle.models.hub import decoder_prefix
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = [(tokenizer(r, add_special_tokens=False)["input_ids"] + eos)[:window] for r in references]
@@ -419,7 +419,6 @@ def compute_all(task: str, predictions: list[str], references: list[list[str]], 
 def _faithfulness(summary: dict, per: dict, preds, refs, sources, lexicon: set, bootstrap: bool,
                   n_resamples: int, seed: int) -> None:
     """Adds the hallucinated-entity rate (and its interval over the outputs that have entities)."""
-    from llmcycle.evaluation import faithfulness
 
     if len(sources) != len(preds):
         raise UserError(f"{len(preds)} predictions but {len(sources)} sources")

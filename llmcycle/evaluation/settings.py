@@ -6,6 +6,9 @@ from pydantic import Field
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
+from llmcycle.data.prompting import DEFAULT_TEMPLATES
+from llmcycle.data.records import load_records, load_splits, to_examples
+from llmcycle.evaluation.faithfulness import name_lexicon as lexicon_of
 from llmcycle.models.generation import GenerationConfig
 
 
@@ -24,7 +27,6 @@ def settings(project) -> EvaluateConfig:
 
 
 def project_template(project) -> str:
-    from llmcycle.data.prompting import DEFAULT_TEMPLATES
 
     return settings(project).template or DEFAULT_TEMPLATES[project.config.project.task]
 
@@ -38,8 +40,6 @@ def name_lexicon(project) -> frozenset:
     (faithfulness.name_lexicon); once per process and data config."""
     import json
 
-    from llmcycle.data.records import load_splits
-    from llmcycle.evaluation.faithfulness import name_lexicon as lexicon_of
 
     cfg = project.config.data
     if cfg is None or project.config.project.task not in ("summarization", "qa"):
@@ -53,7 +53,6 @@ def name_lexicon(project) -> frozenset:
 
 def eval_examples(project, data_file: str | None = None, limit: int | None = None):
     """The examples to evaluate on: a given file, or the project's eval split; first `limit`."""
-    from llmcycle.data.records import load_records, load_splits, to_examples
 
     cfg = project.config.data
     if cfg is None:

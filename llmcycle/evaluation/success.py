@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
+from llmcycle.evaluation.metrics import HEADLINE, higher_is_better
+from llmcycle.models.hub import ADAPTER_CONFIG, BASE_FILE, adapter_base
 
 LATENCY_KEY = "latency_p95_ms"
 
@@ -20,7 +22,6 @@ def folder_mb(path: Path) -> float:
 
 def model_size_mb(model_dir: Path) -> float:
     """Size on disk of what serving the model loads: an adapter folder counts its local base too."""
-    from llmcycle.models.hub import ADAPTER_CONFIG, BASE_FILE, adapter_base
 
     size = folder_mb(model_dir)
     if (model_dir / ADAPTER_CONFIG).is_file() and (model_dir / BASE_FILE).is_file():
@@ -32,7 +33,6 @@ def model_size_mb(model_dir: Path) -> float:
 
 def success_metric(project) -> str:
     """The metric that decides success: scope.success_metric, else the task's headline."""
-    from llmcycle.evaluation.metrics import HEADLINE, higher_is_better
 
     scope = project.config.scope
     metric = (scope.success_metric if scope and scope.success_metric
@@ -57,7 +57,6 @@ def budget_reasons(scope, size_mb: float | None, latency_p95_ms: float | None) -
 def meets_threshold(scope, metric: str, value) -> bool | None:
     """Whether a value of the success metric reaches scope.success_threshold in the metric's
     direction (at least, or at most for perplexity); None without a threshold or a value."""
-    from llmcycle.evaluation.metrics import higher_is_better
 
     threshold = scope.success_threshold if scope else None
     if threshold is None or not isinstance(value, (int, float)):
@@ -83,7 +82,6 @@ def candidates(project) -> list[dict]:
 
 def best_run(project) -> dict:
     """The chosen candidate (with `excluded`: the better ones the budgets ruled out, and why)."""
-    from llmcycle.evaluation.metrics import higher_is_better
 
     rows = candidates(project)
     if not rows:

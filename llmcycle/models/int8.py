@@ -9,6 +9,9 @@ import shutil
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
+from llmcycle.core.files import fsync_tree
+from llmcycle.models import hub as models
+from llmcycle.models.hub import INFO_FILE
 from llmcycle.models.hub import (
     INT8_MARKER as QUANT_MARKER,  # models.load.load_model looks for it
 )
@@ -72,8 +75,6 @@ def save_int8(qmodel, tokenizer, dest: Path, info: dict) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from llmcycle.core.files import fsync_tree
-    from llmcycle.models.hub import INFO_FILE
 
     tensors: dict = {}
     quantized = dynamic_linears(qmodel)
@@ -126,7 +127,6 @@ def load_int8(path: str, device: str = "auto", trust_remote_code: bool = False):
     import torch
     from safetensors.torch import load_file
 
-    from llmcycle.models import hub as models
 
     if device not in ("auto", "cpu"):
         raise UserError(f"model folder {path} is int8 dynamically quantized, which runs on the CPU only; "

@@ -35,7 +35,9 @@ from pydantic import Field, model_validator
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
-from llmcycle.models.bundled import MINILM
+from llmcycle.core.files import fsync_tree, quiet_loads, quiet_saves
+from llmcycle.models.bundled import MINILM, is_minilm, minilm_path
+from llmcycle.models.hub import TOKENIZER_FILES, resolve_model_path
 
 MARKER = "llmcycle_warm_start.json"
 # The module names (last components) a warm start adds without pretrained weights: LoRA cannot adapt
@@ -74,8 +76,6 @@ class WarmStartConfig(Section):
 
 def resolve_checkpoint(name: str, base_dir: Path | None = None) -> str:
     """A folder or Hub id for a warm-start checkpoint; all-MiniLM-L6-v2 is found in its pip package."""
-    from llmcycle.models.bundled import is_minilm, minilm_path
-    from llmcycle.models.hub import resolve_model_path
 
     if is_minilm(name):
         return minilm_path("warm_start")
@@ -107,7 +107,6 @@ def _load_encoder(path: str, key: str):
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise UserError(f"warm_start.{key}: {path} uses {config.position_embedding_type} positions; "
                         "only absolute position embeddings map onto the seq2seq model")
-    from llmcycle.core.files import quiet_loads
 
     with quiet_loads():  # the checkpoint's unused pooler is expected, not news
         model = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
@@ -126,7 +125,6 @@ def _check_layers(requested: int | None, available: int, key: str, path: str) ->
 def _load_tokenizer(path: str, key: str, vocab_size: int):
     from transformers import AutoTokenizer
 
-    from llmcycle.models.hub import TOKENIZER_FILES
 
     if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         raise UserError(f"warm_start.{key}: {path} has no tokenizer files; save the checkpoint's tokenizer "
@@ -287,7 +285,6 @@ def _save(model, tok, dest: Path, facts: dict) -> None:
     import os
     import shutil
 
-    from llmcycle.core.files import fsync_tree, quiet_saves
 
     dest = Path(dest)
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")

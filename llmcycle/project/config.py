@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, create_model
 from llmcycle.augment.config import AugmentConfig
 from llmcycle.core.configbase import PROJECT_FILE, Section, describe_error
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.core.store import RunStore
 from llmcycle.data.records import DataConfig
 from llmcycle.evaluation.settings import EvaluateConfig
 from llmcycle.models.hub import ModelConfig
@@ -62,7 +63,6 @@ class Project:
         self.raw = raw
 
     def store(self):
-        from llmcycle.core.store import RunStore
 
         return RunStore.for_project(self.dir)
 

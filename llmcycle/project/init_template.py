@@ -17,6 +17,9 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
+from llmcycle.data.prompting import DEFAULT_TEMPLATES
+from llmcycle.project.config import ProjectConfig, parse_value
+
 WIDTH = 100  # the longest line we aim for
 COMMENT_COL = 33  # inline comments line up here when the key and value leave room
 
@@ -67,7 +70,6 @@ class Off:
 def examples(task: str, name: str) -> dict[str, Any]:
     """Example values per section, in the order the file shows them; sections not listed here follow,
     commented out, before the last one."""
-    from llmcycle.data.prompting import DEFAULT_TEMPLATES
 
     d = TASK_DEFAULTS[task]
     prompt = DEFAULT_TEMPLATES[task].replace("{input}", "{" + d["input"] + "}")
@@ -206,7 +208,6 @@ _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./@+\- ]*(?<! )")
 
 def _value(v: Any, flow: bool = False) -> str:
     """A value as one line of YAML (flow style for lists and mappings)."""
-    from llmcycle.project.config import parse_value
 
     if isinstance(v, BaseModel):
         v = v.model_dump(exclude_defaults=True)
@@ -340,7 +341,6 @@ class _Writer:
 
 
 def render(task: str, name: str) -> str:
-    from llmcycle.project.config import ProjectConfig
 
     ex = examples(task, name)
     fields = ProjectConfig.model_fields

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import llmcycle
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.data.records import fingerprint
 from llmcycle.stages import registry
 
 
@@ -53,7 +54,6 @@ def _candidate_runs(project, stage: str, configs: dict, chooser: str) -> dict:
 
 
 def _data_identity(project) -> dict:
-    from llmcycle.data.records import fingerprint
 
     data = project.config.data
     if data is None:
@@ -81,7 +81,6 @@ def _model_identity(project, name: str | None = None) -> dict:
         except UserError:
             out["resolved"] = None
     elif (project.dir / name).exists():
-        from llmcycle.data.records import fingerprint
 
         out["resolved"] = fingerprint(name, project.dir)  # a local folder: by content
     return out

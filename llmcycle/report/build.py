@@ -30,6 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
+from llmcycle.core.store import atomic_write_bytes, atomic_write_text
+from llmcycle.evaluation import metrics
+from llmcycle.evaluation.compare import side_by_side
+from llmcycle.evaluation.harness import PREDICTIONS
+from llmcycle.evaluation.success import (
+    best_run,
+    budget_reasons,
+    meets_threshold,
+    model_size_mb,
+    success_metric,
+)
+from llmcycle.report import plots as rp
+from llmcycle.report.render import render_html, render_md
 from llmcycle.stages.registry import NAMES
 
 FORMATS = ("html", "md")
@@ -66,7 +79,6 @@ class Item:
 
 # -- reading the store ------------------------------------------------------------------------------
 def _read_item(rec, store) -> Item:
-    from llmcycle.evaluation.harness import PREDICTIONS
 
     item = Item(rec.id, rec.stage, rec.variant, rec.status, rec.parent, rec)
     path = rec.dir / "summary.json"
@@ -141,7 +153,6 @@ def _quality(item: Item):
 def ci_from_predictions(name: str, predictions: list[dict] | None) -> tuple[float, float] | None:
     """The seeded 95% bootstrap interval of the headline from the per-example scores the harness
     wrote into predictions.jsonl (macro-F1 from the labels); None when they are not there."""
-    from llmcycle.evaluation import metrics
 
     if not predictions:
         return None
@@ -158,7 +169,6 @@ def ci_from_predictions(name: str, predictions: list[dict] | None) -> tuple[floa
 def _size(item: Item, by_id: dict) -> tuple[float | None, bool]:
     """(MB on disk, whether it is the parent's model): a prompt or eval run makes no model; what it
     would deploy is the model it evaluated, its parent's."""
-    from llmcycle.evaluation.success import model_size_mb
 
     if item.rec is not None and (item.rec.artifacts / "model").is_dir():
         return model_size_mb(item.rec.artifacts / "model"), False
@@ -170,7 +180,6 @@ def _size(item: Item, by_id: dict) -> tuple[float | None, bool]:
 
 
 def variant_row(item: Item, by_id: dict, project, metric: str) -> dict:
-    from llmcycle.evaluation.success import budget_reasons, meets_threshold
 
     s = item.summary
     headline, quality, ci, ci_from = _quality(item)
@@ -253,8 +262,6 @@ def lineage(items: list[Item], deployed: str | None) -> list[dict]:
 # -- putting it together ----------------------------------------------------------------------------
 def build(project) -> dict:
     """Everything the report shows, as data; render_html / render_md turn it into a page."""
-    from llmcycle.evaluation.success import best_run, success_metric
-    from llmcycle.report import plots as rp
 
     store = project.store()
     items = read_items(store)
@@ -309,7 +316,6 @@ def _selection(chosen: list[Item]) -> dict | None:
 
 
 def _examples(project, chosen: list[Item]) -> list[dict]:
-    from llmcycle.evaluation.compare import side_by_side
 
     records = [i.rec for i in chosen if i.rec is not None and i.predictions]
     if not records:
@@ -344,8 +350,6 @@ def output_path(project, output: Path | None, fmt: str | None) -> tuple[Path, st
 
 def write_report(project, output: Path | None = None, fmt: str | None = None) -> dict:
     """Build and write the report; returns {"report", "runs", "plots", "missing"} (the --json line)."""
-    from llmcycle.core.store import atomic_write_bytes, atomic_write_text
-    from llmcycle.report.render import render_html, render_md
 
     path, fmt = output_path(project, output, fmt)
     view = build(project)

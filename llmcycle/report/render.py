@@ -10,6 +10,10 @@ import base64
 import html
 import re
 
+from llmcycle.core.textsafe import visible
+from llmcycle.evaluation.faithfulness import spans
+from llmcycle.evaluation.metrics import higher_is_better
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1280px;
  padding:0 1.5em;color:#222}
@@ -90,7 +94,6 @@ def _row_cells(row, view) -> list:
 
 
 def _criterion(view) -> str:
-    from llmcycle.evaluation.metrics import higher_is_better
 
     scope, metric = view["scope"], view["metric"]
     if not scope or scope.success_threshold is None:
@@ -246,7 +249,6 @@ def _inline(text: str) -> str:
 
 def _marked(text: str, invented, mark) -> str:
     """`text` with each invented entity passed through `mark`, the rest through `plain`."""
-    from llmcycle.evaluation.faithfulness import spans
 
     out, last = [], 0
     for start, end in spans(text, invented):
@@ -256,7 +258,6 @@ def _marked(text: str, invented, mark) -> str:
 
 
 def _cell_html(cell, tag: str = "td") -> str:
-    from llmcycle.core.textsafe import visible
 
     text, cls = (cell, "") if isinstance(cell, str) else cell[:2]
     if cls in ("pre", "marked"):  # free text: its control characters shown, one symbol for each
@@ -320,7 +321,6 @@ def _md_literal(text: str) -> str:
     """Free text (inputs, outputs, references) for a Markdown table cell, shown as written: HTML and
     Markdown syntax escaped (a model's `<script>` or `[x](javascript:...)` stays text), control
     characters visible."""
-    from llmcycle.core.textsafe import visible
 
     return _MD_SPECIAL.sub(r"\\\1", html.escape(visible(text), quote=False))
 

@@ -29,6 +29,12 @@ from typing import Any
 
 from llmcycle.core.errors import UserError, suggest
 from llmcycle.core.net import listen
+from llmcycle.data.prompting import encode_prompt, template_fields, uses_chat_template
+from llmcycle.evaluation import harness
+from llmcycle.evaluation.settings import project_template
+from llmcycle.models.hub import ADAPTER_CONFIG
+from llmcycle.serve import augment as serve_augment
+from llmcycle.serve.augment import prepare
 from llmcycle.serve.engine import BatchEngine
 from llmcycle.serve.metrics import Metrics
 from llmcycle.serve.protocol import (
@@ -92,7 +98,6 @@ class ServedModel:
     def chat_prompt(self, messages: list[ChatMessage], raw: bool = False) -> list[int]:
         """Token ids of a conversation; `raw`: a last message that is a whole prompt (RAG's), so no
         project template around it."""
-        from llmcycle.data.prompting import encode_prompt, uses_chat_template
 
         tok, kind = self.loaded.tokenizer, self.loaded.kind
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m)} for m in messages]
@@ -110,7 +115,6 @@ class ServedModel:
                            f"(got roles: {roles})", "messages")
         text = turns[0]["content"]
         if self.template is not None and not raw:
-            from llmcycle.data.prompting import template_fields
 
             text = self.template.format(**{template_fields(self.template)[0]: text})
         return self.encode_text(text)
@@ -131,7 +135,6 @@ class ServedModel:
 def _check_template(template: str | None) -> None:
     if template is None:
         return
-    from llmcycle.data.prompting import template_fields
 
     fields = set(template_fields(template))
     if len(fields) != 1 or "" in fields:
@@ -267,7 +270,6 @@ async def _generate(request, chat: bool):
     """POST /v1/chat/completions (`chat`) or /v1/completions: one response, or a stream with `stream: true`."""
     from fastapi.responses import Response, StreamingResponse
 
-    from llmcycle.serve.augment import prepare
 
     _authorize(request)
     state = request.app.state
@@ -392,8 +394,6 @@ def _exec_vllm(model_ref, project, *, host, port, api_key, model_name) -> None:
     import os
     from pathlib import Path
 
-    from llmcycle.evaluation import harness
-    from llmcycle.models.hub import ADAPTER_CONFIG
 
     ref = model_ref or (project.config.model.name if project is not None and project.config.model else None)
     if ref is None:
@@ -423,8 +423,6 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
     model_ref is None) and serve it until SIGINT/SIGTERM. `rag_index` / `pal` override the project's
     `augment:` section (serve_augment). Everything that can be wrong with the model, the index or the
     address is a UserError before the server starts."""
-    from llmcycle.evaluation import harness
-    from llmcycle.serve import augment as serve_augment
 
     check_backend(backend)
     augment = serve_augment.settings(project, rag_index=rag_index, pal=pal)
@@ -446,7 +444,6 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
         else:
             loaded = harness.load(model_ref, project, dtype=dtype, device=device, context_window=context_window)
         if prompt_template is None and project is not None:
-            from llmcycle.evaluation.settings import project_template
 
             prompt_template = project_template(project)
             _check_template(prompt_template)

@@ -31,9 +31,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from llmcycle.augment import rag
 from llmcycle.augment.config import AugmentConfig, PalServeConfig, RagServeConfig
-from llmcycle.augment.pal import DEFAULT_SHOTS
+from llmcycle.augment.index import Index
+from llmcycle.augment.pal import DEFAULT_SHOTS, PAL_STOP, extract_program, pal_prompt
+from llmcycle.augment.sandbox import run_program
+from llmcycle.core.configbase import describe_error
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.serve.protocol import ApiError, ChatMessage, sse, text_of, wait_for_job
 
 
 class RequestOptions(BaseModel):
@@ -62,7 +67,6 @@ def settings(project=None, *, rag_index: str | None = None, pal: bool | None = N
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
-    from llmcycle.serve.protocol import ApiError
 
     return ApiError(status, message, param, code)
 
@@ -83,7 +87,6 @@ class Augmentation:
     def __init__(self, config: AugmentConfig):
         self.rag, self.pal, self.index = config.rag, config.pal, None
         if self.rag is not None:
-            from llmcycle.augment.index import Index
 
             self.index = Index.load(self.rag.index)
             if not len(self.index):
@@ -97,8 +100,6 @@ class Augmentation:
 
     # -- rag ----------------------------------------------------------------------------------------
     def prepare_rag(self, s, req, question: str) -> Prepared:
-        from llmcycle.augment import rag
-        from llmcycle.serve.protocol import ChatMessage
 
         limit = req.max_completion_tokens or req.max_tokens
         reserve = (limit or self.rag.max_new_tokens) if s.loaded.kind == "causal" else 0
@@ -121,7 +122,6 @@ class Augmentation:
 
     # -- pal ----------------------------------------------------------------------------------------
     def prepare_pal(self, s, req, question: str) -> Prepared:
-        from llmcycle.augment.pal import PAL_STOP, pal_prompt
 
         if req.n != 1:
             raise _error(400, "PAL answers with one program per request: leave n at 1", "n")
@@ -135,9 +135,6 @@ class Augmentation:
         """Wait for the program, run it in the sandbox, answer with what it printed."""
         from fastapi.responses import Response, StreamingResponse
 
-        from llmcycle.augment.pal import extract_program
-        from llmcycle.augment.sandbox import run_program
-        from llmcycle.serve.protocol import sse, wait_for_job
 
         if not await wait_for_job(request, job):
             return Response(status_code=499)
@@ -179,7 +176,6 @@ def _options(req) -> RequestOptions:
     try:
         return RequestOptions.model_validate(req.llmcycle or {})
     except ValidationError as exc:
-        from llmcycle.core.configbase import describe_error
 
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
@@ -192,7 +188,6 @@ def _options(req) -> RequestOptions:
 async def prepare(aug: Augmentation | None, s, req) -> Prepared | None:
     """The augmented prompt for a chat request, or None for a plain one. A mode the server was not
     started with is a 400: answering without it would silently be a different answer."""
-    from llmcycle.serve.protocol import text_of
 
     mode = _options(req).mode or ("rag" if aug is not None and aug.rag is not None else "plain")
     if mode == "plain":

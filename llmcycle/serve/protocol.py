@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmcycle.core.configbase import describe_error
 from llmcycle.core.errors import suggest
 from llmcycle.serve.engine import SamplingParams
 
@@ -85,7 +86,6 @@ class ApiError(Exception):
 
 
 def parse_request(raw: bytes, cls: type[BaseModel]) -> Any:
-    from llmcycle.core.configbase import describe_error
 
     try:
         data = json.loads(raw)

@@ -25,6 +25,17 @@ from typing import Literal
 from pydantic import Field
 
 from llmcycle.core.configbase import Section
+from llmcycle.core.errors import UserError
+from llmcycle.data.prompting import check_template, fit_prompts, select_shots
+from llmcycle.data.records import load_splits
+from llmcycle.evaluation import harness
+from llmcycle.evaluation.settings import (
+    eval_examples,
+    name_lexicon,
+    project_template,
+    settings,
+)
+from llmcycle.models.embeddings import load_embedder
 from llmcycle.models.generation import GenerationConfig
 from llmcycle.stages.contract import Stage, own_model
 
@@ -52,7 +63,6 @@ class PromptConfig(Section):
 
 def variant_grid(project) -> dict[str, dict]:
     """Variant name -> resolved settings, for every combination (0 shots needs no selection)."""
-    from llmcycle.evaluation.settings import project_template, settings
 
     cfg = project.config.prompt
     if cfg is None:
@@ -79,12 +89,6 @@ _EMBEDDERS: dict[str, object] = {}
 
 def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
     """Stage entry point: evaluate one prompt variant and record it."""
-    from llmcycle.core.errors import UserError
-    from llmcycle.data.prompting import check_template, fit_prompts, select_shots
-    from llmcycle.data.records import load_splits
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import eval_examples, name_lexicon, settings
-    from llmcycle.models.embeddings import load_embedder
 
     v = variant_grid(project)[variant]
     gen = GenerationConfig.model_validate(v["generation"])

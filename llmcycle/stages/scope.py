@@ -16,6 +16,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from llmcycle.core.configbase import Section
+from llmcycle.data.records import corpus_texts, load_splits
+from llmcycle.models import hub as models
+from llmcycle.models import scratch
 from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
 from llmcycle.stages.contract import Stage, own_model
 
@@ -128,8 +131,6 @@ def _model_plan(name: str, params: int, tokens: int, scope: ScopeConfig, *, lora
 
 def build_plan(project) -> dict:
     """Everything `llmcycle scope` reports, as a JSON-able dict."""
-    from llmcycle.data.records import load_splits
-    from llmcycle.models import hub as models
 
     cfg = project.config
     scope = cfg.scope or ScopeConfig()
@@ -207,8 +208,6 @@ def _tune_plan(variant, tcfg, meta, params, per_epoch, train_stats, default_targ
 
 
 def _pretrain_plan(variant: str, pcfg, splits, tokenizer, scope: ScopeConfig) -> dict:
-    from llmcycle.models import hub as models
-    from llmcycle.models import scratch
 
     meta = models.meta_model(scratch.planned_model_config(pcfg))
     params, _ = models.count_parameters(meta)
@@ -216,7 +215,6 @@ def _pretrain_plan(variant: str, pcfg, splits, tokenizer, scope: ScopeConfig) ->
         tokens = pcfg.max_steps * pcfg.batch_size * pcfg.seq_len
         how = "max_steps x batch_size x seq_len"
     elif splits is not None:
-        from llmcycle.data.records import corpus_texts
 
         texts = corpus_texts(splits.train)
         if tokenizer is not None:

@@ -31,8 +31,25 @@ from pydantic import Field, model_validator
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.core.store import MODEL_REF, atomic_write_json
+from llmcycle.data.prompting import build_prompt, check_template
+from llmcycle.data.records import load_splits
+from llmcycle.evaluation import harness
+from llmcycle.evaluation.metrics import higher_is_better
+from llmcycle.evaluation.settings import (
+    eval_examples,
+    name_lexicon,
+    project_template,
+    settings,
+)
+from llmcycle.evaluation.success import budget_reasons, model_size_mb, success_metric
+from llmcycle.models import warm_start
+from llmcycle.models.generation import Generator
+from llmcycle.models.hub import count_parameters
 from llmcycle.models.warm_start import WarmStartConfig
 from llmcycle.stages.contract import Stage
+from llmcycle.training.finetune import TuneConfig
+from llmcycle.training.loop import fit
 
 BEST = "best"  # the variant that chooses among the candidates
 PROBE_PREDICTIONS = "probe_predictions.jsonl"  # each candidate's outputs after the probe
@@ -119,11 +136,8 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
 def _candidate_model(project, name: str, cand: CandidateConfig, run) -> tuple[str, str | None, dict]:
     """(path or Hub id, producing run, facts): the warm start built into the run's artifacts, or the
     reference resolved and written as artifacts/model_ref.json (nothing is copied)."""
-    from llmcycle.core.store import MODEL_REF, atomic_write_json
-    from llmcycle.evaluation import harness
 
     if cand.warm_start is not None:
-        from llmcycle.models import warm_start
 
         texts = _training_texts(project)
         facts = warm_start.build(cand.warm_start, run.artifacts / "model", base_dir=project.dir, texts=texts)
@@ -139,7 +153,6 @@ def _candidate_model(project, name: str, cand: CandidateConfig, run) -> tuple[st
 
 def _training_texts(project) -> list[str]:
     """Inputs and targets of the training data: where a warm start looks for tags to add."""
-    from llmcycle.data.records import load_splits
 
     if project.config.data is None:
         return []
@@ -148,7 +161,6 @@ def _training_texts(project) -> list[str]:
 
 
 def _load(project, name: str, path: str, cand: CandidateConfig):
-    from llmcycle.evaluation import harness
 
     opts = project.config.model.model_dump() if project.config.model else {}
     try:
@@ -168,7 +180,6 @@ def _window(project, cand: CandidateConfig) -> int | None:
 
 def _fitting(loaded, prompts: list[str], max_new_tokens: int) -> list[int]:
     """Indices of the prompts that fit the candidate's window (with room to generate)."""
-    from llmcycle.evaluation import harness
 
     count = harness.count_tokens(loaded)
     budget = harness.generation_budget(loaded, max_new_tokens)
@@ -177,17 +188,6 @@ def _fitting(loaded, prompts: list[str], max_new_tokens: int) -> list[int]:
 
 def measure(project, name: str, run, *, progress: bool = True) -> dict:
     """Build or load one candidate, score it zero-shot (and after the probe), measure its costs."""
-    from llmcycle.data.prompting import build_prompt, check_template
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import (
-        eval_examples,
-        name_lexicon,
-        project_template,
-        settings,
-    )
-    from llmcycle.evaluation.success import budget_reasons, model_size_mb
-    from llmcycle.models import warm_start
-    from llmcycle.models.hub import count_parameters
 
     t_start = time.perf_counter()
     cfg = project.config.select
@@ -240,12 +240,6 @@ def _local_folder(path: str):
 # ------------------------------------------------------------------------------------- probe
 def _probe(project, name: str, path: str, probe: ProbeConfig, examples, prompts, run, progress) -> dict:
     """The pilot fine-tune (tune's own loop, on the project's training data) and its score."""
-    from llmcycle.data.records import load_splits
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import name_lexicon, project_template, settings
-    from llmcycle.models.generation import Generator
-    from llmcycle.training.finetune import TuneConfig
-    from llmcycle.training.loop import fit
 
     t_start = time.perf_counter()
     ev = settings(project)
@@ -316,9 +310,6 @@ def _candidate_row(store, name: str, run_id: str | None, metric: str, probed: bo
 def choose(project, run) -> dict:
     """The run `select/best`: every candidate's figures, the choice and why, and a pointer to the
     chosen model (artifacts/model_ref.json) that `run:select/best` resolves."""
-    from llmcycle.core.store import MODEL_REF, atomic_write_json
-    from llmcycle.evaluation.metrics import higher_is_better
-    from llmcycle.evaluation.success import success_metric
 
     cfg = project.config.select
     store = project.store()

@@ -26,19 +26,28 @@ from __future__ import annotations
 import time
 
 from llmcycle.core.errors import UserError
+from llmcycle.core.memory import peak_mb, reset_peak
+from llmcycle.data.prompting import check_template, fit_prompts
+from llmcycle.data.records import load_splits
+from llmcycle.evaluation import harness
+from llmcycle.evaluation.settings import (
+    eval_examples,
+    name_lexicon,
+    project_template,
+    settings,
+)
 from llmcycle.models.adapters import save_model
+from llmcycle.models.generation import Generator
+from llmcycle.models.hub import resolve_device
 from llmcycle.models.load import load_model
 from llmcycle.stages.contract import Stage, own_model, section_variants
 from llmcycle.training.finetune import TuneConfig, check_quantization
+from llmcycle.training.loop import fit
 
 
 # --------------------------------------------------------------------------------- the stage
 def run(project, variant: str, run, *, resume: bool = False, progress: bool = True) -> dict:
     """Stage entry point: fine-tune `tune.<variant>`, save the model, evaluate it on the eval split."""
-    from llmcycle.core.memory import peak_mb, reset_peak
-    from llmcycle.evaluation.settings import settings
-    from llmcycle.models.hub import resolve_device
-    from llmcycle.training.loop import fit
 
     t_start = time.perf_counter()
     cfg = project.config.tune[variant]
@@ -77,10 +86,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
 def _inputs(project, variant: str, cfg: TuneConfig):
     """(base reference, its path, the run that made it, training examples, eval examples, template),
     each checked before any training starts."""
-    from llmcycle.data.prompting import check_template
-    from llmcycle.data.records import load_splits
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import eval_examples, project_template, settings
 
     if cfg.merge and cfg.method != "lora":
         raise UserError(f"tune.{variant}: merge applies to LoRA adapters, not to method {cfg.method}")
@@ -104,10 +109,6 @@ def _final_evaluation(project, variant: str, cfg: TuneConfig, run, trained, mode
                       progress: bool) -> dict:
     """The unmerged trained model on the project's prompt and the whole eval split, exactly as
     `llmcycle eval` would score it (prompts that do not fit are refused, not cut); predictions written."""
-    from llmcycle.data.prompting import fit_prompts
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import name_lexicon, settings
-    from llmcycle.models.generation import Generator
 
     ev = settings(project)
     model = trained.model

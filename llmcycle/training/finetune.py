@@ -10,7 +10,9 @@ from pydantic import Field, model_validator
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
-from llmcycle.models.hub import ADAPTER_CONFIG
+from llmcycle.models import hub as models
+from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
+from llmcycle.models.hub import ADAPTER_CONFIG, count_parameters
 from llmcycle.models.load import load_model
 
 
@@ -86,7 +88,6 @@ def adaptable_modules(model) -> list[str]:
 
 def lora_targets(cfg: TuneConfig, model) -> list[str]:
     """cfg.target_modules, or the default for the model type; each must name an adaptable layer."""
-    from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
 
     model_type = getattr(model.config, "model_type", None)
     targets = cfg.target_modules or DEFAULT_LORA_TARGETS.get(model_type)
@@ -127,7 +128,6 @@ def load_base(path: str, cfg: TuneConfig, *, dtype: str = "auto", device: str = 
     precision comes from autocast. Adapters leave the frozen base in the project's dtype."""
     import torch
 
-    from llmcycle.models import hub as models
 
     if (Path(path) / ADAPTER_CONFIG).is_file():
         model, tok = load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device)
@@ -186,7 +186,6 @@ def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total); peft's count for adapters (it counts 4-bit packed weights correctly)."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
-    from llmcycle.models.hub import count_parameters
 
     total, trainable = count_parameters(model)
     return trainable, total

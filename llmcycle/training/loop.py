@@ -28,6 +28,20 @@ from typing import Callable
 
 from llmcycle.core.errors import UserError
 from llmcycle.core.files import fsync_dir, fsync_tree, quiet_saves
+from llmcycle.core import memory  # called through the module: tests replace its functions
+from llmcycle.data.prompting import build_prompt, encode_prompt
+from llmcycle.evaluation import harness
+from llmcycle.models.generation import GenerationConfig, Generator
+from llmcycle.models.hub import auto_class, decoder_prefix, model_kind
+from llmcycle.models.hub import context_window as window_of
+from llmcycle.models.warm_start import facts_of as warm_start_facts
+from llmcycle.training.batches import (
+    collate,
+    encode_examples,
+    length_grouped_batches,
+    padded_tokens,
+    useful_tokens,
+)
 from llmcycle.training.checkpoints import (
     COMPLETE_MARKER,
     check_same_run,
@@ -41,6 +55,7 @@ from llmcycle.training.checkpoints import (
     save_checkpoint,
     training_bar,
 )
+from llmcycle.training.finetune import load_base, parameter_counts, wrap
 
 # Fields that do not change the trained weights: they may differ when resuming.
 NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge"}
@@ -71,7 +86,6 @@ def answer_logits(model, batch: dict, kind: str):
     # compute a second, unused loss over the whole vocabulary (and skip a forced token).
     import torch
 
-    from llmcycle.models.hub import decoder_prefix
 
     prefix = decoder_prefix(model if hasattr(model, "config") else model.module)
     pad = (getattr(model, "config", None) or model.module.config).pad_token_id
@@ -229,7 +243,6 @@ def _load_weights(model, path: Path, method: str, cfg_dtype):
     """The checkpoint's trainable weights (the adapter's, or every weight for full) into `model`."""
     try:
         if method == "full":
-            from llmcycle.models.hub import auto_class
 
             saved = auto_class(model.config).from_pretrained(str(path / "model"), dtype=cfg_dtype)
             # into the model as fit set it up (gradient checkpointing on, hooks), not a fresh one
@@ -377,8 +390,6 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     base_key names the base in checkpoints (default base_path; the stage passes a project-relative
     path, so a moved project resumes). on_resume(step) is called once a resume from the checkpoint of
     `step` is accepted (the run store drops metrics rows of the steps to be redone)."""
-    from llmcycle.models.generation import GenerationConfig
-    from llmcycle.training.batches import length_grouped_batches
 
     started = time.perf_counter()
     run = prepare_run(cfg, base_path, train_examples, eval_examples, template, Path(work_dir) / "checkpoints",
@@ -417,9 +428,6 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
                 trust_remote_code: bool, base_key: str, on_resume: Callable[[int], object] | None) -> TuneRun:
     """The accelerator, the model ready to train (resumed weights, optimizer and random streams
     included), the encoded data and the validation sample, in the order that fixes the random streams."""
-    from llmcycle.core.memory import release_free_memory
-    from llmcycle.training.batches import collate
-    from llmcycle.training.finetune import parameter_counts
 
     accel, on_cpu = _accelerator(cfg, device)
     model, tok, kind, window = _load_model(cfg, base_path, on_cpu, dtype, trust_remote_code, context_window)
@@ -437,13 +445,13 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
     if ckpt is not None:
         restore_training_state(load_trainer_state(ckpt), optimizer, scheduler)
     inner = accel.unwrap_model(model)
-    # On CPU, activations come from malloc, whose heap keeps freed memory resident (llmcycle/memory.py):
+    # On CPU, activations come from malloc, whose heap keeps freed memory resident (llmcycle/core/memory.py):
     # hand it back where one phase's temporaries are dead (loading, a forward pass, the loss and the
     # decoder inside backward via release_hooks, a validation) so the next phase does not pile its
     # own beside them. Not after the optimizer step: the next forward reuses that memory as it is, and
     # handing it back would only make it fault in again. Peak RSS of a LoRA step drops by hundreds of
     # MB; the computation is untouched. Not on GPUs, whose activations are not on this heap.
-    trim = release_free_memory if on_cpu else (lambda: None)
+    trim = memory.release_free_memory if on_cpu else (lambda: None)
     # With gradient checkpointing the vocabulary logits are recomputed too, a chunk at a time
     # (sum_loss_chunked), once a check on the first examples shows it gives the same loss.
     head = None
@@ -482,16 +490,12 @@ def _accelerator(cfg, device: str):
 def _load_model(cfg, base_path: str, on_cpu: bool, dtype: str, trust_remote_code: bool,
                 context_window: int | None):
     """(model, tokenizer, kind, window): the base as loaded, and the prompt + answer tokens it can take."""
-    from llmcycle.core.memory import large_blocks_off_the_heap
-    from llmcycle.models.hub import context_window as window_of
-    from llmcycle.models.hub import model_kind
-    from llmcycle.training.finetune import load_base
 
     if on_cpu and cfg.gradient_checkpointing:
         # memory over speed, as checkpointing itself: activations in their own mappings, so freed
         # means returned (memory.py); each large tensor then costs fresh pages (steps at ~0.8x the
         # speed), so runs that did not ask to save memory keep glibc's default
-        large_blocks_off_the_heap()
+        memory.large_blocks_off_the_heap()
     model, tok = load_base(base_path, cfg, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     kind = model_kind(model.config)
     window = window_of(model.config, tok, context_window)
@@ -502,8 +506,6 @@ def _load_model(cfg, base_path: str, on_cpu: bool, dtype: str, trust_remote_code
 
 def _encode_data(cfg, tok, kind: str, window: int, template: str, train_examples, eval_examples,
                  gen_cfg) -> TuneData:
-    from llmcycle.data.prompting import build_prompt, encode_prompt
-    from llmcycle.training.batches import encode_examples
 
     enc = encode_examples(train_examples, [build_prompt(template, ex) for ex in train_examples], tok, kind,
                           window, on_overflow=cfg.on_overflow)
@@ -556,10 +558,6 @@ def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, 
     import numpy as np
     import torch
 
-    from llmcycle.core.memory import release_free_memory
-    from llmcycle.models.warm_start import facts_of as warm_start_facts
-    from llmcycle.training.batches import collate
-    from llmcycle.training.finetune import wrap
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -572,7 +570,7 @@ def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, 
     if ckpt is not None:
         model = _load_weights(model, ckpt, cfg.method, torch.float32)
     # see `trim` in prepare_run; removed before fit returns, so the trained model carries no hooks
-    release_hooks = release_between_backward_phases(model, release_free_memory) if on_cpu else []
+    release_hooks = release_between_backward_phases(model, memory.release_free_memory) if on_cpu else []
     if cfg.method == "prompt_tuning":  # peft accepts some models it cannot run; find out now
         try:
             model.eval()
@@ -601,7 +599,6 @@ def _optimizer(cfg, model, features: list[dict]):
     """(trainable parameters, AdamW, its lr schedule, micro-batches per epoch, steps per epoch, total steps)."""
     import torch
 
-    from llmcycle.training.batches import length_grouped_batches
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -621,7 +618,6 @@ def optimizer_step(run: TuneRun, state: TrainState, micro: list[list[int]]) -> f
     returns the learning rate it used."""
     import torch.distributed as dist
 
-    from llmcycle.training.batches import useful_tokens
 
     t0 = time.perf_counter()
     features = run.data.features
@@ -647,7 +643,6 @@ def _accumulate_gradients(run: TuneRun, micro: list[list[int]], n_scored: int):
     (summed loss, padded tokens) as a float64 tensor."""
     import torch
 
-    from llmcycle.training.batches import collate, padded_tokens
 
     accel, world = run.accel, run.world
     local = torch.zeros(2, dtype=torch.float64)  # summed loss, padded tokens: this process's share
@@ -709,9 +704,6 @@ def validate(run: TuneRun) -> dict:
     """Token-weighted loss and the task's headline metric (through the harness) on the sample."""
     import torch
 
-    from llmcycle.evaluation import harness
-    from llmcycle.models.generation import Generator
-    from llmcycle.training.batches import collate
 
     inner, val, size, tok = run.inner, run.data.val, run.cfg.batch_size, run.tok
     inner.eval()

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmcycle.core.errors import UserError
+from llmcycle.core.net import listen
 from llmcycle.evaluation.compare import (
     COMPARE_KEYS,
     SHORT,
@@ -415,7 +416,6 @@ def _require_ui() -> None:
 def serve_ui(store, *, host: str = "127.0.0.1", port: int = 8765, model_url: str = "http://127.0.0.1:8000",
              api_key: str | None = None, allowed_hosts=(), log_level: str = "warning") -> None:
     """Serve the dashboard until Ctrl-C. A taken port is a UserError before anything starts."""
-    from llmcycle.core.net import listen
 
     _require_ui()
     named = [] if host in ("0.0.0.0", "::", "") else [host]  # a wildcard address is no name to answer to

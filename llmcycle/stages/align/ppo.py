@@ -40,7 +40,9 @@ from pydantic import Field
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
-from llmcycle.models.hub import decoder_prefix
+from llmcycle.core.progress import bar
+from llmcycle.data.prompting import encode_prompt
+from llmcycle.models.hub import context_window, decoder_prefix, model_kind
 from llmcycle.training.checkpoints import (
     check_same_run,
     config_hash,
@@ -280,8 +282,6 @@ class PPOTrainer:
                  window: int | None = None):
         import torch
 
-        from llmcycle.data.prompting import encode_prompt
-        from llmcycle.models.hub import context_window, model_kind
 
         check_settings(settings)
         if tokenizer is None:
@@ -533,7 +533,6 @@ class PPOTrainer:
         "resumed_from"}. A resumed run's history and seconds include the steps before its checkpoint
         (kept in the checkpoint), so its summary equals an uninterrupted run's; on_resume(step) is
         called once a resume is accepted."""
-        from llmcycle.core.progress import bar
 
         if not prompts:
             raise UserError("ppo: no prompts to train on")

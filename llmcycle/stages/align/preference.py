@@ -42,6 +42,14 @@ from pathlib import Path
 from typing import Callable
 
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.core.progress import bar
+from llmcycle.data.prompting import encode_prompt
+from llmcycle.data.records import load_records
+from llmcycle.models.adapters import save_model
+from llmcycle.models.hub import context_window
+from llmcycle.training.batches import collate, encode_target
+from llmcycle.training.checkpoints import lr_factor
+from llmcycle.training.loop import answer_logits
 
 METHODS = ("dpo", "orpo")
 BACKENDS = ("auto", "llmcycle", "trl")
@@ -94,7 +102,6 @@ def load_pairs(path: str, base_dir: Path, *, prompt_field: str | None = None, ch
     Pairs whose responses are identical or empty, or whose transcripts do not share the prompt, are
     skipped and listed in `.skipped`.
     """
-    from llmcycle.data.records import load_records
 
     records = load_records(path, Path(base_dir), key="preference data")
     pairs, skipped = PairList(), {"identical": [], "empty": [], "prompt_mismatch": []}
@@ -133,8 +140,6 @@ def load_pairs(path: str, base_dir: Path, *, prompt_field: str | None = None, ch
 
 def encode_pairs(pairs, tokenizer, kind: str, max_length: int, max_prompt_length: int):
     """(features with prompt_ids / chosen_ids / rejected_ids, wheres of the skipped overlong pairs)."""
-    from llmcycle.data.prompting import encode_prompt
-    from llmcycle.training.batches import encode_target
 
     features, overlong = [], []
     for pair in pairs:
@@ -164,7 +169,6 @@ def sequence_logps(model, batch: dict, kind: str):
     """Per row, the summed log-probability of the label tokens (-100: prompt and padding, not scored)."""
     import torch.nn.functional as F
 
-    from llmcycle.training.loop import answer_logits
 
     logits, targets = answer_logits(model, batch, kind)
     token_nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -185,7 +189,6 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 def pair_logps(model, features: list[dict], kind: str, pad_id: int, device):
     """(chosen, rejected) summed log-probs of a batch of pairs: one forward over 2 x len(features) rows."""
-    from llmcycle.training.batches import collate
 
     batch = {k: v.to(device) for k, v in collate(_rows(features, kind), pad_id).items()}
     logps = sequence_logps(model, batch, kind)
@@ -282,7 +285,6 @@ def _train_own(policy, features, ref, kind, pad_id, device, *, beta, label_smoot
     """Sigmoid DPO against precomputed reference log-probs; returns the logged (windowed) losses."""
     import torch
 
-    from llmcycle.training.checkpoints import lr_factor
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -454,7 +456,6 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
                                              bool(eval_pairs), kind, pad_id, batch_size, device)
     before = preference_metrics(*ref_measured, *ref_measured, beta)
 
-    from llmcycle.core.progress import bar
 
     on_log = log or (lambda row: None)
     with bar(steps, f"{method} ({chosen_backend})", enabled=progress, unit="step") as advance:
@@ -478,7 +479,6 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
         **_measurements(before, after),
     }
     if out_dir is not None:
-        from llmcycle.models.adapters import save_model
 
         summary["model_dir"] = str(save_model(policy, tokenizer, Path(out_dir), meta))
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -525,7 +525,6 @@ def _encode_all(pairs, eval_pairs, policy, tokenizer, kind: str, max_length: int
                 max_prompt_length: int | None, measure_pairs: int):
     """(training features, wheres of the overlong training pairs, measured features): the measured ones
     are the eval pairs if given, else the first `measure_pairs` training pairs."""
-    from llmcycle.models.hub import context_window
 
     if tokenizer.pad_token_id is None:  # causal tokenizers often lack one; EOS pads, as at inference
         tokenizer.pad_token = tokenizer.eos_token

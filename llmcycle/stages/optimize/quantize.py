@@ -20,6 +20,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from llmcycle.models import hub as models
+from llmcycle.models.folders import load_source, save_folder, source_facts
 from llmcycle.models.int8 import (
     conv1d_to_linear,
     dynamic_linears,
@@ -30,7 +32,6 @@ from llmcycle.models.int8 import (
 
 def quantize(cfg, source_path: str, dest: Path, opts: dict, info: dict) -> dict:
     """Quantize the source as cfg.scheme says and save it to dest; facts for the summary."""
-    from llmcycle.models.folders import load_source, source_facts
 
     if cfg.scheme == "int8_dynamic":
         model, tok, merged = load_source(source_path, dtype="float32", device="cpu",
@@ -52,8 +53,6 @@ def _quantize_bnb(cfg, source_path: str, dest: Path, opts: dict, info: dict) -> 
     import torch
     from transformers import BitsAndBytesConfig
 
-    from llmcycle.models import hub as models
-    from llmcycle.models.folders import load_source, save_folder, source_facts
 
     trust = opts.get("trust_remote_code", False)
     model, tok, merged = load_source(source_path, dtype="float32", device="cpu", trust_remote_code=trust)

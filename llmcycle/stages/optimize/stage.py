@@ -33,6 +33,16 @@ from pydantic import Field, model_validator
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
+from llmcycle.core.memory import peak_mb, reset_peak
+from llmcycle.data.prompting import check_template, fit_prompts
+from llmcycle.data.records import load_splits
+from llmcycle.evaluation import harness
+from llmcycle.evaluation.settings import (
+    eval_examples,
+    name_lexicon,
+    project_template,
+    settings,
+)
 from llmcycle.models.folders import (
     load_source,
     parameter_count,
@@ -40,7 +50,12 @@ from llmcycle.models.folders import (
     source_facts,
     weights_mb,
 )
+from llmcycle.models.generation import Generator
+from llmcycle.models.hub import check_bitsandbytes, model_kind, resolve_device
+from llmcycle.models.load import load_model
 from llmcycle.stages.contract import Stage, own_model, section_variants
+from llmcycle.stages.optimize import distill, prune
+from llmcycle.stages.optimize.quantize import quantize
 
 ONNX_INSTALL = "pip install 'optimum[onnxruntime]'"
 
@@ -145,7 +160,6 @@ OptimizeConfig = QuantizeConfig | DistillConfig | PruneConfig | ExportConfig
 # ------------------------------------------------------------------------------------------- export
 def export(cfg: ExportConfig, source_path: str, dest: Path, opts: dict, info: dict, onnx_dir: Path) -> dict:
     """A merged Hugging Face folder; with format onnx, also an ONNX export of it through optimum."""
-    from llmcycle.models.hub import model_kind
 
     model, tok, merged = load_source(source_path, dtype=opts.get("dtype", "auto"), device="cpu",
                                      trust_remote_code=opts.get("trust_remote_code", False))
@@ -167,7 +181,6 @@ def check_requirements(cfg: OptimizeConfig, variant: str) -> None:
     import importlib.util
 
     if cfg.method == "quantize" and cfg.scheme != "int8_dynamic":
-        from llmcycle.models.hub import check_bitsandbytes
 
         check_bitsandbytes(f"optimize.{variant}: scheme {cfg.scheme}")
     if cfg.method == "export" and cfg.format == "onnx" and importlib.util.find_spec("optimum") is None:
@@ -181,18 +194,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     latency and throughput next to quality."""
     import gc
 
-    from llmcycle.core.memory import peak_mb, reset_peak
-    from llmcycle.data.prompting import check_template, fit_prompts
-    from llmcycle.evaluation import harness
-    from llmcycle.evaluation.settings import (
-        eval_examples,
-        name_lexicon,
-        project_template,
-        settings,
-    )
-    from llmcycle.models.generation import Generator
-    from llmcycle.models.hub import resolve_device
-    from llmcycle.models.load import load_model
 
     t_start = time.perf_counter()
     cfg = project.config.optimize[variant]
@@ -210,7 +211,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     check_template(template, "evaluate.template", examples[0])
     train = None
     if cfg.method == "distill" or (cfg.method == "prune" and cfg.recovery_steps):
-        from llmcycle.data.records import load_splits
 
         train = load_splits(project.config.data, project.dir).train
         if not train:
@@ -222,13 +222,11 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     info = {"stage": "optimize", "variant": variant, "method": cfg.method, "source": ref,
             "source_path": source_path, "source_run": source_run, "config": cfg.model_dump()}
     if cfg.method == "quantize":
-        from llmcycle.stages.optimize.quantize import quantize
 
         facts = quantize(cfg, source_path, dest, opts, info)
     elif cfg.method == "export":
         facts = export(cfg, source_path, dest, opts, info, run.artifacts / "onnx")
     else:
-        from llmcycle.stages.optimize import distill, prune
 
         module = distill if cfg.method == "distill" else prune
         facts = module.optimize(cfg, source_path, dest, train, template, info=info, opts=opts,

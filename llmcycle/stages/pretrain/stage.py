@@ -29,8 +29,15 @@ from pydantic import Field, model_validator
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
 from llmcycle.core.files import fsync_tree, quiet_saves
+from llmcycle.data.records import corpus_texts, fingerprint, load_splits
 from llmcycle.models.scratch import build_model_config, model_class, preset_dims
 from llmcycle.stages.contract import Stage, section_variants
+from llmcycle.stages.pretrain.data import (
+    PretrainDataset,
+    batch_token_counts,
+    load_corpus,
+    train_tokenizer,
+)
 from llmcycle.training.checkpoints import (
     check_same_run,
     config_hash,
@@ -218,7 +225,6 @@ def prepare(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bo
             project_dir: Path | None, tokenizer, on_resume: Callable[[int], object] | None) -> PretrainSetup:
     """The texts, the tokenizer (trained, given or the checkpoint's), the dataset and the model with its
     optimizer, resumed from the newest checkpoint when `resume`."""
-    from llmcycle.stages.pretrain.data import PretrainDataset, load_corpus
 
     work_dir.mkdir(parents=True, exist_ok=True)
     if cfg.corpus:
@@ -245,7 +251,6 @@ def _open_checkpoints(cfg: PretrainConfig, texts: list[str], ckpt_root: Path, to
     checkpoint is known to match this run; a fresh run clears older checkpoints and saves its tokenizer."""
     from transformers import AutoTokenizer
 
-    from llmcycle.stages.pretrain.data import train_tokenizer
 
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     saved: dict = {}
@@ -302,7 +307,6 @@ def optimizer_step(setup: PretrainSetup, state: PretrainState, order) -> float:
     returns the learning rate it used."""
     import torch
 
-    from llmcycle.stages.pretrain.data import batch_token_counts
 
     cfg = setup.cfg
     t0 = time.perf_counter()
@@ -374,7 +378,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     Only the train split is used, so the eval split stays unseen by the model that is evaluated on it.
     The model lands in the run's artifacts/model, where `model: run:pretrain/<variant>` finds it.
     """
-    from llmcycle.data.records import corpus_texts, load_splits
 
     cfg = project.config.pretrain[variant]
     texts: list[str] = []
@@ -388,7 +391,6 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
 
 def _inputs(project, config: dict, identify) -> dict:
     """Extra pretraining text files count as inputs too."""
-    from llmcycle.data.records import fingerprint
 
     return {"corpus": [fingerprint(path, project.dir) for path in config["corpus"]]} if config.get("corpus") else {}
 
