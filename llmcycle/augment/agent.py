@@ -228,7 +228,6 @@ def python_tool(timeout_s: float = 5.0, **sandbox) -> Tool:
     """A program run by llmcycle.augment.sandbox.run_program (`sandbox`: its other options); the observation is
     what it printed, or the sandbox's one-line error."""
     def run(code: str) -> Observation:
-
         fenced = _FENCE.match(code.strip())
         program = fenced.group(1) if fenced else code.strip()
         if not program.strip():

@@ -416,7 +416,6 @@ def _commit(index_dir: Path, manifest: dict, chunks: list[Chunk], vectors, faiss
     faiss = _faiss()
     import numpy as np
 
-
     index_dir.mkdir(parents=True, exist_ok=True)
     gen = manifest["generation"]
     atomic_write_text(index_dir / f"chunks-{gen}.jsonl",

@@ -210,7 +210,6 @@ def evaluate_pal(generate_fn: Callable[[list[str]], list[str]], questions: list[
     `failures` counts why (forbidden, syntax, timeout, error, ...)."""
     from concurrent.futures import ThreadPoolExecutor
 
-
     _check_inputs(questions, golds)
     outputs = _generate(generate_fn, [pal_prompt(q, shots) for q in questions])
     programs = [extract_program(o) for o in outputs]

@@ -163,7 +163,6 @@ def as_model(model, *, window: int | None = None, max_new_tokens: int = 128,
     plain generate_fn(prompt) -> str with `window` and `count_tokens` given (the prompt budget is then
     window - max_new_tokens, as for a decoder-only model)."""
     if hasattr(model, "generator"):
-
         cfg = GenerationConfig.from_dict({"max_new_tokens": max_new_tokens, **(generation or {})},
                                          "RAG generation")
         window = window or model.window

@@ -192,7 +192,6 @@ def check_program(code: str, allowed_modules=DEFAULT_ALLOWED) -> list[str]:
 
 # -- the caller's side: start the child, enforce the wall clock, read the verdict --------------------
 def _validate_allowed(allowed_modules) -> frozenset:
-
     allowed = frozenset(allowed_modules)
     for name in sorted(allowed):
         top = name.partition(".")[0]
@@ -332,7 +331,6 @@ def run_program(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb:
     import subprocess
     import tempfile
     import time
-
 
     if timeout_s <= 0 or cpu_s <= 0 or memory_mb <= 0 or stdout_limit <= 0:
         raise UserError("sandbox: timeout_s, cpu_s, memory_mb and stdout_limit must be positive")

@@ -28,7 +28,6 @@ def list_table(runs) -> Table:
 
 
 def show(rec, console) -> None:
-
     console.print(f"[bold]{rec.id}[/]  {rec.stage}.{rec.variant}  status: {rec.status}")
     console.print(f"folder: {rec.dir}")
     if rec.parent:

@@ -189,7 +189,6 @@ def source_text(example) -> str:
 
 
 def write_predictions(run, rows: list[dict], name: str = PREDICTIONS) -> Path:
-
     path = run.artifacts / name
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path

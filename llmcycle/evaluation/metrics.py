@@ -300,7 +300,6 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     import torch
     import torch.nn.functional as F
 
-
     if not prompts or len(prompts) != len(references):
         raise UserError("perplexity needs one prompt per reference, and at least one of each")
     if batch_size < 1:
@@ -343,7 +342,6 @@ def _seq2seq_targets(model, tokenizer, references: list[str], window: int, pad: 
     """(targets, decoder inputs) for references, encoded as fine-tuning encodes them (the text, then EOS:
     tune_data.encode_target) and read behind the decoder prefix, as generation reads them."""
     import torch
-
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = [(tokenizer(r, add_special_tokens=False)["input_ids"] + eos)[:window] for r in references]

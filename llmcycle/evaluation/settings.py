@@ -27,7 +27,6 @@ def settings(project) -> EvaluateConfig:
 
 
 def project_template(project) -> str:
-
     return settings(project).template or DEFAULT_TEMPLATES[project.config.project.task]
 
 
@@ -39,7 +38,6 @@ def name_lexicon(project) -> frozenset:
     the faithfulness score recognises a name an uncased model invented from its training data
     (faithfulness.name_lexicon); once per process and data config."""
     import json
-
 
     cfg = project.config.data
     if cfg is None or project.config.project.task not in ("summarization", "qa"):

@@ -50,7 +50,6 @@ def source_facts(model, merged: bool) -> dict:
 
 
 def is_quantized(path: str) -> bool:
-
     folder = Path(path)
     if (folder / QUANT_MARKER).is_file():
         return True

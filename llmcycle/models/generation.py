@@ -76,7 +76,6 @@ class GenerationConfig(Section):
         try:
             return cls.model_validate(d)
         except ValidationError as exc:
-
             err = exc.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
@@ -106,7 +105,6 @@ class Generator:
     calls (the tokenizer is never mutated after __init__, which matters for a threaded server)."""
 
     def __init__(self, model, tokenizer, context_window: int | None = None):
-
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(model.config)
         if tokenizer.pad_token is None:

@@ -75,7 +75,6 @@ def save_int8(qmodel, tokenizer, dest: Path, info: dict) -> Path:
     import torch
     from safetensors.torch import save_file
 
-
     tensors: dict = {}
     quantized = dynamic_linears(qmodel)
     for name, module in quantized.items():
@@ -126,7 +125,6 @@ def load_int8(path: str, device: str = "auto", trust_remote_code: bool = False):
     quantized as it was saved, and the stored int8 weights loaded into it. CPU only."""
     import torch
     from safetensors.torch import load_file
-
 
     if device not in ("auto", "cpu"):
         raise UserError(f"model folder {path} is int8 dynamically quantized, which runs on the CPU only; "

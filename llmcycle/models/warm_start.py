@@ -125,7 +125,6 @@ def _check_layers(requested: int | None, available: int, key: str, path: str) ->
 def _load_tokenizer(path: str, key: str, vocab_size: int):
     from transformers import AutoTokenizer
 
-
     if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         raise UserError(f"warm_start.{key}: {path} has no tokenizer files; save the checkpoint's tokenizer "
                         "there with tokenizer.save_pretrained")
@@ -284,7 +283,6 @@ def lowercases(tokenizer) -> bool:
 def _save(model, tok, dest: Path, facts: dict) -> None:
     import os
     import shutil
-
 
     dest = Path(dest)
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")

@@ -63,7 +63,6 @@ class Project:
         self.raw = raw
 
     def store(self):
-
         return RunStore.for_project(self.dir)
 
 

@@ -341,7 +341,6 @@ class _Writer:
 
 
 def render(task: str, name: str) -> str:
-
     ex = examples(task, name)
     fields = ProjectConfig.model_fields
     order = [s for s in ex if s in fields]

@@ -54,7 +54,6 @@ def _candidate_runs(project, stage: str, configs: dict, chooser: str) -> dict:
 
 
 def _data_identity(project) -> dict:
-
     data = project.config.data
     if data is None:
         return {}
@@ -81,7 +80,6 @@ def _model_identity(project, name: str | None = None) -> dict:
         except UserError:
             out["resolved"] = None
     elif (project.dir / name).exists():
-
         out["resolved"] = fingerprint(name, project.dir)  # a local folder: by content
     return out
 

@@ -79,7 +79,6 @@ class Item:
 
 # -- reading the store ------------------------------------------------------------------------------
 def _read_item(rec, store) -> Item:
-
     item = Item(rec.id, rec.stage, rec.variant, rec.status, rec.parent, rec)
     path = rec.dir / "summary.json"
     if path.is_file():
@@ -180,7 +179,6 @@ def _size(item: Item, by_id: dict) -> tuple[float | None, bool]:
 
 
 def variant_row(item: Item, by_id: dict, project, metric: str) -> dict:
-
     s = item.summary
     headline, quality, ci, ci_from = _quality(item)
     size, size_from_parent = _size(item, by_id)
@@ -316,7 +314,6 @@ def _selection(chosen: list[Item]) -> dict | None:
 
 
 def _examples(project, chosen: list[Item]) -> list[dict]:
-
     records = [i.rec for i in chosen if i.rec is not None and i.predictions]
     if not records:
         return []

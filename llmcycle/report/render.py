@@ -94,7 +94,6 @@ def _row_cells(row, view) -> list:
 
 
 def _criterion(view) -> str:
-
     scope, metric = view["scope"], view["metric"]
     if not scope or scope.success_threshold is None:
         return f"success metric: {metric} (no threshold set)"
@@ -258,7 +257,6 @@ def _marked(text: str, invented, mark) -> str:
 
 
 def _cell_html(cell, tag: str = "td") -> str:
-
     text, cls = (cell, "") if isinstance(cell, str) else cell[:2]
     if cls in ("pre", "marked"):  # free text: its control characters shown, one symbol for each
         text = visible(text)

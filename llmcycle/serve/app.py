@@ -115,7 +115,6 @@ class ServedModel:
                            f"(got roles: {roles})", "messages")
         text = turns[0]["content"]
         if self.template is not None and not raw:
-
             text = self.template.format(**{template_fields(self.template)[0]: text})
         return self.encode_text(text)
 
@@ -270,7 +269,6 @@ async def _generate(request, chat: bool):
     """POST /v1/chat/completions (`chat`) or /v1/completions: one response, or a stream with `stream: true`."""
     from fastapi.responses import Response, StreamingResponse
 
-
     _authorize(request)
     state = request.app.state
     req = parse_request(await request.body(), ChatRequest if chat else CompletionRequest)
@@ -394,7 +392,6 @@ def _exec_vllm(model_ref, project, *, host, port, api_key, model_name) -> None:
     import os
     from pathlib import Path
 
-
     ref = model_ref or (project.config.model.name if project is not None and project.config.model else None)
     if ref is None:
         raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
@@ -444,7 +441,6 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
         else:
             loaded = harness.load(model_ref, project, dtype=dtype, device=device, context_window=context_window)
         if prompt_template is None and project is not None:
-
             prompt_template = project_template(project)
             _check_template(prompt_template)
         app = create_app(loaded, api_key=api_key, model_name=model_name, prompt_template=prompt_template,

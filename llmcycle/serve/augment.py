@@ -67,7 +67,6 @@ def settings(project=None, *, rag_index: str | None = None, pal: bool | None = N
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None):
-
     return ApiError(status, message, param, code)
 
 
@@ -87,7 +86,6 @@ class Augmentation:
     def __init__(self, config: AugmentConfig):
         self.rag, self.pal, self.index = config.rag, config.pal, None
         if self.rag is not None:
-
             self.index = Index.load(self.rag.index)
             if not len(self.index):
                 raise UserError(f"{self.rag.index}: the retrieval index holds no chunks; index some documents "
@@ -100,7 +98,6 @@ class Augmentation:
 
     # -- rag ----------------------------------------------------------------------------------------
     def prepare_rag(self, s, req, question: str) -> Prepared:
-
         limit = req.max_completion_tokens or req.max_tokens
         reserve = (limit or self.rag.max_new_tokens) if s.loaded.kind == "causal" else 0
         budget = s.loaded.window - reserve
@@ -122,7 +119,6 @@ class Augmentation:
 
     # -- pal ----------------------------------------------------------------------------------------
     def prepare_pal(self, s, req, question: str) -> Prepared:
-
         if req.n != 1:
             raise _error(400, "PAL answers with one program per request: leave n at 1", "n")
         ids = s.loaded.generator.encode([pal_prompt(question, DEFAULT_SHOTS[:self.pal.shots])])[0]
@@ -134,7 +130,6 @@ class Augmentation:
     async def respond_pal(self, request, job, head: dict, req, metrics, endpoint: str):
         """Wait for the program, run it in the sandbox, answer with what it printed."""
         from fastapi.responses import Response, StreamingResponse
-
 
         if not await wait_for_job(request, job):
             return Response(status_code=499)
@@ -176,7 +171,6 @@ def _options(req) -> RequestOptions:
     try:
         return RequestOptions.model_validate(req.llmcycle or {})
     except ValidationError as exc:
-
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":

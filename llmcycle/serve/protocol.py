@@ -86,7 +86,6 @@ class ApiError(Exception):
 
 
 def parse_request(raw: bytes, cls: type[BaseModel]) -> Any:
-
     try:
         data = json.loads(raw)
     except ValueError as exc:

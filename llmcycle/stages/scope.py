@@ -208,14 +208,12 @@ def _tune_plan(variant, tcfg, meta, params, per_epoch, train_stats, default_targ
 
 
 def _pretrain_plan(variant: str, pcfg, splits, tokenizer, scope: ScopeConfig) -> dict:
-
     meta = models.meta_model(scratch.planned_model_config(pcfg))
     params, _ = models.count_parameters(meta)
     if pcfg.max_steps:
         tokens = pcfg.max_steps * pcfg.batch_size * pcfg.seq_len
         how = "max_steps x batch_size x seq_len"
     elif splits is not None:
-
         texts = corpus_texts(splits.train)
         if tokenizer is not None:
             corpus = sum(len(ids) for ids in tokenizer(texts)["input_ids"])

@@ -138,7 +138,6 @@ def _candidate_model(project, name: str, cand: CandidateConfig, run) -> tuple[st
     reference resolved and written as artifacts/model_ref.json (nothing is copied)."""
 
     if cand.warm_start is not None:
-
         texts = _training_texts(project)
         facts = warm_start.build(cand.warm_start, run.artifacts / "model", base_dir=project.dir, texts=texts)
         return str(run.artifacts / "model"), None, {"source": "warm_start", "warm_start": facts}
@@ -161,7 +160,6 @@ def _training_texts(project) -> list[str]:
 
 
 def _load(project, name: str, path: str, cand: CandidateConfig):
-
     opts = project.config.model.model_dump() if project.config.model else {}
     try:
         return harness.load(path, project, dtype=opts.get("dtype", "auto"), device=opts.get("device", "auto"),

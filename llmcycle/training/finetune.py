@@ -128,7 +128,6 @@ def load_base(path: str, cfg: TuneConfig, *, dtype: str = "auto", device: str = 
     precision comes from autocast. Adapters leave the frozen base in the project's dtype."""
     import torch
 
-
     if (Path(path) / ADAPTER_CONFIG).is_file():
         model, tok = load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device)
         return model.merge_and_unload(), tok

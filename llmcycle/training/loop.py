@@ -86,7 +86,6 @@ def answer_logits(model, batch: dict, kind: str):
     # compute a second, unused loss over the whole vocabulary (and skip a forced token).
     import torch
 
-
     prefix = decoder_prefix(model if hasattr(model, "config") else model.module)
     pad = (getattr(model, "config", None) or model.module.config).pad_token_id
     decoder_inputs = torch.cat([labels.new_tensor(prefix).expand(len(labels), -1), labels[:, :-1]], dim=1)
@@ -243,7 +242,6 @@ def _load_weights(model, path: Path, method: str, cfg_dtype):
     """The checkpoint's trainable weights (the adapter's, or every weight for full) into `model`."""
     try:
         if method == "full":
-
             saved = auto_class(model.config).from_pretrained(str(path / "model"), dtype=cfg_dtype)
             # into the model as fit set it up (gradient checkpointing on, hooks), not a fresh one
             model.load_state_dict(saved.state_dict())
@@ -506,7 +504,6 @@ def _load_model(cfg, base_path: str, on_cpu: bool, dtype: str, trust_remote_code
 
 def _encode_data(cfg, tok, kind: str, window: int, template: str, train_examples, eval_examples,
                  gen_cfg) -> TuneData:
-
     enc = encode_examples(train_examples, [build_prompt(template, ex) for ex in train_examples], tok, kind,
                           window, on_overflow=cfg.on_overflow)
     features = enc.features
@@ -558,7 +555,6 @@ def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, 
     import numpy as np
     import torch
 
-
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # before wrapping: LoRA A and the soft prompt are drawn from it
@@ -599,7 +595,6 @@ def _optimizer(cfg, model, features: list[dict]):
     """(trainable parameters, AdamW, its lr schedule, micro-batches per epoch, steps per epoch, total steps)."""
     import torch
 
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -617,7 +612,6 @@ def optimizer_step(run: TuneRun, state: TrainState, micro: list[list[int]]) -> f
     """One optimizer step over the micro-batches `micro` (rows of run.data.features), recorded in `state`;
     returns the learning rate it used."""
     import torch.distributed as dist
-
 
     t0 = time.perf_counter()
     features = run.data.features
@@ -642,7 +636,6 @@ def _accumulate_gradients(run: TuneRun, micro: list[list[int]], n_scored: int):
     all-reduced one is the token-weighted mean's over the whole step; returns this process's
     (summed loss, padded tokens) as a float64 tensor."""
     import torch
-
 
     accel, world = run.accel, run.world
     local = torch.zeros(2, dtype=torch.float64)  # summed loss, padded tokens: this process's share
@@ -703,7 +696,6 @@ def validate_and_track_best(run: TuneRun, state: TrainState, log: Callable[[dict
 def validate(run: TuneRun) -> dict:
     """Token-weighted loss and the task's headline metric (through the harness) on the sample."""
     import torch
-
 
     inner, val, size, tok = run.inner, run.data.val, run.cfg.batch_size, run.tok
     inner.eval()

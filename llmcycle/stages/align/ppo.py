@@ -282,7 +282,6 @@ class PPOTrainer:
                  window: int | None = None):
         import torch
 
-
         check_settings(settings)
         if tokenizer is None:
             raise UserError("ppo: the policy has no tokenizer (save one with the model, or pass it)")

@@ -169,7 +169,6 @@ def sequence_logps(model, batch: dict, kind: str):
     """Per row, the summed log-probability of the label tokens (-100: prompt and padding, not scored)."""
     import torch.nn.functional as F
 
-
     logits, targets = answer_logits(model, batch, kind)
     token_nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                 ignore_index=-100, reduction="none")
@@ -284,7 +283,6 @@ def _train_own(policy, features, ref, kind, pad_id, device, *, beta, label_smoot
                grad_accum, steps, warmup_steps, seed, log_every, on_log, on_step) -> list[float]:
     """Sigmoid DPO against precomputed reference log-probs; returns the logged (windowed) losses."""
     import torch
-
 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -456,7 +454,6 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
                                              bool(eval_pairs), kind, pad_id, batch_size, device)
     before = preference_metrics(*ref_measured, *ref_measured, beta)
 
-
     on_log = log or (lambda row: None)
     with bar(steps, f"{method} ({chosen_backend})", enabled=progress, unit="step") as advance:
         settings = dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, steps=steps, warmup_steps=warmup_steps,
@@ -479,7 +476,6 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
         **_measurements(before, after),
     }
     if out_dir is not None:
-
         summary["model_dir"] = str(save_model(policy, tokenizer, Path(out_dir), meta))
     summary["wall_s"] = round(time.perf_counter() - t0, 3)
     return summary

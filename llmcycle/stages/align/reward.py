@@ -61,7 +61,6 @@ def _load(path: str, *, id2label: dict[int, str] | None = None, device: str = "c
     that many labels on whatever `path` holds (an encoder, a generator, or another classifier)."""
     from transformers import AutoModelForSequenceClassification
 
-
     config = models.load_config(path)
     tok = models.load_tokenizer(path)  # a missing pad token becomes eos (GPT-2)
     if tok.pad_token_id is None:
@@ -142,7 +141,6 @@ class RewardModel:
 
     def __init__(self, model, tokenizer, *, label: str | int | None = None, output: str = "logit",
                  max_length: int = 512, batch_size: int = 32, source: str = "reward model"):
-
         if output not in OUTPUTS:
             raise UserError(f"{source}: output must be one of {', '.join(OUTPUTS)}, not '{output}'"
                             f"{suggest(output, OUTPUTS)}")
@@ -306,7 +304,6 @@ def _train(model, lengths: list[int], loss_of: Callable, *, epochs: float, max_s
     """AdamW with linear warmup and decay over length-grouped, seeded batches; returns loop statistics."""
     import torch
 
-
     n_batches = math.ceil(len(lengths) / batch_size)
     total = math.ceil(epochs * n_batches) if epochs else 0
     if max_steps:
@@ -355,7 +352,6 @@ def _train(model, lengths: list[int], loss_of: Callable, *, epochs: float, max_s
 
 
 def _save(model, tok, out_dir, summary: dict) -> None:
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, tok, out_dir)
@@ -396,7 +392,6 @@ def train_classifier(base: str | None, texts: list[str], labels: list[str], out_
     sorted order gives the ids), evaluate on eval_texts or a seeded stratified split, save to out_dir."""
     import torch
     import torch.nn.functional as F
-
 
     t_start = time.perf_counter()
     base = base or default_base()

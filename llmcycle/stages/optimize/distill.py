@@ -89,7 +89,6 @@ def student_config(teacher_config, student):
     """The student's transformers config: the teacher's with the dimensions `student` (StudentConfig) asks."""
     import copy
 
-
     arch = ARCHITECTURES.get(teacher_config.model_type)
     if arch is None:
         raise UserError(f"optimize: distillation builds students for t5, bart and gpt2 models, not model type "
@@ -169,7 +168,6 @@ def build_student(teacher, cfg):
     """(student model, how it was initialised); refuses a student that is not smaller."""
     import torch
 
-
     config = student_config(teacher.config, cfg.student)
     n_student = sum(p.numel() for p in meta_model(config).parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
@@ -207,7 +205,6 @@ def fit_steps(model, features: list[dict], pad_id: int, loss_fn: Callable, *, st
     """`steps` AdamW steps (linear decay, gradient clipping at 1) over length-grouped batches of
     `features`; loss_fn(model, batch) -> (loss, extra figures). Returns the loss history."""
     import torch
-
 
     device = next(model.parameters()).device
     torch.manual_seed(seed)
@@ -253,7 +250,6 @@ def teacher_outputs(teacher, tokenizer, examples, template: str, gen_cfg, window
     """The examples with the teacher's greedy output for each prompt as their only target."""
     from dataclasses import replace
 
-
     greedy = GenerationConfig(max_new_tokens=gen_cfg.max_new_tokens, batch_size=gen_cfg.batch_size,
                               max_batch_tokens=gen_cfg.max_batch_tokens, stop=gen_cfg.stop)
     prompts = [build_prompt(template, ex) for ex in examples]
@@ -266,7 +262,6 @@ def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: d
              task: str, log=None, progress: bool = True) -> dict:
     """Distill the source (teacher) into a student saved at dest; facts for the run's summary."""
     import torch
-
 
     device = resolve_device(opts.get("device", "auto"))
     teacher, tok, merged = load_source(source_path, dtype="float32", device=device,

@@ -53,7 +53,6 @@ def _quantize_bnb(cfg, source_path: str, dest: Path, opts: dict, info: dict) -> 
     import torch
     from transformers import BitsAndBytesConfig
 
-
     trust = opts.get("trust_remote_code", False)
     model, tok, merged = load_source(source_path, dtype="float32", device="cpu", trust_remote_code=trust)
     facts = source_facts(model, merged)

@@ -181,7 +181,6 @@ def check_requirements(cfg: OptimizeConfig, variant: str) -> None:
     import importlib.util
 
     if cfg.method == "quantize" and cfg.scheme != "int8_dynamic":
-
         check_bitsandbytes(f"optimize.{variant}: scheme {cfg.scheme}")
     if cfg.method == "export" and cfg.format == "onnx" and importlib.util.find_spec("optimum") is None:
         raise UserError(f"optimize.{variant}: format onnx needs the optimum package: {ONNX_INSTALL}")
@@ -194,50 +193,69 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     latency and throughput next to quality."""
     import gc
 
-
     t_start = time.perf_counter()
     cfg = project.config.optimize[variant]
-    mcfg = project.config.model
-    opts = mcfg.model_dump() if mcfg is not None else {}
-    ref = cfg.source or (mcfg.name if mcfg is not None else None)
-    if ref is None:
-        raise UserError(f"optimize.{variant}: nothing to optimize: set optimize.{variant}.source or the "
-                        "project's model.name")
-    check_requirements(cfg, variant)
-    source_path, source_run = harness.resolve(ref, project)
-    ev = settings(project)
-    examples = eval_examples(project, limit=ev.limit)  # refuses an eval set without targets, before work
-    template = project_template(project)
-    check_template(template, "evaluate.template", examples[0])
-    train = None
-    if cfg.method == "distill" or (cfg.method == "prune" and cfg.recovery_steps):
-
-        train = load_splits(project.config.data, project.dir).train
-        if not train:
-            raise UserError(f"optimize.{variant}: {cfg.method} trains on data.train, which is empty")
-
+    opts = project.config.model.model_dump() if project.config.model is not None else {}
+    ref, source_path, source_run, examples, template, train = _inputs(project, variant, cfg)
     device = "cpu" if cfg.method == "quantize" and cfg.scheme == "int8_dynamic" else opts.get("device", "auto")
     reset_peak(resolve_device(device))
     dest = run.artifacts / "model"
     info = {"stage": "optimize", "variant": variant, "method": cfg.method, "source": ref,
             "source_path": source_path, "source_run": source_run, "config": cfg.model_dump()}
     if cfg.method == "quantize":
-
         facts = quantize(cfg, source_path, dest, opts, info)
     elif cfg.method == "export":
         facts = export(cfg, source_path, dest, opts, info, run.artifacts / "onnx")
     else:
-
         module = distill if cfg.method == "distill" else prune
         facts = module.optimize(cfg, source_path, dest, train, template, info=info, opts=opts,
-                                gen_cfg=ev.generation, task=project.config.project.task,
+                                gen_cfg=settings(project).generation, task=project.config.project.task,
                                 log=run.log, progress=progress)
     facts["optimize_peak_memory_mb"] = round(peak_mb(resolve_device(device)), 1)
     facts["optimize_s"] = round(time.perf_counter() - t_start, 3)
     gc.collect()  # the source and working copies are gone; what follows is what deployment costs
 
-    # Evaluate the saved folder as `eval` and `serve` will load it.
     reset_peak(resolve_device(device))
+    measured, parameters = _evaluate_saved(project, variant, cfg, run, dest, device, opts, examples, template,
+                                           progress)
+    size = weights_mb(dest)
+    summary = {**measured, **facts,
+               "peak_memory_mb": round(peak_mb(resolve_device(device)), 1),
+               "size_mb": round(size, 3),
+               "size_ratio": round(size / facts["source_size_mb"], 4) if facts.get("source_size_mb") else None,
+               "parameters": facts.get("parameters") or parameters,
+               "method": cfg.method, "source": ref, "source_path": source_path, "parent": source_run,
+               "model_dir": str(dest), "wall_s": round(time.perf_counter() - t_start, 3)}
+    run.finish(summary)
+    return summary
+
+
+def _inputs(project, variant: str, cfg):
+    """(source reference, its path, the run that made it, eval examples, template, training examples
+    or None), each checked before any work starts."""
+    mcfg = project.config.model
+    ref = cfg.source or (mcfg.name if mcfg is not None else None)
+    if ref is None:
+        raise UserError(f"optimize.{variant}: nothing to optimize: set optimize.{variant}.source or the "
+                        "project's model.name")
+    check_requirements(cfg, variant)
+    source_path, source_run = harness.resolve(ref, project)
+    examples = eval_examples(project, limit=settings(project).limit)  # refuses an eval set without targets
+    template = project_template(project)
+    check_template(template, "evaluate.template", examples[0])
+    train = None
+    if cfg.method == "distill" or (cfg.method == "prune" and cfg.recovery_steps):
+        train = load_splits(project.config.data, project.dir).train
+        if not train:
+            raise UserError(f"optimize.{variant}: {cfg.method} trains on data.train, which is empty")
+    return ref, source_path, source_run, examples, template, train
+
+
+def _evaluate_saved(project, variant: str, cfg, run, dest, device: str, opts: dict, examples, template,
+                    progress: bool) -> tuple[dict, int]:
+    """The saved folder loaded as `eval` and `serve` will load it, then scored with the project's prompt
+    and timed request by request: (quality and latency figures, its parameter count)."""
+    ev = settings(project)
     model, tok = load_model(str(dest), dtype=opts.get("dtype", "auto"), device=device,
                             trust_remote_code=opts.get("trust_remote_code", False))
     loaded = harness.LoadedModel(f"optimize/{variant}", str(dest), model, tok,
@@ -250,16 +268,7 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                                      label=f"eval optimize.{variant}", lexicon=name_lexicon(project))
     latency = harness.request_latency(loaded.generator, fitted.prompts, ev.generation, cfg.latency_samples)
     harness.write_predictions(run, rows)
-    size = weights_mb(dest)
-    summary = {**metrics, **latency, **facts,
-               "peak_memory_mb": round(peak_mb(resolve_device(device)), 1),
-               "size_mb": round(size, 3),
-               "size_ratio": round(size / facts["source_size_mb"], 4) if facts.get("source_size_mb") else None,
-               "parameters": facts.get("parameters") or parameter_count(model),
-               "method": cfg.method, "source": ref, "source_path": source_path, "parent": source_run,
-               "model_dir": str(dest), "wall_s": round(time.perf_counter() - t_start, 3)}
-    run.finish(summary)
-    return summary
+    return {**metrics, **latency}, parameter_count(model)
 
 
 STAGE = Stage(name="optimize", section=dict[str, OptimizeVariant], run=run, variants=section_variants("optimize"),

@@ -251,7 +251,6 @@ def _open_checkpoints(cfg: PretrainConfig, texts: list[str], ckpt_root: Path, to
     checkpoint is known to match this run; a fresh run clears older checkpoints and saves its tokenizer."""
     from transformers import AutoTokenizer
 
-
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     saved: dict = {}
     if ckpt is not None:
@@ -306,7 +305,6 @@ def optimizer_step(setup: PretrainSetup, state: PretrainState, order) -> float:
     """One optimizer step on the batch at state.position of the epoch's `order`, recorded in `state`;
     returns the learning rate it used."""
     import torch
-
 
     cfg = setup.cfg
     t0 = time.perf_counter()
