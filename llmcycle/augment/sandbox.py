@@ -56,8 +56,6 @@ import os
 import sys
 from collections import namedtuple
 
-from llmcycle.core.errors import UserError
-
 # math, fractions, decimal and friends cannot touch the outside world once proxied (see layer 2).
 DEFAULT_ALLOWED = frozenset({
     "math", "cmath", "fractions", "decimal", "numbers", "itertools", "functools", "collections",
@@ -192,6 +190,9 @@ def check_program(code: str, allowed_modules=DEFAULT_ALLOWED) -> list[str]:
 
 # -- the caller's side: start the child, enforce the wall clock, read the verdict --------------------
 def _validate_allowed(allowed_modules) -> frozenset:
+    # imported here, not at the top: the child runs this file as a script, without the package
+    from llmcycle.core.errors import UserError
+
     allowed = frozenset(allowed_modules)
     for name in sorted(allowed):
         top = name.partition(".")[0]
@@ -331,6 +332,8 @@ def run_program(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb:
     import subprocess
     import tempfile
     import time
+
+    from llmcycle.core.errors import UserError
 
     if timeout_s <= 0 or cpu_s <= 0 or memory_mb <= 0 or stdout_limit <= 0:
         raise UserError("sandbox: timeout_s, cpu_s, memory_mb and stdout_limit must be positive")

@@ -122,7 +122,7 @@ def test_every_ppo_setting_in_the_project_file_reaches_the_trainer(tmp_path, mon
     """A ppo variant setting every hyperparameter: the PPOTrainer the stage builds gets each of them."""
     from types import SimpleNamespace
 
-    from llmcycle.stages.align import ppo, reward, stage
+    from llmcycle.stages.align import stage
 
     path = make_project(tmp_path, {"v": {"method": "ppo", "reward": "rm", "max_steps": 4, "eval_limit": 2,
                                          "r": 4, "alpha": 8, **NOT_DEFAULT}})
@@ -138,8 +138,8 @@ def test_every_ppo_setting_in_the_project_file_reaches_the_trainer(tmp_path, mon
             raise Reached
 
     monkeypatch.setattr(stage, "resolve_ref", lambda project, ref: (ref, None))
-    monkeypatch.setattr(reward, "load_reward_model", lambda *a, **kw: SimpleNamespace(labels=None))
-    monkeypatch.setattr(ppo, "PPOTrainer", Trainer)
+    monkeypatch.setattr(stage, "load_reward_model", lambda *a, **kw: SimpleNamespace(labels=None))
+    monkeypatch.setattr(stage, "PPOTrainer", Trainer)  # where the stage looks them up
     run = SimpleNamespace(id="r", artifacts=tmp_path / "run", log=lambda stats: None, rewind=lambda step: None)
     with pytest.raises(Reached):
         stage._align_policy(project, "v", project.config.align["v"], run, False, False)
