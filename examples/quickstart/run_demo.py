@@ -53,8 +53,9 @@ def serve_and_ask() -> None:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         dialogue = ("#Person1#: I would like a ticket to Oslo for Friday.\n#Person2#: First or second class?\n"
                     "#Person1#: Second class, please. How much is it?\n#Person2#: That is 40 euros.")
+        # greedy, so the demo's answer is the same every time (the API's default samples at temperature 1)
         reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=40,
-                                               messages=[{"role": "user", "content": dialogue}])
+                                               temperature=0, messages=[{"role": "user", "content": dialogue}])
         print("request:", dialogue.replace("\n", " | "))
         print("reply:  ", reply.choices[0].message.content, f"({reply.usage.completion_tokens} tokens)")
     finally:
