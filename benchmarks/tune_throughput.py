@@ -147,7 +147,7 @@ def child_memory(args, model_dir: Path, records: list[dict], method: str) -> dic
     marks = {"start_kib": maxrss_kib()}  # interpreter, torch/transformers imports, the JSONL read
     original = tune_mod.load_base
 
-    def load_base(*a, **k):  # fit imports load_base at call time, so this wrapper is what it calls
+    def load_base(*a, **k):  # fit looks load_base up in its module when it runs: this wrapper is what it calls
         result = original(*a, **k)
         marks["after_load_kib"] = maxrss_kib()  # imports, data, the base model: the fixed costs
         return result
