@@ -150,3 +150,64 @@ def make_doc_index(root):
         (root / "docs" / name).write_text(text, encoding="utf-8")
     build_index([root / "docs"], root / "index", progress=False)
     return root / "index"
+
+
+# -- chat models ----------------------------------------------------------------------------------------
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_STYLES = {
+    # specials, bos, eos of an instruct release, eos of a base release, pad, template
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", None, LLAMA3_TEMPLATE),
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>",
+               "<|endoftext|>", CHATML_TEMPLATE),
+}
+
+
+def make_chat_model(dir, style: str = "llama3", base_release: bool = False, seed: int = 0, texts=None):
+    """A tiny chat model saved to `dir`: llama3 (Llama-3 architecture with grouped-query attention,
+    byte-level BPE, the Llama-3 chat template, no pad token) or chatml (Qwen2 architecture, ChatML
+    template, <|endoftext|> pads). base_release: the tokenizer's eos is the end-of-text token while the
+    template's turns end with <|eot_id|> / <|im_end|>, as in Llama-3 and Qwen2 base releases."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    specials, bos, eot, text_end, pad, template = CHAT_STYLES[style]
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts or CORPUS), trainer=trainer)
+    eos = text_end if base_release else eot
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    fast.chat_template = template
+    fast.save_pretrained(str(dir))
+    ids = {t: tok.token_to_id(t) for t in specials}
+    common = dict(vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=ids[eos], bos_token_id=ids.get(bos), pad_token_id=ids.get(pad),
+                  tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if style == "llama3":
+        model = LlamaForCausalLM(LlamaConfig(head_dim=4, **common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    # An instruct release lists both end tokens for generation; a base release only its end of text.
+    stops = [ids[text_end]] if base_release else [ids[text_end], ids[eot]]
+    model.generation_config = GenerationConfig(bos_token_id=ids.get(bos), eos_token_id=stops,
+                                               pad_token_id=ids.get(pad))
+    model.save_pretrained(str(dir))
+    return dir

@@ -36,3 +36,16 @@ def bar(total: int, label: str, *, enabled: bool = True, unit: str = "ex") -> It
     with progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.update(task, completed=n)
+
+
+def notice(message: str) -> None:
+    """A line the user must see (what a stage skipped, a figure measured on too few examples): yellow
+    on stderr, so --json output stays clean; once, from rank 0 only, under torchrun."""
+    import os
+
+    from rich.console import Console
+
+    from llmcycle.core.textsafe import as_text
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        Console(stderr=True, soft_wrap=True).print(as_text(message, style="yellow"))

@@ -12,6 +12,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -28,6 +29,12 @@ class DataConfig(Section):
                               "or hf:NAME[:CONFIG][:SPLIT] for a Hugging Face dataset.")
     eval: str | None = Field(None, description="Evaluation data, same forms as train. When unset, a seeded "
                              "share of train is held out (eval_fraction / eval_size).")
+    format: Literal["fields", "messages"] = Field(
+        "fields", description="fields: each record maps input/target fields; messages: each record holds "
+        "a conversation, a list of {role, content} turns (OpenAI style; system, user, assistant) whose last "
+        "assistant turn is the target, the user turn before it the input (the template is applied to it) "
+        "and earlier turns the history.")
+    messages: str = Field("messages", description="Field holding the conversation (data.format: messages).")
     input: str = Field("input", description="Field of each record holding the model input.")
     target: str | list[str] | None = Field("target", description="Field holding the expected output; a list "
                                            "of fields, or a field whose value is a list of strings, gives "
@@ -45,6 +52,8 @@ class Example:
     targets: list[str]
     fields: dict = field(repr=False)
     where: str = ""
+    history: list[dict] = field(default_factory=list)  # earlier turns of a conversation, before `input`
+    system: str | None = None  # a conversation's own system prompt
 
 
 @dataclass
@@ -237,8 +246,58 @@ def _refs(value) -> list[str]:
     return [_text(v) for v in values if v is not None and _text(v).strip()]
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _turns(rec: dict, cfg: DataConfig, where: str) -> list[dict]:
+    """A record's conversation, checked: a list of {role, content} with known roles and text content."""
+    turns = rec.get(cfg.messages)
+    if not isinstance(turns, list) or not turns:
+        found = ", ".join(map(str, rec)) or "none"
+        raise UserError(f"{where}: data.format is messages but field '{cfg.messages}' is not a non-empty list "
+                        f"of turns (fields found: {found}); set data.messages to the field holding them")
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("role") not in ROLES or not isinstance(t.get("content"), str):
+            raise UserError(f"{where}: turn {i} of '{cfg.messages}' must be {{\"role\": system|user|assistant, "
+                            f"\"content\": text}}, got {str(t)[:80]}")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def conversation_example(where: str, rec: dict, cfg: DataConfig) -> Example:
+    """An example from a conversation: the last assistant turn is the target (none when the
+    conversation ends with a user turn), the user turn before it the input, what precedes the history."""
+    turns = _turns(rec, cfg, where)
+    system = turns.pop(0)["content"] if turns[0]["role"] == "system" else None
+    if any(t["role"] == "system" for t in turns):
+        raise UserError(f"{where}: a system turn may only open the conversation")
+    target = turns.pop()["content"] if turns and turns[-1]["role"] == "assistant" else None
+    if not turns or turns[-1]["role"] != "user":
+        raise UserError(f"{where}: the conversation needs a user turn before its last assistant turn")
+    query = turns.pop()["content"]
+    return Example(input=query, targets=[target] if target and target.strip() else [], fields=rec, where=where,
+                   history=turns, system=system)
+
+
+def assistant_turns(example: Example) -> list[Example]:
+    """One example per assistant turn of a conversation (its earlier turns as history), the example
+    itself last: how a model without a chat template learns every answer of a conversation."""
+    out, turns = [], example.history
+    for j, turn in enumerate(turns):
+        if turn["role"] == "assistant" and j > 0 and turns[j - 1]["role"] == "user" and turn["content"].strip():
+            out.append(Example(input=turns[j - 1]["content"], targets=[turn["content"]], fields=example.fields,
+                               where=f"{example.where} turn {j}", history=turns[:j - 1], system=example.system))
+    return out + [example]
+
+
 def to_examples(pairs, cfg: DataConfig, source: str, require_target: bool) -> list[Example]:
-    """Examples from (where, record) pairs, mapping cfg.input / cfg.target fields."""
+    """Examples from (where, record) pairs, mapping cfg.input / cfg.target fields (or conversations)."""
+    if cfg.format == "messages":
+        examples = [conversation_example(where, rec, cfg) for where, rec in pairs]
+        lacking = [e for e in examples if not e.targets]
+        if require_target and lacking:
+            raise UserError(f"{lacking[0].where}: the conversation does not end with an assistant turn to learn "
+                            f"or score ({len(lacking)} of {len(pairs)} records); end each with the expected answer")
+        return examples
     fields = [cfg.target] if isinstance(cfg.target, str) else list(cfg.target or [])
     examples, lacking = [], []
     for where, rec in pairs:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmcycle.core.errors import UserError
-from llmcycle.core.progress import bar
+from llmcycle.core.progress import bar, notice
 from llmcycle.core.store import atomic_write_text
-from llmcycle.data.prompting import encode_prompt
+from llmcycle.data.prompting import FittedPrompts, encode_prompt, fit_prompts
 from llmcycle.evaluation import metrics
 from llmcycle.models import hub as models
 from llmcycle.models.generation import Generator
@@ -110,11 +110,36 @@ def count_tokens(loaded: LoadedModel):
     return lambda text: len(encode_prompt(loaded.tokenizer, text, loaded.kind))
 
 
+def report_skipped(label: str, fitted: FittedPrompts, total: int, budget: int) -> None:
+    """Say what was left out as too long; refuse when nothing is left."""
+    skipped = fitted.skipped
+    if skipped and not fitted.prompts:
+        raise UserError(f"{label}: all {total} eval prompts are over the budget of {budget} tokens (context "
+                        f"window minus room to generate), e.g. {skipped[0]}; nothing is left to evaluate")
+    if skipped:
+        notice(f"{label}: skipped {len(skipped)} of {total} eval examples whose prompt is over the budget of "
+               f"{budget} tokens even without shots (first: {skipped[0]}); evaluate.on_overflow: refuse "
+               "makes this an error")
+
+
+def fit_eval_prompts(loaded: LoadedModel, template: str, examples, gen_cfg, *, system: str | None = None,
+                     on_overflow: str = "skip", label: str = "eval") -> FittedPrompts:
+    """Every example's prompt (the project's template and system prompt, no shots) when it fits the
+    model's window with room to generate; the others skipped and counted, or refused (on_overflow)."""
+    budget = generation_budget(loaded, gen_cfg.max_new_tokens)
+    fitted = fit_prompts(template, examples, [], [[] for _ in examples], count_tokens(loaded), budget,
+                         too_long=on_overflow, variant=label, system=system)
+    report_skipped(label, fitted, len(examples), budget)
+    return fitted
+
+
 def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_cfg, *,
              perplexity: bool = True, progress: bool = True, label: str = "eval",
-             lexicon=None) -> tuple[dict, list[dict]]:
+             lexicon=None, skipped=(), min_examples: int | None = None) -> tuple[dict, list[dict]]:
     """Generate for every prompt, score against the examples' references; (summary, rows). `lexicon`:
-    names known from the project's data, for the faithfulness score (evaluate.name_lexicon)."""
+    names known from the project's data, for the faithfulness score (evaluate.name_lexicon);
+    `skipped`: where each example left out as too long came from (counted in the summary: eval_skipped);
+    `min_examples`: fewer examples than this flag the summary (`too_few_examples`) and say so."""
 
     if not prompts:
         raise UserError("the evaluation set is empty: nothing to evaluate")
@@ -135,12 +160,16 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
             batch_size=gen_cfg.batch_size)
     completion = sum(r.completion_tokens for r in results)
     summary.update({
-        "n_examples": len(prompts), "generation_s": round(gen_s, 3),
+        "n_examples": len(prompts), "eval_skipped": len(skipped), "eval_skipped_examples": list(skipped)[:10],
+        "too_few_examples": bool(min_examples and len(prompts) < min_examples), "generation_s": round(gen_s, 3),
         "examples_per_s": len(prompts) / gen_s if gen_s else None,
         "completion_tokens_per_s": completion / gen_s if gen_s else None,
         "prompt_tokens_mean": sum(r.prompt_tokens for r in results) / len(results),
         "stopped_share": sum(r.finish_reason == "stop" for r in results) / len(results),
     })
+    if summary["too_few_examples"]:
+        notice(f"{label}: {summary['headline']} measured on only {len(prompts)} examples (fewer than "
+               f"evaluate.min_examples {min_examples}): its interval is wide and a difference may be noise")
     headline_scores = per_example.get(summary["headline"])
     invented = per_example.get("invented_entities")
     rows = []
@@ -185,7 +214,8 @@ def source_text(example) -> str:
     context, say), never its references."""
     targets = set(example.targets)
     extra = [v for v in example.fields.values() if isinstance(v, str) and v not in targets and v != example.input]
-    return "\n".join([example.input, *extra])
+    history = [t["content"] for t in getattr(example, "history", ())]  # a conversation's earlier turns
+    return "\n".join([*history, example.input, *extra])
 
 
 def write_predictions(run, rows: list[dict], name: str = PREDICTIONS) -> Path:

@@ -19,7 +19,10 @@ import string
 from collections import Counter
 
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.data.encoding import encode_target
+from llmcycle.data.prompting import encode_prompt, uses_chat_template
 from llmcycle.evaluation import faithfulness
+from llmcycle.models.generation import configured_eos
 from llmcycle.models.hub import context_window, decoder_prefix
 
 HEADLINE = {"summarization": "rougeL", "qa": "f1", "classification": "macro_f1", "generation": "rougeL"}
@@ -307,18 +310,20 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     device = next(model.parameters()).device
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     window = context_window(model.config, tokenizer)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    end_id = next(iter(configured_eos(model, tokenizer)[0]), None)  # what training appends to a target
+    pad = next((t for t in (tokenizer.pad_token_id, end_id) if t is not None), 0)
     total_nll, total_tokens = 0.0, 0
     model.eval()
     for start in range(0, len(prompts), batch_size):
         batch_p, batch_r = prompts[start:start + batch_size], references[start:start + batch_size]
         if seq2seq:
-            enc = tokenizer(batch_p, padding=True, truncation=True, max_length=window, return_tensors="pt")
-            targets, decoder_in = _seq2seq_targets(model, tokenizer, batch_r, window, pad)
+            enc = tokenizer([str(p) for p in batch_p], padding=True, truncation=True, max_length=window,
+                            return_tensors="pt")
+            targets, decoder_in = _seq2seq_targets(model, tokenizer, batch_r, window, pad, end_id)
             inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                       "decoder_input_ids": decoder_in}
         else:
-            rows = [_causal_row(tokenizer, p, r, window) for p, r in zip(batch_p, batch_r)]
+            rows = [_causal_row(tokenizer, p, r, window, end_id) for p, r in zip(batch_p, batch_r)]
             width = max(len(ids) for ids, _ in rows)
             ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in rows])
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
@@ -338,12 +343,12 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     return math.exp(total_nll / total_tokens)
 
 
-def _seq2seq_targets(model, tokenizer, references: list[str], window: int, pad: int):
-    """(targets, decoder inputs) for references, encoded as fine-tuning encodes them (the text, then EOS:
-    tune_data.encode_target) and read behind the decoder prefix, as generation reads them."""
+def _seq2seq_targets(model, tokenizer, references: list[str], window: int, pad: int, end_id: int | None):
+    """(targets, decoder inputs) for references, encoded as fine-tuning encodes them (the text, then the
+    model's eos: data.encoding.encode_answer) and read behind the decoder prefix, as generation reads them."""
     import torch
 
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [end_id] if end_id is not None else []
     rows = [(tokenizer(r, add_special_tokens=False)["input_ids"] + eos)[:window] for r in references]
     width = max(len(r) for r in rows)
     targets = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
@@ -351,15 +356,17 @@ def _seq2seq_targets(model, tokenizer, references: list[str], window: int, pad: 
     return targets, shifted.masked_fill(shifted == -100, pad)
 
 
-def _causal_row(tokenizer, prompt: str, reference: str, window: int) -> tuple[list[int], int]:
-    """(prompt + reference ids, number of prompt ids). Encoded separately so the boundary is exact.
-    A prompt too long for the window loses its start (the end is what the reference follows)."""
-    p = tokenizer(prompt)["input_ids"]
+def _causal_row(tokenizer, prompt: str, reference: str, window: int, end_id: int | None) -> tuple[list[int], int]:
+    """(prompt + reference ids, number of prompt ids), each encoded as fine-tuning encodes it (a chat
+    model's through its template, the reference ending with its end-of-turn token), so the boundary is
+    exact. A prompt too long for the window loses its start (the end is what the reference follows)."""
+    p = encode_prompt(tokenizer, prompt, "causal")
     if not p and tokenizer.bos_token_id is not None:
         p = [tokenizer.bos_token_id]  # something for the first reference token to be predicted from
-    r = tokenizer(reference, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        r = r + [tokenizer.eos_token_id]
+    if uses_chat_template(tokenizer, "causal") or end_id is not None:
+        r = encode_target(tokenizer, prompt, reference, "causal", end_id)
+    else:
+        r = tokenizer(reference, add_special_tokens=False)["input_ids"]
     r = r[:window - 1]
     p = p[len(p) - (window - len(r)):] if len(p) + len(r) > window else p
     return p + r, len(p)

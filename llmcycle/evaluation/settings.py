@@ -2,6 +2,8 @@
 template, generation settings, the eval examples and the name lexicon of the faithfulness metric."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from llmcycle.core.configbase import Section
@@ -15,6 +17,15 @@ from llmcycle.models.generation import GenerationConfig
 class EvaluateConfig(Section):
     template: str | None = Field(None, description="The project's prompt: a format string over the "
                                  "record's fields and {input}; default: the task's standard prompt.")
+    system: str | None = Field(None, description="System prompt, the same for prompt, tune, align, eval and "
+                               "serve: a chat model's first turn, the first paragraph of a flat prompt (a "
+                               "conversation's own system turn wins over it).")
+    on_overflow: Literal["skip", "refuse"] = Field(
+        "skip", description="An eval example whose prompt does not fit the context window even without "
+        "shots: skip it (counted, in the console, the run summary, the comparison and the report) or refuse "
+        "the evaluation.")
+    min_examples: int = Field(20, ge=1, description="A held-out metric on fewer examples than this is flagged "
+                              "loudly (console, summary `too_few_examples`, comparison and report).")
     generation: GenerationConfig = Field(default_factory=GenerationConfig,
                                          description="Generation settings for evaluation.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N eval examples.")
@@ -28,6 +39,10 @@ def settings(project) -> EvaluateConfig:
 
 def project_template(project) -> str:
     return settings(project).template or DEFAULT_TEMPLATES[project.config.project.task]
+
+
+def project_system(project) -> str | None:
+    return settings(project).system if project is not None else None
 
 
 _LEXICONS: dict[str, frozenset] = {}

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from llmcycle.core.configbase import Section, describe_error
 from llmcycle.core.errors import UserError, suggest
+from llmcycle.data.encoding import end_of_turn_id
 from llmcycle.data.prompting import encode_prompt, uses_chat_template
 from llmcycle.models.hub import context_window as window_of
 from llmcycle.models.hub import decoder_prefix, model_kind
@@ -100,6 +101,46 @@ def _as_list(x) -> list[int]:
     return [int(i) for i in x] if isinstance(x, (list, tuple)) else [int(x)]
 
 
+def configured_eos(model, tokenizer) -> tuple[list[int], str]:
+    """The model's end-of-sequence ids and where they were found: its config, then its generation config,
+    then its tokenizer (a warm-started BERT encoder-decoder sets [SEP] in the config; its tokenizer has
+    no eos_token)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sources = (("config.json eos_token_id", getattr(config, "eos_token_id", None)),
+               ("generation_config.json eos_token_id",
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None)),
+               ("the tokenizer's eos_token", tokenizer.eos_token_id))
+    return next(((_as_list(v), where) for where, v in sources if _as_list(v)), ([], "nowhere"))
+
+
+def target_end_id(model, tokenizer, kind: str) -> tuple[int, str]:
+    """(the token training targets end with, why): the chat template's end-of-turn token for chat models,
+    else the model's configured eos id. Refused, with the fix, when the model has neither."""
+    if uses_chat_template(tokenizer, kind):
+        eot = end_of_turn_id(tokenizer)
+        if eot is not None:
+            return eot, f"the chat template's end of turn {tokenizer.convert_ids_to_tokens(eot)!r}"
+    ids, where = configured_eos(model, tokenizer)
+    if not ids:
+        raise UserError("the model has no end-of-sequence token (config.json and generation_config.json set no "
+                        "eos_token_id, the tokenizer no eos_token), so it could not learn to stop; set "
+                        "eos_token_id in the model's config.json (e.g. the [SEP] id) or an eos_token in its "
+                        "tokenizer_config.json")
+    return ids[0], f"{where} {tokenizer.convert_ids_to_tokens(ids[0])!r}"
+
+
+def stop_ids(model, tokenizer, kind: str) -> list[int]:
+    """Every id generation stops on: the generation config's eos ids (Llama 3 lists <|eot_id|> and
+    <|end_of_text|>), the config's and tokenizer's, and a chat model's end-of-turn token."""
+    gen_cfg = getattr(model, "generation_config", None)
+    ids = _as_list(getattr(gen_cfg, "eos_token_id", None)) + configured_eos(model, tokenizer)[0]
+    ids += _as_list(tokenizer.eos_token_id)
+    if uses_chat_template(tokenizer, kind):
+        ids += _as_list(end_of_turn_id(tokenizer))
+    return list(dict.fromkeys(ids))
+
+
 class Generator:
     """Generates with one model and tokenizer; holds no per-call state, so one instance can serve many
     calls (the tokenizer is never mutated after __init__, which matters for a threaded server)."""
@@ -107,27 +148,22 @@ class Generator:
     def __init__(self, model, tokenizer, context_window: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.kind = model_kind(model.config)
+        self.eos_ids = stop_ids(model, tokenizer, self.kind)
         if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise UserError("the tokenizer has neither a pad nor an eos token; batching needs one")
-            tokenizer.pad_token = tokenizer.eos_token  # masked out by the attention mask anyway
+            if not self.eos_ids:
+                raise UserError("the tokenizer has no pad token and the model no eos token; batching needs one")
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(self.eos_ids[0])  # masked out anyway
         self.pad_id = int(tokenizer.pad_token_id)
-        # Some models end turns with several tokens (Llama 3: <|eot_id|> and <|end_of_text|>); the model's
-        # generation config lists them, the tokenizer knows one.
-        gen_cfg = getattr(model, "generation_config", None)
-        eos = _as_list(getattr(gen_cfg, "eos_token_id", None)) + _as_list(tokenizer.eos_token_id)
-        self.eos_ids = list(dict.fromkeys(eos))
         self.window = window_of(model.config, tokenizer, context_window)
 
     # -- preparing inputs ---------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt, never truncated."""
-
-        if uses_chat_template(self.tokenizer, self.kind):
-            # chat models get the prompt as a user turn, exactly as fine-tuning formats it
+        """Token ids of each prompt (a chat model's through its template, as fine-tuning encodes them),
+        never truncated."""
+        if uses_chat_template(self.tokenizer, self.kind) or any(hasattr(p, "messages") for p in prompts):
             ids = [encode_prompt(self.tokenizer, p, self.kind) for p in prompts]
         else:
-            ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer([str(p) for p in prompts], add_special_tokens=True)["input_ids"]
         out = []
         for i, row in enumerate(ids):
             if not row and self.kind == "causal":

@@ -8,10 +8,14 @@ events with `stream: true`), GET /health, GET /metrics (Prometheus text format).
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
     client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "..."}])
 
-/v1/completions reads the prompt as raw text (or token ids). /v1/chat/completions uses the model's chat
-template; a model without one (T5, plain GPT-2) takes one user message, rendered into the project's
-prompt template (`evaluate.template`, whose single field receives the message), so the served model sees
-what it was evaluated and tuned on. Concurrent requests share forward passes (llmcycle.serve.engine). Errors
+/v1/completions reads the prompt as raw text (or token ids). /v1/chat/completions builds the prompt as
+evaluation and fine-tuning build it, for every model kind: the project's prompt template
+(`evaluate.template`, whose single field receives the message) around the last user message, the
+earlier messages as turns, the request's system message or else the project's (`evaluate.system`); a
+chat model reads that through its chat template, the others as flat text. So the served model sees what
+it was evaluated and tuned on. A client that sends finished prompts sets `"raw": true` (or uses
+/v1/completions); a last message that already is a rendering of the template is not wrapped twice.
+Concurrent requests share forward passes (llmcycle.serve.engine). Errors
 use OpenAI's format: {"error": {"message", "type", "param", "code"}}. On SIGTERM the server stops
 accepting connections, finishes the requests in flight, then exits.
 
@@ -29,9 +33,9 @@ from typing import Any
 
 from llmcycle.core.errors import UserError, suggest
 from llmcycle.core.net import listen
-from llmcycle.data.prompting import encode_prompt, template_fields, uses_chat_template
+from llmcycle.data.prompting import assemble, encode_prompt, renders_template, template_fields, uses_chat_template
 from llmcycle.evaluation import harness
-from llmcycle.evaluation.settings import project_template
+from llmcycle.evaluation.settings import project_system, project_template
 from llmcycle.models.hub import ADAPTER_CONFIG
 from llmcycle.serve import augment as serve_augment
 from llmcycle.serve.augment import prepare
@@ -60,8 +64,9 @@ class ServedModel:
     name: str
     loaded: Any  # llmcycle.evaluation.harness.LoadedModel
     engine: BatchEngine
-    template: str | None  # prompt template for chat on models without a chat template
+    template: str | None  # the project's prompt template, applied to a chat request's last user message
     created: int
+    system: str | None = None  # the project's system prompt, for requests that send none
 
     def encode_text(self, text: str) -> list[int]:
         ids = list(self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -96,27 +101,27 @@ class ServedModel:
         return [list(p) for p in prompts]
 
     def chat_prompt(self, messages: list[ChatMessage], raw: bool = False) -> list[int]:
-        """Token ids of a conversation; `raw`: a last message that is a whole prompt (RAG's), so no
-        project template around it."""
-
-        tok, kind = self.loaded.tokenizer, self.loaded.kind
+        """Token ids of a conversation, built as evaluation and fine-tuning build a prompt
+        (data.prompting.assemble): the project's template applied to the last user message (unless `raw`,
+        or the message already is a rendering of the template), the earlier turns as history, the
+        request's system message or else the project's. Chat models read it through their chat
+        template, the others as flat text: the same for every model kind."""
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m)} for m in messages]
-        if uses_chat_template(tok, kind):
-            if len(turns) == 1 and turns[0]["role"] == "user":
-                return encode_prompt(tok, turns[0]["content"], kind)  # exactly as fine-tuning formats it
-            try:
-                text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # noqa: BLE001 - templates raise for conversations they refuse
-                raise ApiError(400, f"the model's chat template refused these messages: {exc}", "messages") from None
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        if len(turns) != 1 or turns[0]["role"] != "user":
-            roles = ", ".join(t["role"] for t in turns)
-            raise ApiError(400, f"model '{self.name}' has no chat template: send exactly one user message "
-                           f"(got roles: {roles})", "messages")
-        text = turns[0]["content"]
-        if self.template is not None and not raw:
-            text = self.template.format(**{template_fields(self.template)[0]: text})
-        return self.encode_text(text)
+        system = turns.pop(0)["content"] if turns[0]["role"] == "system" else self.system
+        if any(t["role"] == "system" for t in turns):
+            raise ApiError(400, "a system (or developer) message may only open the conversation", "messages")
+        if not turns or turns[-1]["role"] != "user":
+            raise ApiError(400, "the last message must be a user message (the one to answer)", "messages")
+        query = turns[-1]["content"]
+        if self.template is not None and not raw and not renders_template(self.template, query):
+            query = self.template.format(**{template_fields(self.template)[0]: query})
+        prompt = assemble(query, system=system, history=turns[:-1])
+        if not uses_chat_template(self.loaded.tokenizer, self.loaded.kind):
+            return self.encode_text(str(prompt))
+        try:
+            return list(encode_prompt(self.loaded.tokenizer, prompt, self.loaded.kind))
+        except UserError as exc:
+            raise ApiError(400, str(exc), "messages") from None
 
     def check_window(self, prompt_len: int, max_tokens: int, param: str) -> None:
         window = self.loaded.window
@@ -144,12 +149,13 @@ def _check_template(template: str | None) -> None:
 # --------------------------------------------------------------------------------------------- app
 def create_app(models, *, api_key: str | None = None, model_name: str | None = None,
                prompt_template: str | None = None, max_batch_size: int = 16, drain_timeout: float | None = 30.0,
-               augment=None):
+               augment=None, system_prompt: str | None = None):
     """The FastAPI app serving `models`: one LoadedModel (named `model_name`, default its reference) or a
     mapping name -> LoadedModel. Each model gets its own batching engine (at most `max_batch_size` rows
     per forward pass; 1 = one request at a time), started and drained with the app. `api_key` set: /v1/*
-    needs `Authorization: Bearer KEY`. `prompt_template` (one field) formats chat messages for models
-    without a chat template. `augment`: a serve_augment.Augmentation (RAG, PAL) for chat completions.
+    needs `Authorization: Bearer KEY`. `prompt_template` (one field) formats the last user message of a
+    chat request for every model, `system_prompt` opens conversations that bring no system message.
+    `augment`: a serve_augment.Augmentation (RAG, PAL) for chat completions.
 
     The handlers reach what they share through `app.state`: served, metrics, api_key, augment and
     drain_timeout."""
@@ -160,8 +166,8 @@ def create_app(models, *, api_key: str | None = None, model_name: str | None = N
     if not isinstance(models, dict):
         models = {model_name or models.name: models}
     created = int(time.time())
-    served = {name: ServedModel(name, lm, BatchEngine(lm.generator, max_batch_size), prompt_template, created)
-              for name, lm in models.items()}
+    served = {name: ServedModel(name, lm, BatchEngine(lm.generator, max_batch_size), prompt_template, created,
+                                system_prompt) for name, lm in models.items()}
     metrics = Metrics()
 
     app = FastAPI(title="llmcycle", lifespan=_run_engines, docs_url=None, redoc_url=None, openapi_url=None)
@@ -274,7 +280,8 @@ async def _generate(request, chat: bool):
     req = parse_request(await request.body(), ChatRequest if chat else CompletionRequest)
     s = _model_of(state.served, req.model)
     aug = await prepare(state.augment, s, req) if chat else None  # None: the model alone
-    prompts = [aug.ids if aug else s.chat_prompt(req.messages)] if chat else s.completion_prompts(req.prompt)
+    prompts = ([aug.ids if aug else s.chat_prompt(req.messages, raw=req.raw)] if chat
+               else s.completion_prompts(req.prompt))
     job = Job(s, prompts, aug.req if aug else req, _max_tokens(s, req, prompts, chat))
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -444,6 +451,7 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
             prompt_template = project_template(project)
             _check_template(prompt_template)
         app = create_app(loaded, api_key=api_key, model_name=model_name, prompt_template=prompt_template,
+                         system_prompt=project_system(project),
                          max_batch_size=max_batch_size, drain_timeout=drain_timeout, augment=augment)
     except BaseException:
         sock.close()

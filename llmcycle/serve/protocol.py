@@ -63,6 +63,8 @@ class ChatRequest(Sampling):
     tools: list | None = None
     response_format: dict | None = None
     llmcycle: dict | None = Field(None, description="llmcycle extension: {mode: rag | pal | plain}, see serve_augment")
+    raw: bool = Field(False, description="llmcycle extension: the last user message is a finished prompt, "
+                      "so the project's template is not applied to it")
 
 
 # A parameter set to anything else is refused: silently ignoring it would answer a different question.

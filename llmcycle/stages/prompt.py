@@ -32,6 +32,7 @@ from llmcycle.evaluation import harness
 from llmcycle.evaluation.settings import (
     eval_examples,
     name_lexicon,
+    project_system,
     project_template,
     settings,
 )
@@ -108,13 +109,17 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     shot_lists = select_shots(v["selection"] or "first", v["shots"], pool, queries, seed=v["seed"],
                               embedder=embedder)
     loaded = harness.load_project_model(project)
-    fitted = fit_prompts(v["template"], queries, pool, shot_lists, harness.count_tokens(loaded),
-                         harness.generation_budget(loaded, gen.max_new_tokens),
+    ev = settings(project)
+    budget = harness.generation_budget(loaded, gen.max_new_tokens)
+    fitted = fit_prompts(v["template"], queries, pool, shot_lists, harness.count_tokens(loaded), budget,
                          shot_format=v["shot_format"], separator=v["shot_separator"],
-                         on_overflow=v["on_overflow"], variant=variant)
-    summary, rows = harness.evaluate(loaded, fitted.prompts, queries, project.config.project.task, gen,
-                                     perplexity=settings(project).perplexity, progress=progress,
-                                     label=f"prompt {variant}", lexicon=name_lexicon(project))
+                         on_overflow=v["on_overflow"], too_long=ev.on_overflow, variant=variant,
+                         system=project_system(project))
+    harness.report_skipped(f"prompt {variant}", fitted, len(queries), budget)
+    summary, rows = harness.evaluate(loaded, fitted.prompts, fitted.examples(queries), project.config.project.task,
+                                     gen, perplexity=ev.perplexity, progress=progress, label=f"prompt {variant}",
+                                     lexicon=name_lexicon(project), skipped=fitted.skipped,
+                                     min_examples=ev.min_examples)
     for row, used in zip(rows, fitted.shots_used):
         row["shots_used"] = used
     harness.write_predictions(run, rows)

@@ -16,11 +16,16 @@ from __future__ import annotations
 from pydantic import Field
 
 from llmcycle.core.configbase import Section
+from llmcycle.data.prompting import build_prompt, encode_prompt, fit_prompts
 from llmcycle.data.records import corpus_texts, load_splits
+from llmcycle.evaluation.settings import project_system, project_template, settings
 from llmcycle.models import hub as models
 from llmcycle.models import scratch
 from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
+from llmcycle.models.generation import target_end_id
 from llmcycle.stages.contract import Stage, own_model
+from llmcycle.training.batches import encode_examples
+from llmcycle.training.finetune import planned_targets
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
 TRAIN_BYTES_PER_PARAM = 20.0
@@ -92,7 +97,8 @@ def lora_parameters(model, targets: list[str], r: int) -> int:
 
 
 # -- the plan -------------------------------------------------------------------------------------
-def token_stats(examples, tokenizer, window: int) -> dict:
+def token_stats(examples, tokenizer) -> dict:
+    """Length percentiles of the raw input and target fields (the data itself, before any template)."""
     inputs = [e.input for e in examples]
     targets = [t for e in examples for t in e.targets]
     stats = {}
@@ -101,11 +107,32 @@ def token_stats(examples, tokenizer, window: int) -> dict:
             lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
             stats[field] = percentiles(lengths)
             stats[field]["tokens"] = sum(lengths)
-            if field == "input":
-                over = sum(1 for n in lengths if n > window)
-                stats["overflow_share"] = round(over / len(lengths), 4)
-                stats["overflow_count"] = over
     return stats
+
+
+def overflow(project, splits, model, tokenizer, window: int) -> dict:
+    """What the later stages will skip as too long, computed as they compute it: eval prompts built with
+    the project's template and system prompt (chat template included) over the window minus room to
+    generate (eval, prompt, align, select skip these), and training examples, prompt plus target ending
+    with the model's stop token, over the window (tune skips these)."""
+    kind = models.model_kind(model.config)
+    gen = settings(project).generation
+    budget = window - (gen.max_new_tokens if kind == "causal" else 0)
+    template, system = project_template(project), project_system(project)
+    out = {"window": window, "eval_budget": budget}
+    if splits.eval and budget > 0:
+        fitted = fit_prompts(template, splits.eval, [], [[] for _ in splits.eval],
+                             lambda p: len(encode_prompt(tokenizer, p, kind)), budget, variant="scope", system=system)
+        out.update(eval_over=len(fitted.skipped), eval_total=len(splits.eval),
+                   eval_over_share=round(len(fitted.skipped) / len(splits.eval), 4))
+    trainable = [e for e in splits.train if e.targets]
+    if trainable:
+        end_id, _ = target_end_id(model, tokenizer, kind)
+        prompts = [build_prompt(template, e, system=system) for e in trainable]
+        skipped = encode_examples(trainable, prompts, tokenizer, kind, window, end_id=end_id).skipped
+        out.update(train_over=len(skipped), train_total=len(trainable),
+                   train_over_share=round(len(skipped) / len(trainable), 4))
+    return out
 
 
 def _model_plan(name: str, params: int, tokens: int, scope: ScopeConfig, *, lora: int | None,
@@ -161,8 +188,9 @@ def build_plan(project) -> dict:
                          "context_window": window, "parameters": params}
         if splits is not None:
             plan["data"]["token_stats"] = {
-                "train": token_stats(splits.train, tokenizer, window),
-                "eval": token_stats(splits.eval, tokenizer, window)}
+                "train": token_stats(splits.train, tokenizer),
+                "eval": token_stats(splits.eval, tokenizer)}
+            plan["data"]["overflow"] = overflow(project, splits, meta, tokenizer, window)
             train_tokens = plan["data"]["token_stats"]["train"]
             per_epoch = sum(train_tokens.get(f, {}).get("tokens", 0) for f in ("input", "target"))
             targets = DEFAULT_LORA_TARGETS.get(model_config.model_type, ["q", "v"])
@@ -178,7 +206,30 @@ def build_plan(project) -> dict:
 
     for variant, pcfg in cfg.pretrain.items():
         plan["stages"].append(_pretrain_plan(variant, pcfg, splits, tokenizer, scope))
+    if splits is not None and getattr(cfg, "select", None) is not None:
+        plan["candidates"] = _candidate_overflow(project, splits, plan["notes"])
     return plan
+
+
+def _candidate_overflow(project, splits, notes: list) -> dict:
+    """Each select candidate's overflow with its own tokenizer and window (what select will count)."""
+    out = {}
+    for name, cand in project.config.select.candidates.items():
+        ref = cand.model or (f"run:{cand.run}" if cand.run and not cand.run.startswith("run:") else cand.run)
+        if ref is None:
+            notes.append(f"select candidate {name} is a warm start: its overflow is measured when select builds it")
+            continue
+        try:
+            path = models.resolve_model_path(ref, project.dir, project.store())
+            config = models.load_config(path, False)
+            tokenizer = models.load_tokenizer(path, False)
+        except Exception as exc:  # noqa: BLE001 - a candidate may not exist yet (a later run) or be offline
+            notes.append(f"select candidate {name} ({ref}) could not be read for its overflow: {exc}")
+            continue
+        window = models.context_window(config, tokenizer, cand.context_window or (
+            project.config.model.context_window if project.config.model else None))
+        out[name] = overflow(project, splits, models.meta_model(config), tokenizer, window)
+    return out
 
 
 def _tune_plan(variant, tcfg, meta, params, per_epoch, train_stats, default_targets, scope) -> dict:
@@ -190,7 +241,7 @@ def _tune_plan(variant, tcfg, meta, params, per_epoch, train_stats, default_targ
     else:
         tokens = int(per_epoch * (tcfg.epochs or 1))
     if tcfg.method == "lora":
-        trainable = lora_parameters(meta, tcfg.target_modules or default_targets, tcfg.r)
+        trainable = lora_parameters(meta, planned_targets(meta, tcfg.target_modules or default_targets), tcfg.r)
         total = params + trainable
     elif tcfg.method == "prompt_tuning":
         # peft learns one soft prompt per transformer stack: two for encoder-decoder models
@@ -265,9 +316,11 @@ def render(plan: dict, console) -> None:
                     table.add_row(field, *(str(s.get(c, "")) for c in
                                            ("count", "mean", "p50", "p90", "p95", "p99", "max")))
             console.print(table)
-            if "overflow_share" in stats:
-                console.print(f"  inputs over the context window: {stats['overflow_count']} "
-                              f"({stats['overflow_share']:.1%})")
+    if data and data.get("overflow"):
+        _render_overflow(data["overflow"], console)
+    for name, o in plan.get("candidates", {}).items():
+        console.print(f"select candidate {name}:", end=" ")
+        _render_overflow(o, console)
     if plan["stages"]:
         table = Table(title="compute plan")
         for col in ("stage", "params", "serve fp32/bf16/int8/int4", "train memory", "tokens",
@@ -286,6 +339,17 @@ def render(plan: dict, console) -> None:
         console.print(table)
     for note in plan["notes"]:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _render_overflow(o: dict, console) -> None:
+    """What tune and eval will skip, as they will count it."""
+    if "eval_over" in o:
+        console.print(f"eval prompts over {o['eval_budget']} tokens (the window minus room to generate), "
+                      f"with the template: {o['eval_over']} of {o['eval_total']} ({o['eval_over_share']:.1%}); "
+                      "evaluation skips them")
+    if "train_over" in o:
+        console.print(f"training examples (prompt + target) over the window of {o['window']} tokens: "
+                      f"{o['train_over']} of {o['train_total']} ({o['train_over_share']:.1%}); tune skips them")
 
 
 def human(n: float) -> str:

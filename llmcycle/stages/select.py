@@ -32,17 +32,19 @@ from pydantic import Field, model_validator
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError, suggest
 from llmcycle.core.store import MODEL_REF, atomic_write_json
-from llmcycle.data.prompting import build_prompt, check_template
+from llmcycle.data.prompting import check_template
 from llmcycle.data.records import load_splits
 from llmcycle.evaluation import harness
+from llmcycle.evaluation.evaluate import score_on_project
 from llmcycle.evaluation.metrics import higher_is_better
 from llmcycle.evaluation.settings import (
     eval_examples,
     name_lexicon,
+    project_system,
     project_template,
     settings,
 )
-from llmcycle.evaluation.success import budget_reasons, model_size_mb, success_metric
+from llmcycle.evaluation.success import budget_check, local_folder, model_size_mb, success_metric
 from llmcycle.models import warm_start
 from llmcycle.models.generation import Generator
 from llmcycle.models.hub import count_parameters
@@ -176,14 +178,6 @@ def _window(project, cand: CandidateConfig) -> int | None:
     return cand.context_window or (model.context_window if model is not None else None)
 
 
-def _fitting(loaded, prompts: list[str], max_new_tokens: int) -> list[int]:
-    """Indices of the prompts that fit the candidate's window (with room to generate)."""
-
-    count = harness.count_tokens(loaded)
-    budget = harness.generation_budget(loaded, max_new_tokens)
-    return [i for i, p in enumerate(prompts) if count(p) <= budget]
-
-
 def measure(project, name: str, run, *, progress: bool = True) -> dict:
     """Build or load one candidate, score it zero-shot (and after the probe), measure its costs."""
 
@@ -196,43 +190,30 @@ def measure(project, name: str, run, *, progress: bool = True) -> dict:
     check_template(template, "evaluate.template", examples[0])
     path, producer, facts = _candidate_model(project, name, cand, run)
     loaded = _load(project, name, path, cand)
-    prompts = [build_prompt(template, ex) for ex in examples]
-    keep = _fitting(loaded, prompts, ev.generation.max_new_tokens)
-    if not keep:
-        raise UserError(f"select.candidates.{name}: none of the {len(prompts)} eval prompts fits its "
-                        f"context window of {loaded.window} tokens")
-    scored, scored_prompts = [examples[i] for i in keep], [prompts[i] for i in keep]
-    task = project.config.project.task
-    metrics, rows = harness.evaluate(loaded, scored_prompts, scored, task, ev.generation,
-                                     perplexity=ev.perplexity, progress=progress, label=f"select {name}",
-                                     lexicon=name_lexicon(project))
+    # Every candidate is scored on the examples that fit its own window; what it skipped is its overflow.
+    metrics, rows, fitted = score_on_project(project, loaded, examples, progress=progress, label=f"select {name}")
+    scored, scored_prompts = fitted.examples(examples), fitted.prompts
     harness.write_predictions(run, rows)
     latency = harness.request_latency(loaded.generator, scored_prompts, ev.generation, cfg.latency_samples)
     total, _ = count_parameters(loaded.model)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    local = _local_folder(path)
+    local = local_folder(path)  # a Hub id's copy in the cache counts: it was just loaded from there
     size = round(model_size_mb(local), 3) if local else None
     summary = {**metrics, **latency, **facts, "candidate": name, "model_path": path, "parent": producer,
                "kind": loaded.kind, "parameters": total, "size_mb": size,
                "serve_memory_mb": round(weights / 2**20, 3), "context_window": loaded.window,
-               "overflow_count": len(prompts) - len(keep),
-               "overflow_share": round((len(prompts) - len(keep)) / len(prompts), 4),
+               "overflow_count": len(fitted.skipped),
+               "overflow_share": round(len(fitted.skipped) / len(examples), 4),
                "lowercases": warm_start.lowercases(loaded.tokenizer)}
-    misses = budget_reasons(project.config.scope, size, latency.get("latency_p95_ms"))
-    summary.update(fits_budget=not misses, budget_misses=misses)
+    check = budget_check(project.config.scope, size, latency.get("latency_p95_ms"))
+    summary.update(fits_budget=check["state"] == "fits", budget_state=check["state"],
+                   budget_misses=check["reasons"] + [f"{m} not measured" for m in check["missing"]])
     if cfg.probe is not None:
         summary["probe"] = _probe(project, name, path, cfg.probe, scored, scored_prompts, run, progress)
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
     harness.forget(path)  # the next candidate gets the memory
     run.finish(summary)
     return summary
-
-
-def _local_folder(path: str):
-    from pathlib import Path
-
-    folder = Path(path)
-    return folder if folder.is_dir() else None
 
 
 # ------------------------------------------------------------------------------------- probe
@@ -256,6 +237,7 @@ def _probe(project, name: str, path: str, probe: ProbeConfig, examples, prompts,
 
     cand = project.config.select.candidates[name]
     trained = fit(tune_cfg, path, train, examples, project_template(project), work, log=log, progress=progress,
+                  system=project_system(project),
                   task=project.config.project.task, gen_cfg=ev.generation, dtype=opts.get("dtype", "auto"),
                   device=opts.get("device", "auto"), context_window=_window(project, cand),
                   trust_remote_code=opts.get("trust_remote_code", False))

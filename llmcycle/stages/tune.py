@@ -27,12 +27,14 @@ import time
 
 from llmcycle.core.errors import UserError
 from llmcycle.core.memory import peak_mb, reset_peak
-from llmcycle.data.prompting import check_template, fit_prompts
+from llmcycle.core.progress import notice
+from llmcycle.data.prompting import check_template
 from llmcycle.data.records import load_splits
 from llmcycle.evaluation import harness
+from llmcycle.evaluation.evaluate import score_on_project
 from llmcycle.evaluation.settings import (
     eval_examples,
-    name_lexicon,
+    project_system,
     project_template,
     settings,
 )
@@ -61,8 +63,11 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                   gen_cfg=ev.generation, dtype=opts.get("dtype", "auto"), device=opts.get("device", "auto"),
                   context_window=opts.get("context_window"),
                   trust_remote_code=opts.get("trust_remote_code", False),
-                  base_key=project.store().portable(base_path), on_resume=run.rewind)
+                  base_key=project.store().portable(base_path), on_resume=run.rewind, system=project_system(project))
     summary = dict(trained.summary)
+    if summary["skipped_overlong"]:
+        notice(f"tune.{variant}: skipped {summary['skipped_overlong']} of {summary['train_records']} training "
+               f"examples longer than the context window (first: {summary['skipped'][0]})")
     summary.update({"method": cfg.method, "base": ref, "base_path": base_path, "parent": base_run})
     if not trained.is_main:  # another data-parallel rank: rank 0 saves and evaluates
         return summary
@@ -108,22 +113,19 @@ def _inputs(project, variant: str, cfg: TuneConfig):
 def _final_evaluation(project, variant: str, cfg: TuneConfig, run, trained, model_dir, examples, template,
                       progress: bool) -> dict:
     """The unmerged trained model on the project's prompt and the whole eval split, exactly as
-    `llmcycle eval` would score it (prompts that do not fit are refused, not cut); predictions written."""
+    `llmcycle eval` would score it (prompts that do not fit are skipped and counted, or refused, never cut);
+    predictions written."""
 
     ev = settings(project)
     model = trained.model
     model.eval()
     loaded = harness.LoadedModel(f"tune/{variant}", str(model_dir), model, trained.tokenizer,
                                  Generator(model, trained.tokenizer, trained.window), run.id)
-    fitted = fit_prompts(template, examples, [], [[] for _ in examples],
-                         harness.count_tokens(loaded), harness.generation_budget(loaded, ev.generation.max_new_tokens),
-                         shot_format="", separator="", on_overflow="refuse", variant=f"tune.{variant}")
     # reference_perplexity scores logits position by position; a causal prompt-tuned model's logits
     # start with the virtual tokens, so its perplexity is not computed there.
     perplexity = ev.perplexity and not (cfg.method == "prompt_tuning" and trained.kind == "causal")
-    metrics, rows = harness.evaluate(loaded, fitted.prompts, examples, project.config.project.task,
-                                     ev.generation, perplexity=perplexity, progress=progress,
-                                     label=f"eval tune.{variant}", lexicon=name_lexicon(project))
+    metrics, rows, _ = score_on_project(project, loaded, examples, template=template, perplexity=perplexity,
+                                        progress=progress, label=f"eval tune.{variant}")
     harness.write_predictions(run, rows)
     return metrics
 

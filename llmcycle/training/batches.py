@@ -1,9 +1,10 @@
 """Fine-tuning data: examples -> token ids with labels, dynamic padding, length-grouped batches.
 
-The prompt a model is trained on is built by `prompts.build_prompt` and encoded by `encode_prompt`,
-the very functions evaluation and the server use, so training and inference cannot disagree about
-the prompt (a top complaint about other tools). The target ends with EOS so the model learns to stop;
-labels are -100 on padding and, for causal models, on the prompt, so the loss is on the answer only.
+The prompt a model is trained on is built by `data.prompting.build_prompt` and encoded by
+`data.encoding.encode_answer`, the functions evaluation and the server use, so training and inference
+cannot disagree about the prompt (a top complaint about other tools). The target ends with the token
+the model stops on (the chat template's end of turn, else the model's eos); labels are -100 on
+padding and on the prompt, so the loss is on the answer only.
 Nothing is truncated: an example longer than the context window is skipped and counted, or refused.
 """
 from __future__ import annotations
@@ -12,19 +13,7 @@ import random
 from dataclasses import dataclass
 
 from llmcycle.core.errors import UserError
-from llmcycle.data.prompting import encode_prompt
-
-IGNORE = -100  # the label value cross-entropy ignores
-
-
-def encode_target(tokenizer, target: str, kind: str) -> list[int]:
-    """The answer's ids, always ending with EOS (so the model learns to stop)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no EOS token: the model could not learn to stop")
-    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    return ids + [eos]
-
+from llmcycle.data.encoding import IGNORE, encode_answer
 
 @dataclass
 class Encoded:
@@ -32,30 +21,24 @@ class Encoded:
     skipped: list[str]  # where each skipped (overlong) example came from
 
 
-def encode_examples(examples, prompts: list[str], tokenizer, kind: str, window: int, *,
-                    on_overflow: str = "skip") -> Encoded:
+def encode_examples(examples, prompts: list, tokenizer, kind: str, window: int, *, end_id: int | None,
+                    on_overflow: str = "skip", loss_on: str = "last_turn") -> Encoded:
     """One training feature per example with its first reference as the target."""
     features, skipped = [], []
     for i, (ex, prompt) in enumerate(zip(examples, prompts)):
         if not ex.targets:
             raise UserError(f"{ex.where}: training example has no target")
-        p_ids = encode_prompt(tokenizer, prompt, kind)
-        t_ids = encode_target(tokenizer, ex.targets[0], kind)
-        if kind == "causal":
-            feature = {"input_ids": p_ids + t_ids, "labels": [IGNORE] * len(p_ids) + t_ids}
-            too_long = len(feature["input_ids"]) > window
-        else:
-            feature = {"input_ids": p_ids, "labels": t_ids}
-            too_long = len(p_ids) > window or len(t_ids) > window
+        ids, labels = encode_answer(tokenizer, prompt, ex.targets[0], kind, end_id, loss_on)
+        too_long = len(ids) > window or len(labels) > window
         if too_long:
             if on_overflow == "refuse":
-                raise UserError(f"{ex.where}: training example has {len(p_ids)} prompt + {len(t_ids)} "
-                                f"target tokens, over the context window of {window}; nothing is "
-                                "truncated (set on_overflow: skip to leave such examples out)")
+                n_answer = sum(lab != IGNORE for lab in labels)
+                raise UserError(f"{ex.where}: training example has {len(ids)} input and {n_answer} target "
+                                f"tokens, over the context window of {window}; nothing is truncated (set "
+                                "on_overflow: skip to leave such examples out)")
             skipped.append(ex.where)
             continue
-        feature["index"] = i
-        features.append(feature)
+        features.append({"input_ids": ids, "labels": labels, "index": i})
     return Encoded(features, skipped)
 
 

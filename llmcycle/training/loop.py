@@ -29,9 +29,10 @@ from typing import Callable
 from llmcycle.core.errors import UserError
 from llmcycle.core.files import fsync_dir, fsync_tree, quiet_saves
 from llmcycle.core import memory  # called through the module: tests replace its functions
-from llmcycle.data.prompting import build_prompt, encode_prompt
+from llmcycle.data.prompting import build_prompt, encode_prompt, uses_chat_template
+from llmcycle.data.records import assistant_turns
 from llmcycle.evaluation import harness
-from llmcycle.models.generation import GenerationConfig, Generator
+from llmcycle.models.generation import GenerationConfig, Generator, target_end_id
 from llmcycle.models.hub import auto_class, decoder_prefix, model_kind
 from llmcycle.models.hub import context_window as window_of
 from llmcycle.models.warm_start import facts_of as warm_start_facts
@@ -266,6 +267,8 @@ class TuneData:
     sample_prompts: list[str]  # their prompts, position by position
     val: list[dict]  # the sample's features that fit the window with room to generate
     data_hash: str
+    end_why: str = ""  # which token targets end with, and why (models.generation.target_end_id)
+    records: int = 0  # training examples before overlong ones were skipped
 
 
 @dataclass
@@ -382,7 +385,7 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
         resume: bool = False, log: Callable[[dict], None] | None = None, progress: bool = True,
         task: str = "summarization", gen_cfg=None, dtype: str = "auto", device: str = "auto",
         context_window: int | None = None, trust_remote_code: bool = False, base_key: str | None = None,
-        on_resume: Callable[[int], object] | None = None) -> Trained:
+        on_resume: Callable[[int], object] | None = None, system: str | None = None) -> Trained:
     """Fine-tune the model at `base_path` as `cfg` says; checkpoints go under work_dir/checkpoints.
 
     base_key names the base in checkpoints (default base_path; the stage passes a project-relative
@@ -391,7 +394,7 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
 
     started = time.perf_counter()
     run = prepare_run(cfg, base_path, train_examples, eval_examples, template, Path(work_dir) / "checkpoints",
-                      resume=resume, task=task, gen_cfg=gen_cfg or GenerationConfig(), dtype=dtype,
+                      system=system, resume=resume, task=task, gen_cfg=gen_cfg or GenerationConfig(), dtype=dtype,
                       device=device, context_window=context_window, trust_remote_code=trust_remote_code,
                       base_key=base_key or base_path, on_resume=on_resume)
     state = TrainState.resumed(run.saved, started)
@@ -422,8 +425,8 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
 
 
 def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: str, ckpt_root: Path, *,
-                resume: bool, task: str, gen_cfg, dtype: str, device: str, context_window: int | None,
-                trust_remote_code: bool, base_key: str, on_resume: Callable[[int], object] | None) -> TuneRun:
+                system: str | None = None, resume: bool, task: str, gen_cfg, dtype: str, device: str,
+                context_window: int | None, trust_remote_code: bool, base_key: str, on_resume: Callable[[int], object] | None) -> TuneRun:
     """The accelerator, the model ready to train (resumed weights, optimizer and random streams
     included), the encoded data and the validation sample, in the order that fixes the random streams."""
 
@@ -432,7 +435,7 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
     # GPU batches padded to few distinct widths (see collate); a CPU gains nothing from extra padding.
     # Causal labels mirror the inputs position by position, so both take the same width.
     pad_multiple = (1, 1) if on_cpu else (64, 16) if kind == "seq2seq" else (64, 64)
-    data = _encode_data(cfg, tok, kind, window, template, train_examples, eval_examples, gen_cfg)
+    data = _encode_data(cfg, model, tok, kind, window, template, system, train_examples, eval_examples, gen_cfg)
     relevant = {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
     ckpt, saved = _open_checkpoints(accel, ckpt_root, resume, relevant, data.data_hash, base_path, base_key,
                                     on_resume)
@@ -502,10 +505,15 @@ def _load_model(cfg, base_path: str, on_cpu: bool, dtype: str, trust_remote_code
     return model, tok, kind, window
 
 
-def _encode_data(cfg, tok, kind: str, window: int, template: str, train_examples, eval_examples,
-                 gen_cfg) -> TuneData:
-    enc = encode_examples(train_examples, [build_prompt(template, ex) for ex in train_examples], tok, kind,
-                          window, on_overflow=cfg.on_overflow)
+def _encode_data(cfg, model, tok, kind: str, window: int, template: str, system: str | None, train_examples,
+                 eval_examples, gen_cfg) -> TuneData:
+    end_id, end_why = target_end_id(model, tok, kind)
+    chat = uses_chat_template(tok, kind)
+    if cfg.loss_on == "all_assistant" and not chat:
+        # No template to lay several answers into one sequence: each assistant turn is its own example.
+        train_examples = [turn for ex in train_examples for turn in assistant_turns(ex)]
+    enc = encode_examples(train_examples, [build_prompt(template, ex, system=system) for ex in train_examples],
+                          tok, kind, window, end_id=end_id, on_overflow=cfg.on_overflow, loss_on=cfg.loss_on)
     features = enc.features
     if not features:
         raise UserError(f"tune: all {len(train_examples)} training examples are longer than the context "
@@ -513,14 +521,14 @@ def _encode_data(cfg, tok, kind: str, window: int, template: str, train_examples
     # The validation sample: the first eval_samples eval examples that fit for scoring and generating.
     room = gen_cfg.max_new_tokens if kind == "causal" else 0
     sample = eval_examples[:cfg.eval_samples]
-    sample_prompts = [build_prompt(template, ex) for ex in sample]
-    val = encode_examples(sample, sample_prompts, tok, kind, window, on_overflow="skip").features
+    sample_prompts = [build_prompt(template, ex, system=system) for ex in sample]
+    val = encode_examples(sample, sample_prompts, tok, kind, window, end_id=end_id, on_overflow="skip").features
     val = [f for f in val if len(encode_prompt(tok, sample_prompts[f["index"]], kind)) + room <= window]
     if cfg.eval_every and not val:
         raise UserError(f"tune: none of the first {len(sample)} eval examples fits the context window of "
                         f"{window} tokens with room to generate {room}; validation has nothing to score")
     data_hash = config_hash([[f["input_ids"], f["labels"]] for f in features + val])
-    return TuneData(features, enc.skipped, sample, sample_prompts, val, data_hash)
+    return TuneData(features, enc.skipped, sample, sample_prompts, val, data_hash, end_why, len(train_examples))
 
 
 def _open_checkpoints(accel, ckpt_root: Path, resume: bool, relevant: dict, data_hash: str, base_path: str,
@@ -722,7 +730,7 @@ def run_summary(run: TuneRun, state: TrainState) -> dict:
     return {
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
         "train_examples": len(run.data.features), "skipped_overlong": len(run.data.skipped),
-        "skipped": run.data.skipped[:10],
+        "skipped": run.data.skipped[:10], "train_records": run.data.records, "target_ends_with": run.data.end_why,
         "steps": step, "total_steps": run.total_steps, "epochs_done": round(step / run.steps_per_epoch, 4),
         "final_train_loss": state.last_loss, "best_step": state.best_step, "best_headline": state.best,
         "stopped_early": state.stopped_early, "stopped_at": step if state.stopped_early else None,

@@ -98,4 +98,14 @@ def test_fit_refuses_when_the_project_says_so_and_never_cuts_the_input():
                     separator=" ", on_overflow="refuse", variant="v")
     with pytest.raises(UserError, match="even without shots"):
         fit_prompts("{input}", [ex("w " * 20)], pool, [[0]], _count, 16, shot_format="{prompt} {target}",
-                    separator=" ", on_overflow="drop_shots", variant="v")
+                    separator=" ", on_overflow="drop_shots", too_long="refuse", variant="v")
+
+
+def test_a_query_over_the_window_even_alone_is_skipped_and_counted_never_cut():
+    queries = [ex("w " * 3), ex("w " * 20), ex("w " * 4)]
+    for i, q in enumerate(queries):
+        q.where = f"data.jsonl:{i + 1}"
+    fitted = fit_prompts("{input}", queries, [], [[], [], []], _count, 16, variant="v")
+    assert fitted.kept == [0, 2] and fitted.skipped == ["data.jsonl:2"]
+    assert [str(p) for p in fitted.prompts] == ["w " * 3, "w " * 4]  # whole, not cut
+    assert fitted.examples(queries) == [queries[0], queries[2]]

@@ -286,9 +286,26 @@ def test_chat_on_seq2seq_uses_the_project_template(t5_url):
     assert chat.choices[0].message.content == plain.choices[0].text
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
-    with pytest.raises(openai.BadRequestError, match="no chat template"):
-        c.chat.completions.create(model="t5", max_tokens=4, messages=[
-            {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    # A model without a chat template reads a conversation as flat text, built as training builds it:
+    # the system prompt, earlier turns as "Role: text" lines, the templated last message.
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "the dog"}]
+    chat = c.chat.completions.create(model="t5", max_tokens=8, temperature=0, messages=turns)
+    flat = "be brief\n\nUser: hi\nAssistant: hello\n\n\nsummarize: the dog"
+    plain = c.completions.create(model="t5", prompt=flat, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+    # a client that sends the finished prompt does not get the template twice, with or without "raw"
+    for extra in ({}, {"extra_body": {"raw": True}}):
+        again = c.chat.completions.create(model="t5", max_tokens=8, temperature=0, **extra,
+                                          messages=[{"role": "user", "content": "summarize: the cat sat"}])
+        assert again.usage.prompt_tokens == plain_tokens(c, "summarize: the cat sat")
+    with pytest.raises(openai.BadRequestError, match="last message must be a user message"):
+        c.chat.completions.create(model="t5", max_tokens=4, messages=turns[:3])
+
+
+def plain_tokens(c, prompt: str) -> int:
+    return c.completions.create(model="t5", prompt=prompt, max_tokens=1, temperature=0).usage.prompt_tokens
 
 
 def test_chat_model_uses_its_chat_template(chat, chat_url):

@@ -69,8 +69,16 @@ def test_plan_figures_for_a_selected_model(tmp_path):
     target_tokens = sum(len(tok(t)["input_ids"]) for e in train for t in e.targets)
     stats = plan["data"]["token_stats"]["train"]
     assert stats["input"]["tokens"] == sum(lengths) and stats["input"]["max"] == max(lengths)
-    assert stats["overflow_count"] == sum(n > 20 for n in lengths)
-    assert stats["overflow_share"] == round(stats["overflow_count"] / len(lengths), 4)
+    # Overflow is counted on the prompt as the model will read it (the project's template), as tune and
+    # eval count what they skip: by hand, the templated prompt (or target plus eos) over 20 tokens.
+    template = "Summarize the following conversation.\n\n{input}\n\nSummary:"
+    prompt_len = [len(tok(template.format(input=e.input))["input_ids"]) for e in train]
+    target_len = [len(tok(e.targets[0])["input_ids"]) for e in train]  # T5's tokenizer appends eos
+    over = plan["data"]["overflow"]
+    assert over["train_over"] == sum(p > 20 or t > 20 for p, t in zip(prompt_len, target_len))
+    assert over["train_over"] > sum(n > 20 for n in lengths)  # the raw inputs alone undercount it
+    evals = load_splits(project.config.data, tmp_path).eval
+    assert over["eval_over"] == sum(len(tok(template.format(input=e.input))["input_ids"]) > 20 for e in evals)
 
     tune = plan["stages"][0]
     tokens = int((sum(lengths) + target_tokens) * 2)  # two epochs

@@ -73,7 +73,7 @@ def test_causal_labels_mask_the_prompt_end_with_eos_and_padding_is_ignored(tmp_p
     model, tok = load_model(str(make_gpt2(tmp_path / "g")))
     exs = examples(2)
     prompts = [f"{e.input} ->" for e in exs]
-    feats = encode_examples(exs, prompts, tok, "causal", 128).features
+    feats = encode_examples(exs, prompts, tok, "causal", 128, end_id=tok.eos_token_id).features
     gen_ids = Generator(model, tok).encode(prompts)
     for f, p_ids in zip(feats, gen_ids):
         n = len(p_ids)
@@ -96,7 +96,7 @@ def test_padding_to_a_multiple_rounds_widths_and_leaves_the_loss_alone(tmp_path,
     kind = "seq2seq" if arch == "t5" else "causal"
     model, tok = load_model(str((make_t5 if arch == "t5" else make_gpt2)(tmp_path / arch)))
     exs = examples(5)
-    feats = encode_examples(exs, [f"{e.input} ->" for e in exs], tok, kind, 128).features
+    feats = encode_examples(exs, [f"{e.input} ->" for e in exs], tok, kind, 128, end_id=tok.eos_token_id).features
     tight, padded = collate(feats, tok.pad_token_id), collate(feats, tok.pad_token_id, multiple)
     assert padded["input_ids"].shape[1] == multiple[0] and padded["labels"].shape[1] == multiple[1]
     assert tight["input_ids"].shape[1] < multiple[0]
@@ -113,7 +113,7 @@ def test_seq2seq_labels_end_with_eos_and_prompt_matches_generation(tmp_path):
     model, tok = load_model(str(make_t5(tmp_path / "t")))
     exs = examples(3)
     prompts = [f"{e.input} ->" for e in exs]
-    feats = encode_examples(exs, prompts, tok, "seq2seq", 512).features
+    feats = encode_examples(exs, prompts, tok, "seq2seq", 512, end_id=tok.eos_token_id).features
     assert [f["input_ids"] for f in feats] == Generator(model, tok).encode(prompts)
     for f, e in zip(feats, exs):
         assert f["labels"][-1] == tok.eos_token_id
@@ -129,7 +129,7 @@ def test_chat_template_prompt_matches_generation(tmp_path):
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
     exs = examples(2)
     prompts = [f"{e.input} ->" for e in exs]
-    feats = encode_examples(exs, prompts, tok, "causal", 128).features
+    feats = encode_examples(exs, prompts, tok, "causal", 128, end_id=tok.eos_token_id).features
     for f, p_ids in zip(feats, Generator(model, tok).encode(prompts)):
         assert tok.decode(p_ids).startswith("<|user|>")
         assert f["input_ids"][:len(p_ids)] == p_ids and f["labels"][len(p_ids) - 1] == IGNORE
@@ -438,7 +438,7 @@ def test_seq2seq_summed_loss_equals_the_models_own_loss(tmp_path):
 
     model, tok = load_model(str(make_t5(tmp_path / "t5")))
     exs = examples(6)
-    feats = encode_examples(exs, [e.input for e in exs], tok, "seq2seq", 128).features
+    feats = encode_examples(exs, [e.input for e in exs], tok, "seq2seq", 128, end_id=tok.eos_token_id).features
     batch = collate(feats, tok.pad_token_id)
     total, n = sum_loss(model, batch, "seq2seq")
     assert float(total) / n == pytest.approx(float(model(**batch).loss), rel=1e-5)
@@ -457,7 +457,7 @@ def test_chunked_loss_equals_the_plain_loss_and_projects_scored_tokens_only(tmp_
     kind = "seq2seq" if arch == "t5" else "causal"
     exs = examples(6)
     exs[0] = Example("a much longer input so that the rows are padded to different widths", ["red blue green"], {}, "x")
-    batch = collate(encode_examples(exs, [f"{e.input} ->" for e in exs], tok, kind, 128).features, tok.pad_token_id)
+    batch = collate(encode_examples(exs, [f"{e.input} ->" for e in exs], tok, kind, 128, end_id=tok.eos_token_id).features, tok.pad_token_id)
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     monkeypatch.setattr(loop, "HEAD_CHUNK_ELEMENTS", vocab * 3)  # 3 rows per chunk: several chunks
@@ -490,7 +490,7 @@ def test_chunked_loss_is_not_used_when_the_model_changes_logits_after_the_head(t
 
     model, tok = load_base(str(make_gpt2(tmp_path / "base")), TuneConfig(method="full", max_steps=1))
     exs = examples(4)
-    batch = collate(encode_examples(exs, [f"{e.input} ->" for e in exs], tok, "causal", 128).features, tok.pad_token_id)
+    batch = collate(encode_examples(exs, [f"{e.input} ->" for e in exs], tok, "causal", 128, end_id=tok.eos_token_id).features, tok.pad_token_id)
     assert loop.chunkable_head(model, model, batch, "causal") is model.get_output_embeddings()
     real_forward = type(model).forward
 
@@ -588,7 +588,7 @@ def test_backward_phase_hooks_fire_once_per_phase_and_leave_gradients_alone(tmp_
             handles = release_between_backward_phases(model, lambda: calls.append(1))
             assert len(handles) == 2
         exs = examples(6)
-        batch = collate(encode_examples(exs, [e.input for e in exs], tok, "seq2seq", 128).features,
+        batch = collate(encode_examples(exs, [e.input for e in exs], tok, "seq2seq", 128, end_id=tok.eos_token_id).features,
                         tok.pad_token_id)
         with torch.no_grad():
             sum_loss(model, batch, "seq2seq")

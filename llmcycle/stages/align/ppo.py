@@ -42,6 +42,7 @@ from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
 from llmcycle.core.progress import bar
 from llmcycle.data.prompting import encode_prompt
+from llmcycle.models.generation import stop_ids
 from llmcycle.models.hub import context_window, decoder_prefix, model_kind
 from llmcycle.training.checkpoints import (
     check_same_run,
@@ -288,16 +289,15 @@ class PPOTrainer:
         actual = model_kind(policy.config)
         if kind is not None and kind != actual:
             raise UserError(f"ppo: kind '{kind}' given, but the policy is a {actual} model")
-        if tokenizer.eos_token_id is None:
-            raise UserError("ppo: the tokenizer has no EOS token; responses could never end")
+        self.eos_ids = stop_ids(policy, tokenizer, actual)  # what generation stops on, as when served
+        if not self.eos_ids:
+            raise UserError("ppo: the model has no eos token (config.json, generation_config.json or the "
+                            "tokenizer's eos_token); responses could never end")
         self.policy, self.tokenizer, self.kind, self.reward_fn, self.s = policy, tokenizer, actual, reward_fn, settings
         self.encode = prompt_encoder or (lambda text: encode_prompt(tokenizer, text, actual))
         self.window = context_window(policy.config, tokenizer, window)  # window: the project's override
         self.device = next(policy.parameters()).device
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        gen_eos = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
-        eos = ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [tokenizer.eos_token_id]
-        self.eos_ids = list(dict.fromkeys(int(e) for e in eos))
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0])
         # tokens generate() forces after a seq2seq start token (models.decoder_prefix): not the response's
         self.forced_tokens = len(decoder_prefix(policy)) - 1 if actual == "seq2seq" else 0
         self.is_peft = hasattr(policy, "disable_adapter") and hasattr(policy, "peft_config")

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 from llmcycle.core.errors import UserError
-from llmcycle.core.progress import bar
+from llmcycle.core.progress import bar, notice
 from llmcycle.data.prompting import build_prompt
 from llmcycle.models.folders import load_source, save_folder, source_facts
-from llmcycle.models.generation import GenerationConfig, Generator
+from llmcycle.models.generation import GenerationConfig, Generator, target_end_id
 from llmcycle.models.hub import (
     auto_class,
     context_window,
@@ -188,14 +188,18 @@ def build_student(teacher, cfg):
 
 
 # ------------------------------------------------------------------------------------ the training
-def training_features(examples, template: str, tokenizer, kind: str, window: int):
-    """tune's encoding of (prompt, first reference) pairs; overlong examples skipped and counted."""
+def training_features(examples, template: str, model, tokenizer, kind: str, window: int, system: str | None = None):
+    """tune's encoding of (prompt, first reference) pairs, targets ending as `model` stops; overlong
+    examples skipped and counted."""
 
-    encoded = encode_examples(examples, [build_prompt(template, ex) for ex in examples], tokenizer, kind,
-                              window, on_overflow="skip")
+    encoded = encode_examples(examples, [build_prompt(template, ex, system=system) for ex in examples], tokenizer,
+                              kind, window, end_id=target_end_id(model, tokenizer, kind)[0], on_overflow="skip")
     if not encoded.features:
         raise UserError(f"optimize: all {len(examples)} training examples are longer than the context window "
                         f"of {window} tokens; nothing is left to train on")
+    if encoded.skipped:
+        notice(f"optimize: skipped {len(encoded.skipped)} of {len(examples)} training examples longer than the "
+               f"context window of {window} tokens (first: {encoded.skipped[0]})")
     return encoded
 
 
@@ -246,20 +250,21 @@ def fit_steps(model, features: list[dict], pad_id: int, loss_fn: Callable, *, st
             "train_wall_s": round(time.perf_counter() - t0, 3)}
 
 
-def teacher_outputs(teacher, tokenizer, examples, template: str, gen_cfg, window: int | None, progress: bool):
+def teacher_outputs(teacher, tokenizer, examples, template: str, gen_cfg, window: int | None, progress: bool,
+                    system: str | None = None):
     """The examples with the teacher's greedy output for each prompt as their only target."""
     from dataclasses import replace
 
     greedy = GenerationConfig(max_new_tokens=gen_cfg.max_new_tokens, batch_size=gen_cfg.batch_size,
                               max_batch_tokens=gen_cfg.max_batch_tokens, stop=gen_cfg.stop)
-    prompts = [build_prompt(template, ex) for ex in examples]
+    prompts = [build_prompt(template, ex, system=system) for ex in examples]
     with bar(len(prompts), "teacher outputs", enabled=progress) as advance:
         results = Generator(teacher, tokenizer, window).generate(prompts, greedy, progress=advance)
     return [replace(ex, targets=[r.text]) for ex, r in zip(examples, results)]
 
 
 def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: dict, opts: dict, gen_cfg,
-             task: str, log=None, progress: bool = True) -> dict:
+             task: str, log=None, progress: bool = True, system: str | None = None) -> dict:
     """Distill the source (teacher) into a student saved at dest; facts for the run's summary."""
     import torch
 
@@ -272,8 +277,8 @@ def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: d
     window = context_window(teacher.config, tok, opts.get("context_window"))
     student, init = build_student(teacher, cfg)
     if cfg.targets == "teacher":
-        train = teacher_outputs(teacher, tok, train, template, gen_cfg, opts.get("context_window"), progress)
-    encoded = training_features(train, template, tok, kind, window)
+        train = teacher_outputs(teacher, tok, train, template, gen_cfg, opts.get("context_window"), progress, system)
+    encoded = training_features(train, template, student, tok, kind, window, system)
 
     def loss_fn(model, batch):
         with torch.no_grad():

@@ -246,7 +246,7 @@ def prune_structured(model, structure: str, sparsity: float) -> dict:
 
 # --------------------------------------------------------------------------------------- the stage
 def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: dict, opts: dict, gen_cfg,
-             task: str, log=None, progress: bool = True) -> dict:
+             task: str, log=None, progress: bool = True, system: str | None = None) -> dict:
     """Prune the source as cfg says, optionally fine-tune to recover, save at dest; facts for the summary."""
 
     device = resolve_device(opts.get("device", "auto"))
@@ -262,7 +262,7 @@ def optimize(cfg, source_path: str, dest: Path, train, template: str, *, info: d
     if cfg.recovery_steps:
         kind = model_kind(model.config)
         window = context_window(model.config, tok, opts.get("context_window"))
-        encoded = training_features(train, template, tok, kind, window)
+        encoded = training_features(train, template, model, tok, kind, window, system)
         stats = fit_steps(model, encoded.features, tok.pad_token_id, cross_entropy_loss(kind),
                           steps=cfg.recovery_steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, log=log,
                           log_every=cfg.log_every, progress=progress, label="recovery")
