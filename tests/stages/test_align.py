@@ -231,3 +231,45 @@ def test_unknown_reward_label_lists_the_classifiers_labels(tmp_path):
     lifecycle.execute(project, "align", "rm", progress=False)
     with pytest.raises(UserError, match="nice.*not_toxic, toxic|not_toxic, toxic.*nice"):
         lifecycle.execute(project, "align", "detox", progress=False)
+
+
+def test_dpo_says_which_pairs_it_skipped_and_on_how_few_it_measured(tmp_path, capfd):
+    """Pairs left out (identical, empty, prompt over max_prompt_length) are counted in the summary and
+    said on stderr with the first of each; the held-out accuracy on fewer than evaluate.min_examples pairs
+    is flagged; `llmcycle align` prints the accuracy with its number of pairs."""
+    from types import SimpleNamespace
+
+    from llmcycle.cli import _report_outcomes
+    from llmcycle.stages.align import stage
+
+    path = make_project(tmp_path, {"v": {"method": "dpo", "data": "pairs.jsonl", "max_steps": 1, "batch_size": 4,
+                                         "max_prompt_length": 24, "r": 4, "alpha": 8}})
+    good = [{"prompt": f"{WORDS[i % 6]} is here ->", "chosen": WORDS[i % 6], "rejected": RUDE[i % 3]}
+            for i in range(20)]
+    bad = [{"prompt": "red is here ->", "chosen": "same", "rejected": "same"},
+           {"prompt": "red is here ->", "chosen": "  ", "rejected": "fool"},
+           {"prompt": " ".join(WORDS * 10), "chosen": "red", "rejected": "fool"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    project = load_project(path)
+    cfg = project.config.align["v"]
+    policy, tok, kind, *_ = stage.load_policy(project, "v", cfg)
+    run = SimpleNamespace(id="r", log=lambda row: None)
+    trained = stage._train_on_pairs(project, "v", cfg, policy, tok, kind, run, False)
+
+    assert trained["pairs_total"] == 23 and trained["max_length"] == trained["window"] == 512
+    assert trained["pairs_skipped"] == {"identical": 1, "empty": 1, "over_max_prompt_length": 1}
+    assert trained["pairs"] + trained["measured_pairs"] == 20 and trained["measured_on"] == "eval"  # 21 loaded
+    assert trained["too_few_pairs"]  # 2 held out (eval_fraction 0.1 of 21), under min_examples 20
+    err = " ".join(capfd.readouterr().err.split())  # rich may wrap the line
+    assert ("align.v: skipped 3 of 23 preference pairs: 1 with identical responses (first: pairs.jsonl:21), 1 with "
+            "an empty response (first: pairs.jsonl:22), 1 with prompts over max_prompt_length 24 tokens (first: "
+            "pairs.jsonl:23); pairs are never cut: raise align.v.max_length / max_prompt_length to keep them "
+            "(max_length unset: the model's context window, 512 tokens)") in err
+    assert (f"align.v: preference accuracy measured on only {trained['measured_pairs']} held-out pairs (fewer than "
+            "evaluate.min_examples 20)") in err
+
+    outcome = SimpleNamespace(status="completed", stage="align", variant="v", run_id="r", summary={"training": trained})
+    _report_outcomes([outcome], False)
+    printed = " ".join(capfd.readouterr().out.split())
+    assert (f"dpo reward accuracy: {trained['reward_accuracy']:.3f} on {trained['measured_pairs']} held-out pairs; "
+            "trained on 18 pairs; skipped: 1 identical, 1 empty, 1 over_max_prompt_length") in printed

@@ -11,11 +11,16 @@ backend "llmcycle" runs our loop for causal models too (no TRL needed); backend 
 ORPO has no reference model; note that TRL's ORPO scores its NLL term on a causal model over the prompt
 tokens too (its choice), on the response only for seq2seq.
 
-Every backend sees the same token ids: the prompt encoded by `prompts.encode_prompt` (chat template
-included, exactly as at inference) and each response plus EOS (`tune_data.encode_target`); seq2seq
-models read the prompt in the encoder and score the response as decoder targets, causal models score
-the response tokens after the prompt. Nothing is truncated: a pair longer than max_length /
-max_prompt_length is skipped and counted.
+Pairs come as {prompt | messages, chosen, rejected} records (text, or OpenAI-style turns) or as HH-RLHF
+transcripts, which are split into turns; each pair's prompt is a prompting.Prompt (`pair_prompt`), so a
+chat model reads real turns through its chat template and other models read flat text.
+
+Every backend sees the same token ids: `encode_pairs` encodes the prompt with `prompting.encode_prompt`
+(the chat template with its generation prompt, exactly as at inference) and each response with
+`encoding.encode_target` (ending with the template's end-of-turn token, else the model's eos), and TRL
+gets those ids, pre-tokenized (its own tokenization is bypassed). Seq2seq models read the prompt in the
+encoder and score the response as decoder targets, causal models score the response tokens after the
+prompt. Nothing is truncated: a pair longer than max_length / max_prompt_length is skipped and counted.
 
 The reference policy is the policy as passed in, before any step. For a LoRA policy with a fresh
 adapter (what align.load_policy builds) that is exactly the adapter-disabled base, so no second copy
@@ -34,6 +39,7 @@ import contextlib
 import importlib.util
 import math
 import random
+import re
 import tempfile
 import time
 import warnings
@@ -43,88 +49,161 @@ from typing import Callable
 
 from llmcycle.core.errors import UserError, suggest
 from llmcycle.core.progress import bar
-from llmcycle.data.prompting import encode_prompt
+from llmcycle.data.encoding import encode_target
+from llmcycle.data.prompting import Prompt, assemble, encode_prompt
 from llmcycle.data.records import load_records
 from llmcycle.models.adapters import save_model
+from llmcycle.models.generation import target_end_id
 from llmcycle.models.hub import context_window
-from llmcycle.training.batches import collate, encode_target
+from llmcycle.training.batches import collate
 from llmcycle.training.checkpoints import lr_factor
 from llmcycle.training.loop import answer_logits
 
 METHODS = ("dpo", "orpo")
 BACKENDS = ("auto", "llmcycle", "trl")
-ASSISTANT = "\n\nAssistant:"  # HH-RLHF turn marker; the prompt runs up to and including the last one
-PROMPT_FIELD = "prompt"  # used when present and no prompt_field is named (TRL's convention)
+TURN = re.compile(r"\n\n(Human|Assistant):")  # HH-RLHF's turn markers
+ROLES = {"Human": "user", "Assistant": "assistant"}
+PROMPT_FIELDS = ("prompt", "messages")  # used when present and no prompt_field is named (TRL's names)
+SKIP_REASONS = ("identical", "empty", "prompt_mismatch", "over_max_prompt_length", "over_max_length")
 
 
 # ------------------------------------------------------------------------------------ the data
 @dataclass
 class PreferencePair:
-    prompt: str
+    prompt: str  # a prompting.Prompt from load_pairs (flat text carrying its chat turns); a plain str is one user turn
     chosen: str
     rejected: str
     where: str = ""
 
 
 class PairList(list):
-    """A list of PreferencePair that also says which records were left out and why."""
+    """A list of PreferencePair that also says which records were left out and why, out of how many."""
 
-    def __init__(self, pairs=(), skipped: dict[str, list[str]] | None = None):
+    def __init__(self, pairs=(), skipped: dict[str, list[str]] | None = None, records: int = 0):
         super().__init__(pairs)
         self.skipped = skipped or {}
+        self.records = records
 
 
-def split_transcript(text: str) -> tuple[str, str] | None:
-    """(prompt up to and including the last '\\n\\nAssistant:', final response), None without that turn."""
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
+def transcript_turns(text: str, where: str = "", field: str = "chosen") -> list[dict]:
+    """An HH-RLHF transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as chat turns, their contents stripped
+    (the space after each marker belongs to the format, not to the speaker). Consecutive turns of one
+    role are merged: a few HH-RLHF transcripts have two Assistant turns in a row, and chat templates
+    need the roles to alternate."""
+    parts = TURN.split(text)
+    if len(parts) < 3:
+        raise UserError(f"{where}: no prompt field, and '{field}' is not a transcript with "
+                        "\"\\n\\nHuman:\" / \"\\n\\nAssistant:\" turns to split the prompt off; set prompt_field "
+                        "(or give a 'prompt' or 'messages' field)")
+    if parts[0].strip():
+        raise UserError(f"{where}: '{field}' has text before its first Human/Assistant turn "
+                        f"({parts[0].strip()[:40]!r}); a transcript starts with \"\\n\\nHuman:\"")
+    turns: list[dict] = []
+    for name, content in zip(parts[1::2], parts[2::2]):
+        if turns and turns[-1]["role"] == ROLES[name]:
+            turns[-1]["content"] += "\n\n" + content.strip()
+        else:
+            turns.append({"role": ROLES[name], "content": content.strip()})
+    if turns[0]["role"] != "user" or turns[-1]["role"] != "assistant" or len(turns) < 2:
+        raise UserError(f"{where}: the transcript in '{field}' must start with a Human turn and end with the "
+                        f"Assistant turn being rated (its turns: {', '.join(t['role'] for t in turns)})")
+    return turns
+
+
+def _prompt_turns(value, where: str, field: str) -> list[dict]:
+    """A record's prompt as turns: a string is one user turn; a list holds {role, content} turns (an
+    optional leading system turn, then user / assistant turns ending with a user turn)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: field '{field}' must be text or a non-empty list of "
+                        f"{{\"role\", \"content\"}} turns, got {str(value)[:80]}")
+    for i, t in enumerate(value):
+        if not isinstance(t, dict) or t.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(t.get("content"), str):
+            raise UserError(f"{where}: turn {i} of '{field}' must be {{\"role\": system|user|assistant, "
+                            f"\"content\": text}}, got {str(t)[:80]}")
+        if t["role"] == "system" and i > 0:
+            raise UserError(f"{where}: turn {i} of '{field}' is a system turn; one may only open the conversation")
+    if value[-1]["role"] != "user":
+        raise UserError(f"{where}: '{field}' must end with a user turn (the responses are the chosen / rejected "
+                        f"fields), not a {value[-1]['role']} turn")
+    return [{"role": t["role"], "content": t["content"]} for t in value]
+
+
+def _response(value, where: str, field: str) -> str:
+    """A response: text, or one assistant message (alone or in a one-element list, TRL's conversational form)."""
+    message = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if isinstance(message, dict) and message.get("role") == "assistant" and isinstance(message.get("content"), str):
+        return message["content"]
+    if isinstance(value, str):
+        return value
+    raise UserError(f"{where}: field '{field}' must be text or one assistant message ({{\"role\": \"assistant\", "
+                    f"\"content\": text}}, alone or in a one-element list), got {str(value)[:80]}")
+
+
+def pair_prompt(turns: list[dict], system: str | None = None, transcript: bool = False) -> Prompt:
+    """The Prompt of a pair's turns, built as every prompt is (prompting.assemble): the last user turn is
+    the query, earlier turns the history; the record's own system turn wins over `system`. A converted
+    transcript's flat text (models without a chat template) reads as the transcript did."""
+    own = turns[0]["content"] if turns[0]["role"] == "system" else None
+    body, system = (turns[1:] if own is not None else turns), own or system
+    prompt = assemble(body[-1]["content"], system=system, history=body[:-1])
+    if not transcript:
+        return prompt
+    # flat_history would write "User:" lines and leave the last turn and the cue unlabelled: keep HH's roles
+    # and end with the "Assistant:" its responses followed
+    lines = "".join(f"{'Human' if t['role'] == 'user' else 'Assistant'}: {t['content']}\n" for t in body)
+    text = f"{lines}Assistant:"
+    return Prompt(f"{system}\n\n{text}" if system else text, prompt.messages)
+
+
+def exchange_text(pair: PreferencePair, response: str) -> str:
+    """A pair's flat prompt followed by one of its responses, as one text (what a reward model scores)."""
+    seam = "" if not response or pair.prompt[-1:].isspace() or response[:1].isspace() else " "
+    return f"{pair.prompt}{seam}{response}"
+
+
+def _split_transcripts(chosen: str, rejected: str, where: str, fields: tuple[str, str]):
+    """(shared prompt turns, chosen response, rejected response), or None when the prompts differ."""
+    c, r = transcript_turns(chosen, where, fields[0]), transcript_turns(rejected, where, fields[1])
+    if c[:-1] != r[:-1]:
         return None
-    cut += len(ASSISTANT)
-    return text[:cut], text[cut:]
-
-
-def _text(rec: dict, field: str, where: str) -> str:
-    value = rec[field]
-    if not isinstance(value, str):
-        raise UserError(f"{where}: field '{field}' must be text, not {type(value).__name__} "
-                        "(conversation lists are not supported; give plain strings)")
-    return value
+    return c[:-1], c[-1]["content"], r[-1]["content"]
 
 
 def load_pairs(path: str, base_dir: Path, *, prompt_field: str | None = None, chosen_field: str = "chosen",
-               rejected_field: str = "rejected") -> PairList:
+               rejected_field: str = "rejected", system: str | None = None) -> PairList:
     """Preference pairs from a JSONL / CSV / ... file (anything llmcycle.data.records.load_records reads).
 
-    With prompt_field (or a `prompt` field when none is named) each record gives prompt, chosen and
-    rejected directly. Otherwise chosen and rejected are whole transcripts in the HH-RLHF form
-    "\\n\\nHuman: ...\\n\\nAssistant: ..." sharing everything before their final Assistant turn: the prompt
-    is that shared part, up to and including the last "\\n\\nAssistant:", the responses what follows.
+    With prompt_field (or a `prompt` / `messages` field when none is named) each record gives the prompt,
+    as text (one user turn) or as {role, content} turns, and chosen / rejected, each text or an assistant
+    message. Otherwise chosen and rejected are HH-RLHF transcripts sharing every turn before their final
+    Assistant turn: those turns are the prompt, the final contents the responses (transcript_turns).
+    Every prompt is a prompting.Prompt with `system` as its system prompt unless the record has its own.
     Pairs whose responses are identical or empty, or whose transcripts do not share the prompt, are
-    skipped and listed in `.skipped`.
-    """
+    skipped and listed in `.skipped`."""
 
     records = load_records(path, Path(base_dir), key="preference data")
-    pairs, skipped = PairList(), {"identical": [], "empty": [], "prompt_mismatch": []}
+    pairs, skipped = PairList(records=len(records)), {"identical": [], "empty": [], "prompt_mismatch": []}
     for where, rec in records:
         missing = [f for f in (chosen_field, rejected_field, prompt_field) if f is not None and f not in rec]
         if missing:
             found = ", ".join(map(str, rec)) or "none"
             raise UserError(f"{where}: preference field '{missing[0]}' missing (fields found: {found})"
                             f"{suggest(missing[0], rec)}; set chosen_field / rejected_field / prompt_field")
-        chosen, rejected = _text(rec, chosen_field, where), _text(rec, rejected_field, where)
-        field = prompt_field or (PROMPT_FIELD if PROMPT_FIELD in rec else None)
+        chosen, rejected = _response(rec[chosen_field], where, chosen_field), _response(rec[rejected_field], where,
+                                                                                        rejected_field)
+        field = prompt_field or next((f for f in PROMPT_FIELDS if f in rec), None)
         if field is not None:
-            prompt = _text(rec, field, where)
+            prompt = pair_prompt(_prompt_turns(rec[field], where, field), system)
         else:
-            parts = split_transcript(chosen), split_transcript(rejected)
-            if None in parts:
-                raise UserError(f"{where}: no prompt field, and '{chosen_field}' / '{rejected_field}' are not "
-                                f"transcripts with an {ASSISTANT.strip()!r} turn to split the prompt off; "
-                                "set prompt_field")
-            (prompt, chosen), (other_prompt, rejected) = parts
-            if prompt != other_prompt:
+            split = _split_transcripts(chosen, rejected, where, (chosen_field, rejected_field))
+            if split is None:
                 skipped["prompt_mismatch"].append(where)
                 continue
+            turns, chosen, rejected = split
+            prompt = pair_prompt(turns, system, transcript=True)
         if not chosen.strip() or not rejected.strip():
             skipped["empty"].append(where)
         elif chosen == rejected:
@@ -138,19 +217,25 @@ def load_pairs(path: str, base_dir: Path, *, prompt_field: str | None = None, ch
     return pairs
 
 
-def encode_pairs(pairs, tokenizer, kind: str, max_length: int, max_prompt_length: int):
-    """(features with prompt_ids / chosen_ids / rejected_ids, wheres of the skipped overlong pairs)."""
+def encode_pairs(pairs, tokenizer, kind: str, max_length: int, max_prompt_length: int, end_id: int | None):
+    """(features with prompt_ids / chosen_ids / rejected_ids, {reason: wheres} of the pairs left out as
+    over_max_prompt_length or over_max_length). Each response is encoded as fine-tuning encodes an
+    answer: a chat model's through its template after the prompt's turns, ending with the token the
+    model stops on."""
 
-    features, overlong = [], []
+    features, overlong = [], {"over_max_prompt_length": [], "over_max_length": []}
     for pair in pairs:
         p = encode_prompt(tokenizer, pair.prompt, kind)
-        c, r = encode_target(tokenizer, pair.chosen, kind), encode_target(tokenizer, pair.rejected, kind)
+        c = encode_target(tokenizer, pair.prompt, pair.chosen, kind, end_id)
+        r = encode_target(tokenizer, pair.prompt, pair.rejected, kind, end_id)
         longest = len(p) + max(len(c), len(r)) if kind == "causal" else max(len(c), len(r))
-        if len(p) > max_prompt_length or longest > max_length:
-            overlong.append(pair.where)
-            continue
-        features.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
-    return features, overlong
+        if len(p) > max_prompt_length:
+            overlong["over_max_prompt_length"].append(pair.where)
+        elif longest > max_length:
+            overlong["over_max_length"].append(pair.where)
+        else:
+            features.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+    return features, {k: v for k, v in overlong.items() if v}
 
 
 def _rows(features: list[dict], kind: str) -> list[dict]:
@@ -433,20 +518,23 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
                      warmup_steps: int = 0, max_length: int | None = None, max_prompt_length: int | None = None,
                      seed: int = 42, backend: str = "auto", eval_pairs=None, measure_pairs: int = 256,
                      log_every: int = 1, log: Callable[[dict], None] | None = None, progress: bool = True,
-                     meta: dict | None = None) -> dict:
+                     meta: dict | None = None, window: int | None = None) -> dict:
     """Train `policy` in place on preference pairs and return a summary; saves it to out_dir if given.
 
     policy: a PEFT model (a LoRA adapter is trained; build it with tune.wrap) or a plain model (every
     parameter that requires grad is trained). max_length: most tokens of prompt + response (causal) or of
-    a response (seq2seq); max_prompt_length: most prompt tokens; both default to the model's window.
+    a response (seq2seq); max_prompt_length: most prompt tokens; both default to `window`, the model's
+    context window (read off its config when not given). Pairs over either are skipped, never cut: the
+    summary counts them by reason (`skipped`, `eval_skipped`) with the first of each (`*_first`).
     """
     t0 = time.perf_counter()
     _check_settings(method, backend, kind, tokenizer, pairs, beta=beta, label_smoothing=label_smoothing, lr=lr,
                     batch_size=batch_size, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps,
                     log_every=log_every)
     chosen_backend = _backend_for(method, kind, backend, policy, label_smoothing)
-    features, overlong, measured = _encode_all(pairs, eval_pairs, policy, tokenizer, kind, max_length,
-                                               max_prompt_length, measure_pairs)
+    enc = _encode_all(pairs, eval_pairs, policy, tokenizer, kind, max_length, max_prompt_length, measure_pairs,
+                      window)
+    features, measured = enc.features, enc.measured
     steps, per_epoch = total_steps(len(features), batch_size, grad_accum, epochs, max_steps)
     device = next(policy.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -467,9 +555,7 @@ def train_preference(method: str, policy, tokenizer, kind: str, pairs, out_dir: 
 
     summary = {
         "method": method, "backend": chosen_backend, "kind": kind, "beta": beta, "lr": lr,
-        "batch_size": batch_size, "grad_accum": grad_accum, "pairs": len(features),
-        "skipped_overlong": len(overlong), "skipped_overlong_examples": overlong[:10],
-        **{f"skipped_{k}": len(v) for k, v in getattr(pairs, "skipped", {}).items()},
+        "batch_size": batch_size, "grad_accum": grad_accum, "pairs": len(features), **enc.summary(),
         "steps": steps, "epochs_done": round(steps / per_epoch, 4),
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         "measured_on": "eval" if eval_pairs else "train", "measured_pairs": len(measured),
@@ -517,26 +603,51 @@ def _backend_for(method: str, kind: str, backend: str, policy, label_smoothing: 
     return chosen_backend
 
 
-def _encode_all(pairs, eval_pairs, policy, tokenizer, kind: str, max_length: int | None,
-                max_prompt_length: int | None, measure_pairs: int):
-    """(training features, wheres of the overlong training pairs, measured features): the measured ones
-    are the eval pairs if given, else the first `measure_pairs` training pairs."""
+@dataclass
+class _Encoded:
+    """The encoded pairs: what trains, what measures, what was left out (by reason, wheres) and the limits."""
 
-    if tokenizer.pad_token_id is None:  # causal tokenizers often lack one; EOS pads, as at inference
-        tokenizer.pad_token = tokenizer.eos_token
-    window = context_window(policy.config, tokenizer)
+    features: list[dict]
+    measured: list[dict]
+    skipped: dict[str, list[str]]
+    eval_skipped: dict[str, list[str]]
+    max_length: int
+    max_prompt_length: int
+    window: int
+
+    def summary(self) -> dict:
+        overlong = [w for k in ("over_max_prompt_length", "over_max_length") for w in self.skipped.get(k, [])]
+        return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length, "window": self.window,
+                "skipped": {k: len(v) for k, v in self.skipped.items()},
+                "skipped_first": {k: v[0] for k, v in self.skipped.items()},
+                "skipped_overlong": len(overlong), "skipped_overlong_examples": overlong[:10],
+                "eval_skipped": {k: len(v) for k, v in self.eval_skipped.items()},
+                "eval_skipped_first": {k: v[0] for k, v in self.eval_skipped.items()}}
+
+
+def _encode_all(pairs, eval_pairs, policy, tokenizer, kind: str, max_length: int | None,
+                max_prompt_length: int | None, measure_pairs: int, window: int | None) -> _Encoded:
+    """The training features and the measured ones (the eval pairs if given, else the first
+    `measure_pairs` training pairs); refused when every training or eval pair is over the limits."""
+
+    end_id = target_end_id(policy, tokenizer, kind)[0]
+    if tokenizer.pad_token_id is None:  # causal tokenizers often lack one; the end token pads, as at inference
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(end_id)
+    window = window or context_window(policy.config, tokenizer)
     max_length, max_prompt_length = max_length or window, max_prompt_length or window
-    features, overlong = encode_pairs(pairs, tokenizer, kind, max_length, max_prompt_length)
+    limits = (f"max_length {max_length} / max_prompt_length {max_prompt_length} tokens (nothing is truncated; "
+              f"unset, both are the model's context window, {window})")
+    features, overlong = encode_pairs(pairs, tokenizer, kind, max_length, max_prompt_length, end_id)
     if not features:
-        raise UserError(f"preference: all {len(pairs)} pairs are longer than max_length {max_length} / "
-                        f"max_prompt_length {max_prompt_length} tokens and were skipped (nothing is truncated)")
-    measured = features[:measure_pairs]
+        raise UserError(f"preference: all {len(pairs)} pairs are longer than {limits}; raise them or shorten the "
+                        "pairs")
+    measured, eval_overlong = features[:measure_pairs], {}
     if eval_pairs:
-        measured, _ = encode_pairs(eval_pairs, tokenizer, kind, max_length, max_prompt_length)
+        measured, eval_overlong = encode_pairs(eval_pairs, tokenizer, kind, max_length, max_prompt_length, end_id)
         if not measured:
-            raise UserError(f"preference: every eval pair is longer than max_length {max_length} / "
-                            f"max_prompt_length {max_prompt_length} tokens")
-    return features, overlong, measured
+            raise UserError(f"preference: all {len(eval_pairs)} eval pairs are longer than {limits}; raise them")
+    skipped = {**{k: list(v) for k, v in getattr(pairs, "skipped", {}).items()}, **overlong}
+    return _Encoded(features, measured, skipped, eval_overlong, max_length, max_prompt_length, window)
 
 
 def _reference_logps(policy, features, measured, own_loop: bool, on_eval_pairs: bool, kind: str, pad_id: int,

@@ -31,12 +31,14 @@ from pydantic import Field, field_validator, model_validator
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
 from llmcycle.core.memory import peak_mb, reset_peak
+from llmcycle.core.progress import notice
 from llmcycle.data.prompting import check_template, fit_prompts
 from llmcycle.data.records import fingerprint, load_splits
 from llmcycle.evaluation import harness
 from llmcycle.evaluation.settings import (
     eval_examples,
     name_lexicon,
+    project_system,
     project_template,
     settings,
 )
@@ -52,7 +54,7 @@ from llmcycle.models.hub import (
 )
 from llmcycle.stages.align import reward
 from llmcycle.stages.align.ppo import PPOHyperparameters, PPOSettings, PPOTrainer
-from llmcycle.stages.align.preference import load_pairs, train_preference
+from llmcycle.stages.align.preference import SKIP_REASONS, exchange_text, load_pairs, train_preference
 from llmcycle.stages.align.reward import load_reward_model
 from llmcycle.stages.contract import Stage, own_model
 from llmcycle.training.finetune import TuneConfig, load_base, parameter_counts, wrap
@@ -95,10 +97,12 @@ class _Trained(_Variant):
 class _Pairs(Section):
     """The fields of a preference-pair file (reward_pairwise, dpo, orpo)."""
 
-    prompt_field: str | None = Field(None, description="the prompt field; without one, chosen and rejected "
-                                     "are transcripts sharing their prompt (HH-RLHF)")
-    chosen_field: str = Field("chosen", description="the preferred response")
-    rejected_field: str = Field("rejected", description="the dispreferred response")
+    prompt_field: str | None = Field(None, description="the prompt field: text (one user turn) or a list of "
+                                     "{role, content} turns ending with a user turn; default: `prompt` or "
+                                     "`messages` when present, else chosen and rejected are HH-RLHF transcripts "
+                                     "sharing their prompt turns")
+    chosen_field: str = Field("chosen", description="the preferred response (text or an assistant message)")
+    rejected_field: str = Field("rejected", description="the dispreferred response (text or an assistant message)")
 
 
 class _Reward(Section):
@@ -188,6 +192,11 @@ class _Preference(_Pairs, _Trained, _Policy):
     """dpo and orpo: the policy trained on preference pairs."""
 
     beta: float = Field(0.1, gt=0, description="dpo: strength of the KL constraint; orpo: odds-ratio weight")
+    max_length: int | None = Field(None, ge=8, description="longest prompt + response in tokens (seq2seq: longest "
+                                   "response); longer pairs are skipped and counted, never cut; default: the "
+                                   "model's context window")
+    max_prompt_length: int | None = Field(None, ge=1, description="longest prompt in tokens; longer pairs are "
+                                          "skipped and counted; default: the model's context window")
 
 
 class DPOConfig(_Preference):
@@ -246,15 +255,16 @@ def percent_change(before: float, after: float) -> float | None:
     return None if before == 0 else (after - before) / abs(before) * 100.0
 
 
-def evaluate_policy(project, loaded, examples, prompts, *, label: str, progress: bool,
+def evaluate_policy(project, loaded, examples, fitted, *, label: str, progress: bool,
                     toxicity=None) -> tuple[dict, list[dict]]:
     """The task metric on the held-out prompts (the project's generation settings) and, with a
     (reward model, label) pair, the toxic probability of every output."""
 
     ev = settings(project)
-    summary, rows = harness.evaluate(loaded, prompts, examples, project.config.project.task, ev.generation,
+    summary, rows = harness.evaluate(loaded, fitted.prompts, examples, project.config.project.task, ev.generation,
                                      perplexity=ev.perplexity, progress=progress, label=label,
-                                     lexicon=name_lexicon(project))
+                                     lexicon=name_lexicon(project), skipped=fitted.skipped,
+                                     min_examples=ev.min_examples)
     if toxicity is not None:
         model, tox_label = toxicity
         scores = model.probabilities([r["prediction"] for r in rows], tox_label)
@@ -279,8 +289,8 @@ def _train_reward(project, variant: str, cfg: RewardConfig, run, progress: bool)
     else:
         pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
                            chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
-        summary = reward.train_pairwise(base, [p.prompt + p.chosen for p in pairs],
-                                        [p.prompt + p.rejected for p in pairs], out_dir, **common)
+        summary = reward.train_pairwise(base, [exchange_text(p, p.chosen) for p in pairs],
+                                        [exchange_text(p, p.rejected) for p in pairs], out_dir, **common)
     summary.update({"method": cfg.method, "encoder": cfg.encoder, "data": cfg.data, "model_dir": str(out_dir),
                     "parent": base_run})
     return summary
@@ -312,20 +322,20 @@ def load_policy(project, variant: str, cfg: PolicyConfig):
 
 
 def _held_out(project, cfg: PolicyConfig, loaded, variant: str):
-    """The eval split's examples and their prompts (the project's prompt, refused if over the window)."""
+    """The eval split's examples that fit the window, their prompts (the project's template and system
+    prompt) and where the skipped ones came from; scored before and after alike."""
 
     ev = settings(project)
     examples = eval_examples(project, limit=cfg.eval_limit or ev.limit)
     template = project_template(project)
     check_template(template, "evaluate.template", examples[0])
-    fitted = fit_prompts(template, examples, [], [[] for _ in examples], harness.count_tokens(loaded),
-                         harness.generation_budget(loaded, ev.generation.max_new_tokens),
-                         shot_format="", separator="", on_overflow="refuse", variant=f"align.{variant}")
-    return examples, fitted.prompts, template
+    fitted = harness.fit_eval_prompts(loaded, template, examples, ev.generation, system=project_system(project),
+                                      on_overflow=ev.on_overflow, label=f"align.{variant}")
+    return fitted.examples(examples), fitted, template
 
 
 def _training_prompts(project, template: str, loaded, variant: str) -> list[str]:
-    """PPO's prompts: the training split rendered with the project's prompt; overlong ones skipped."""
+    """PPO's prompts: the training split rendered with the project's prompt; overlong ones skipped, counted."""
 
     if project.config.data is None:
         raise UserError(f"{project.path}: no data configured (PPO draws its prompts from data.train)")
@@ -333,8 +343,13 @@ def _training_prompts(project, template: str, loaded, variant: str) -> list[str]
     if not examples:
         raise UserError(f"align.{variant}: no training prompts (set data.train)")
     fitted = fit_prompts(template, examples, [], [[] for _ in examples], harness.count_tokens(loaded),
-                         harness.generation_budget(loaded, 1), shot_format="", separator="",
-                         on_overflow="refuse", variant=f"align.{variant}")
+                         harness.generation_budget(loaded, 1), variant=f"align.{variant}",
+                         system=project_system(project))
+    if fitted.skipped:
+        notice(f"align.{variant}: skipped {len(fitted.skipped)} of {len(examples)} training prompts over the "
+               f"context window (first: {fitted.skipped[0]})")
+    if not fitted.prompts:
+        raise UserError(f"align.{variant}: every training prompt is over the context window; nothing to train on")
     return fitted.prompts
 
 
@@ -376,25 +391,61 @@ def _train_ppo(cfg: PPOConfig, policy, tokenizer, kind: str, reward_model, windo
     return trained
 
 
-def _train_on_pairs(project, cfg, policy, tokenizer, kind: str, run, progress: bool) -> dict:
-    """DPO or ORPO on the variant's preference pairs; a seeded held-out share measures the reward
-    accuracy on pairs the policy did not train on."""
+def _train_on_pairs(project, variant: str, cfg, policy, tokenizer, kind: str, run, progress: bool) -> dict:
+    """DPO or ORPO on the variant's preference pairs (each prompt with the project's system prompt unless its
+    record has its own); a seeded held-out share measures the reward accuracy on pairs the policy did not
+    train on. Skipped pairs and a measurement on too few pairs are said out loud and kept in the summary."""
     import random
 
-    pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field,
-                       chosen_field=cfg.chosen_field, rejected_field=cfg.rejected_field)
+    pairs = load_pairs(cfg.data, project.dir, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
+                       rejected_field=cfg.rejected_field, system=project_system(project))
     order = list(range(len(pairs)))
     random.Random(cfg.seed).shuffle(order)
     n_eval = max(1, round(len(pairs) * cfg.eval_fraction)) if len(pairs) > 1 else 0
     held = set(order[:n_eval])
+    mcfg = project.config.model  # its context_window, when set, is the limit the pairs must fit
+    window = context_window(policy.config, tokenizer, mcfg.context_window if mcfg is not None else None)
     trained = train_preference(cfg.method, policy, tokenizer, kind,
                                [p for i, p in enumerate(pairs) if i not in held], None,
                                eval_pairs=[p for i, p in enumerate(pairs) if i in held] or None,
                                beta=cfg.beta, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                               max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed,
+                               max_steps=cfg.max_steps, max_length=cfg.max_length,
+                               max_prompt_length=cfg.max_prompt_length, window=window, seed=cfg.seed,
                                log=run.log, progress=progress)
-    trained["pairs_skipped"] = {reason: len(where) for reason, where in pairs.skipped.items()}
+    trained["pairs_total"] = pairs.records
+    for reason, wheres in pairs.skipped.items():  # left out while loading, before the held-out split
+        trained["skipped"][reason], trained["skipped_first"][reason] = len(wheres), wheres[0]
+    _say_pairs(f"align.{variant}", cfg, trained, settings(project).min_examples)
     return trained
+
+
+def _say_pairs(label: str, cfg, trained: dict, min_examples: int) -> None:
+    """Notices (and summary keys) for the pairs left out, training and held-out together, and for a
+    preference accuracy measured on fewer pairs than evaluate.min_examples."""
+    from collections import Counter
+
+    counts = Counter(trained["skipped"]) + Counter(trained["eval_skipped"])
+    firsts = {**trained["eval_skipped_first"], **trained["skipped_first"]}
+    trained["pairs_skipped"] = {k: counts[k] for k in SKIP_REASONS if counts[k]}
+    why = {"identical": "with identical responses", "empty": "with an empty response",
+           "prompt_mismatch": "whose transcripts differ before their final Assistant turn",
+           "over_max_prompt_length": f"with prompts over max_prompt_length {trained['max_prompt_length']} tokens",
+           "over_max_length": f"over max_length {trained['max_length']} tokens"}
+    if counts:
+        parts = ", ".join(f"{n} {why[k]} (first: {firsts[k]})" for k, n in trained["pairs_skipped"].items())
+        limits = ""
+        if counts["over_max_length"] or counts["over_max_prompt_length"]:
+            unset = [k for k in ("max_length", "max_prompt_length") if getattr(cfg, k) is None]
+            limits = (f"; pairs are never cut: raise {label}.max_length / max_prompt_length to keep them ("
+                      + (f"{' and '.join(unset)} unset: the model's context window, {trained['window']} tokens"
+                         if unset else "both set in the project file") + ")")
+        notice(f"{label}: skipped {sum(counts.values())} of {trained['pairs_total']} preference pairs: {parts}{limits}")
+    trained["too_few_pairs"] = trained["measured_pairs"] < min_examples
+    if trained["too_few_pairs"]:
+        pool = "held-out" if trained["measured_on"] == "eval" else "training"
+        notice(f"{label}: preference accuracy measured on only {trained['measured_pairs']} {pool} pairs (fewer "
+               f"than evaluate.min_examples {min_examples}): it may be noise; raise {label}.eval_fraction "
+               f"({cfg.eval_fraction}) or add pairs")
 
 
 def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, progress: bool) -> dict:
@@ -417,8 +468,8 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
         policy.eval()
         return harness.LoadedModel(name, path, policy, tokenizer, Generator(policy, tokenizer, window), run.id)
 
-    examples, prompts, template = _held_out(project, cfg, loaded_now(ref), variant)
-    before, _ = evaluate_policy(project, loaded_now(ref), examples, prompts, label=f"before align.{variant}",
+    examples, fitted, template = _held_out(project, cfg, loaded_now(ref), variant)
+    before, _ = evaluate_policy(project, loaded_now(ref), examples, fitted, label=f"before align.{variant}",
                                 progress=progress, toxicity=toxicity)
 
     start = time.perf_counter()
@@ -427,7 +478,7 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
         trained = _train_ppo(cfg, policy, tokenizer, kind, reward_model, window, train_prompts, run, resume,
                              progress)
     else:
-        trained = _train_on_pairs(project, cfg, policy, tokenizer, kind, run, progress)
+        trained = _train_on_pairs(project, variant, cfg, policy, tokenizer, kind, run, progress)
     train_s = time.perf_counter() - start
 
     # Saved as a plain model when the policy started from an adapter (its base is the merged
@@ -440,7 +491,7 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
                            project_dir=project.dir)
     saved = loaded_now(f"align/{variant}") if not merge else harness.LoadedModel(
         f"align/{variant}", str(model_dir), to_save.eval(), tokenizer, Generator(to_save, tokenizer, window), run.id)
-    after, rows = evaluate_policy(project, saved, examples, prompts, label=f"after align.{variant}",
+    after, rows = evaluate_policy(project, saved, examples, fitted, label=f"after align.{variant}",
                                   progress=progress, toxicity=toxicity)
     harness.write_predictions(run, rows)
 
