@@ -41,6 +41,8 @@ def _has_project(project: Path) -> bool:
     return project.exists() or (project.parent / PROJECT_FILE).exists()
 SetOpt = typer.Option(None, "--set", help="Override a key: --set pretrain.tiny.lr=2e-4 (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+AllowUnmeasuredOpt = typer.Option(False, "--allow-unmeasured", help="Let 'best' choose a run whose latency or "
+                                  "size was never measured although the scope budgets it (by default: passed over).")
 
 
 def emit_json(data) -> None:
@@ -197,8 +199,12 @@ def _stage_command(stage: str, summary: str):
     def command(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
                 variant: Optional[List[str]] = VariantOpt, resume: bool = ResumeOpt, force: bool = ForceOpt,
                 as_json: bool = JsonOpt):
+        from llmcycle.project import lifecycle
+
         proj = _project(project, overrides)
-        _report_outcomes(_run_stage(proj, stage, variant, resume=resume, force=force, as_json=as_json), as_json, proj)
+        outcomes = _run_stage(proj, stage, variant, resume=resume, force=force, as_json=as_json)
+        if lifecycle.is_main_process():  # under torchrun, rank 0 speaks for all (as tune does)
+            _report_outcomes(outcomes, as_json, proj)
 
     command.__doc__ = summary[0].upper() + summary[1:] + "."
     return command
@@ -224,6 +230,7 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
                                                    "this index, with citations (overrides augment.rag.index)."),
           pal: Optional[bool] = typer.Option(None, "--pal/--no-pal", help="Accept PAL requests, "
                                              '{"llmcycle": {"mode": "pal"}} (overrides augment.pal).'),
+          allow_unmeasured: bool = AllowUnmeasuredOpt,
           project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
     """Serve a model behind an OpenAI-compatible API (completions, chat, streaming) until Ctrl-C."""
     from llmcycle.serve.app import check_backend
@@ -238,22 +245,36 @@ def serve(run: Optional[str] = typer.Option(None, "--run", help="RUN id or STAGE
             raise UserError(f"--run best needs a project (not found: {project})")
         from llmcycle.evaluation.success import best_run
 
-        choice = best_run(proj)
+        choice = best_run(proj, allow_unmeasured=allow_unmeasured)
         ref = choice["run"]
         if as_json:
             emit_json({"best": choice})
         else:
-            latency = (f", p95 {choice['latency_p95_ms']:.0f} ms" if choice["latency_measured"]
-                       else ", latency not measured")
-            out.print(f"best: {choice['stage']}/{choice['variant']} ({ref}) {choice['metric']} "
-                      f"{choice['value']:.3f}, {choice['size_mb']:.1f} MB{latency}")
-            for skipped in choice["excluded"]:
-                out.print(f"  [dim]passed over {skipped['stage']}/{skipped['variant']}: {skipped['why']}[/]")
+            _show_best(choice)
     mcfg = proj.config.model if proj is not None else None
     opts = mcfg.model_dump() if mcfg is not None else {}
     start(ref, proj, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size, backend=backend,
           context_window=opts.get("context_window"), dtype=opts.get("dtype", "auto"),
           device=opts.get("device", "auto"), rag_index=str(rag_index) if rag_index else None, pal=pal)
+
+
+def _show_best(choice: dict) -> None:
+    """The run `--run best` serves, its budget check, and the better runs it passed over."""
+    from llmcycle.core.numbers import number
+    from llmcycle.core.textsafe import as_text
+    from llmcycle.evaluation.success import budget_text
+
+    latency = (f"p95 {number(choice['latency_p95_ms'], 0)} ms" if choice["latency_measured"]
+               else "latency not measured")
+    size = f"{number(choice['size_mb'], 1)} MB" if choice["size_mb"] is not None else "size not measured"
+    check = choice["budget"]
+    budgets = ("within the budgets" if check["state"] == "fits"
+               else f"budgets {budget_text(check)}, chosen because of --allow-unmeasured")
+    out.print(as_text(f"best: {choice['stage']}/{choice['variant']} ({choice['run']}) {choice['metric']} "
+                      f"{number(choice['value'], 3)}, {size}, {latency}; {budgets}"), soft_wrap=True)
+    for skipped in choice["excluded"]:
+        out.print(as_text(f"  passed over {skipped['stage']}/{skipped['variant']}: {skipped['why']}", style="dim"),
+                  soft_wrap=True)
 
 
 @app.command()
@@ -515,12 +536,24 @@ def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
     if as_json:
         emit_json([o.to_dict() for o in outcomes])
         return
+    from llmcycle.core.numbers import number
+    from llmcycle.evaluation.compare import optimize_lines
+
     for o in outcomes:
         out.print(f"{o.status}: {o.stage}.{o.variant} -> run {o.run_id}")
         for key in ("model_dir", "final_loss", "useful_tokens_per_s", "accuracy", "macro_f1",
                     "preference_accuracy", "wall_s", "parameters"):
             if key in o.summary:
-                out.print(f"  {key}: {o.summary[key]}")
+                value = o.summary[key]
+                out.print(f"  {key}: {number(value) if isinstance(value, float) else value}")
+        for line in optimize_lines(o.summary):  # optimize: the source measured alike, before -> after
+            out.print(f"  {line}")
+        pref = o.summary.get("training") if o.stage == "align" else None
+        if isinstance(pref, dict) and "reward_accuracy" in pref:  # dpo / orpo: on how many pairs, what was left out
+            skipped = ", ".join(f"{n} {k}" for k, n in pref.get("pairs_skipped", {}).items()) or "none"
+            pool = "held-out" if pref["measured_on"] == "eval" else "training"
+            out.print(f"  {pref['method']} reward accuracy: {pref['reward_accuracy']:.3f} on {pref['measured_pairs']} "
+                      f"{pool} pairs; trained on {pref['pairs']} pairs; skipped: {skipped}")
     _compare_evaluated(outcomes, proj)
 
 
@@ -591,11 +624,12 @@ def report(project: Path = ProjectOpt,
                                                  "report.html, or report.md, in the project folder)."),
            fmt: Optional[str] = typer.Option(None, "--format", help="html (one self-contained file) | md "
                                              "(plots as PNG files beside it); default from the output's suffix."),
+           allow_unmeasured: bool = AllowUnmeasuredOpt,
            as_json: bool = JsonOpt):
     """Write one report of the project: lineage, every variant against the scope, plots, sample outputs."""
     from llmcycle.report.build import write_report
 
-    result = write_report(_project(project, None), output, fmt)
+    result = write_report(_project(project, None), output, fmt, allow_unmeasured=allow_unmeasured)
     if as_json:
         emit_json(result)
     else:

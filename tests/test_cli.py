@@ -139,3 +139,62 @@ def test_run_skips_unchanged_and_reruns_on_change_or_force(tmp_path):
     # --from a later stage skips scope entirely
     later = json.loads(cli("run", "-p", str(path), "--from", "pretrain", "--json")[1])["runs"]
     assert later == []
+
+
+# -- numbers in tables, by magnitude ---------------------------------------------------------------
+def test_runs_show_and_compare_format_numbers_by_magnitude(tmp_path, capsys):
+    from llmcycle.project.config import load_project
+
+    (tmp_path / "llmcycle.yaml").write_text("project: {name: t, task: generation}\n")
+    store = load_project(tmp_path / "llmcycle.yaml").store()
+    for variant, ppl in (("tiny", 1.9e17), ("small", 12.3456)):
+        with store.start("pretrain", variant, {}, project_dir=tmp_path) as run:
+            run.finish({"lr": 1.41e-5, "perplexity": ppl, "final_loss": 0.995, "steps": 1200})
+    path = str(tmp_path / "llmcycle.yaml")
+    assert main(["runs", "show", "pretrain/tiny", "-p", path]) == 0
+    shown = capsys.readouterr().out
+    assert "1.41e-05" in shown and "0.000" not in shown and "1.90e+17" in shown and "0.995" in shown
+    assert " 1200 " in shown  # an integer stays an integer
+    assert main(["runs", "compare", "-p", path, "--examples", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "1.90e+17" in table and "12.3" in table and "190,000" not in table
+    cells = [cell.strip() for line in table.splitlines() if "│" in line for cell in line.split("│")]
+    assert "1.90e+17" in cells and max(len(c) for c in cells) <= 14  # the run names set the width, not ppl
+
+
+# -- several processes: only rank 0 prints ------------------------------------------------------------
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_align_under_torchrun_prints_on_rank_0_only(tmp_path, monkeypatch, capsys, rank, printed):
+    from llmcycle.project import lifecycle
+
+    (tmp_path / "llmcycle.yaml").write_text("project: {name: t, task: summarization}\n")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ran = []
+    monkeypatch.setattr(lifecycle, "variants", lambda project, stage: {"detox": {}})
+    monkeypatch.setattr(lifecycle, "execute", lambda project, stage, variant, **kw: ran.append(stage) or
+                        lifecycle.Outcome(stage, variant, "completed", "align-detox-1", {"preference_accuracy": 0.75}))
+    for extra in ([], ["--json"]):
+        assert main(["align", "-p", str(tmp_path / "llmcycle.yaml"), *extra]) == 0
+        out = capsys.readouterr().out
+        assert ("align.detox -> run align-detox-1" in out or '"run_id": "align-detox-1"' in out) is printed
+        assert (out == "") is not printed
+    assert ran == ["align", "align"]  # every rank does the work; only the printing is rank 0's
+
+
+def test_optimize_prints_its_source_before_and_its_result_after(tmp_path, monkeypatch, capsys):
+    from llmcycle.project import lifecycle
+
+    (tmp_path / "llmcycle.yaml").write_text("project: {name: t, task: summarization}\n")
+    summary = {"source_latency_p95_ms": 120.0, "latency_p95_ms": 45.6, "source_size_mb": 1.0, "size_mb": 0.25,
+               "wall_s": 3.14159}
+    monkeypatch.setattr(lifecycle, "variants", lambda project, stage: {"int8": {}})
+    monkeypatch.setattr(lifecycle, "execute", lambda project, stage, variant, **kw:
+                        lifecycle.Outcome(stage, variant, "completed", "optimize-int8-1", summary))
+    assert main(["optimize", "-p", str(tmp_path / "llmcycle.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "p95 latency: 120.0 → 45.6 ms (0.38×)" in out and "size on disk: 1.000 → 0.250 MB (0.25×)" in out
+    assert "wall_s: 3.142" in out
+    summary.pop("source_latency_p95_ms")  # a figure that was not measured shows as n/a, never as a number
+    assert main(["optimize", "-p", str(tmp_path / "llmcycle.yaml")]) == 0
+    assert "p95 latency: n/a → 45.6 ms\n" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import time
 
 from rich.table import Table
 
+from llmcycle.core.numbers import number
 from llmcycle.core.textsafe import as_text
 from llmcycle.evaluation.faithfulness import spans
 from llmcycle.evaluation.harness import read_predictions
@@ -98,7 +99,8 @@ def compare_rows(records) -> list[dict]:
     for r in records:
         row = {"id": r.id, "stage": r.stage, "variant": r.variant, "status": r.status}
         for key, value in r.summary().items():
-            if key == "headline" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            if key in ("headline", "too_few_examples") or (isinstance(value, (int, float))
+                                                          and not isinstance(value, bool)):
                 row[key] = value
         rows.append(row)
     return rows
@@ -140,6 +142,7 @@ def compare_table(rows: list[dict]) -> Table:
     if has_headline:
         names = sorted({r["headline"] for r in rows if r.get("headline")})
         table.add_column(f"{'/'.join(names)} [95% CI]", justify="right", no_wrap=True)
+        table.add_column("n", justify="right", no_wrap=True)
     for key in keys:
         table.add_column(SHORT.get(key, key), justify="right")
     for row in rows:
@@ -148,16 +151,26 @@ def compare_table(rows: list[dict]) -> Table:
             value = row.get("headline_value")
             cell = ""
             if isinstance(value, (int, float)):
-                cell = f"{value:.3f}"
+                cell = number(value, 3)
                 if row.get("headline_ci_low") is not None:
-                    cell += f" [{row['headline_ci_low']:.3f}, {row['headline_ci_high']:.3f}]"
+                    cell += f" [{number(row['headline_ci_low'], 3)}, {number(row['headline_ci_high'], 3)}]"
                 cell = _mark(cell, value, best.get("headline_value"))
-            cells.append(cell)
+            cells += [cell, examples_cell(row)]
         for key in keys:
             value = row.get(key)
             cells.append(_mark(_fmt(value), value, best.get(key)) if value is not None else "")
         table.add_row(*cells)
     return table
+
+
+def examples_cell(row: dict) -> str:
+    """How many examples the metric stands on: "95", "95 -5" when 5 were skipped as too long, in yellow
+    with "!" when fewer than evaluate.min_examples."""
+    n = row.get("n_examples")
+    if not isinstance(n, int):
+        return ""
+    cell = f"{n}" + (f" -{row['eval_skipped']}" if row.get("eval_skipped") else "")
+    return f"[yellow]{cell} ![/]" if row.get("too_few_examples") else cell
 
 
 def _mark(text: str, value, best) -> str:
@@ -167,18 +180,20 @@ def _mark(text: str, value, best) -> str:
 def side_by_side(records, n: int = 3) -> list[dict]:
     """The first n evaluated examples with each run's output, aligned by example index."""
 
-    outputs = {}  # run label -> {example index: prediction row}
+    outputs = {}  # run label -> {example's where: prediction row}
     for r in records:
         preds = read_predictions(r.dir)
         if preds:
-            outputs[f"{r.variant} ({r.id[-4:]})"] = {p["index"]: p for p in preds}
+            outputs[f"{r.variant} ({r.id[-4:]})"] = {p.get("where", p["index"]): p for p in preds}
     if not outputs:
         return []
-    common = sorted(set.intersection(*(set(p) for p in outputs.values())))[:n]
+    # by where, not position: runs that skipped different examples (other windows) still line up
+    first_run = next(iter(outputs.values()))
+    common = [w for w in first_run if all(w in rows for rows in outputs.values())][:n]
     examples = []
     for idx in common:
-        first = next(iter(outputs.values()))[idx]
-        examples.append({"index": idx, "where": first["where"], "input": first["input"],
+        first = first_run[idx]
+        examples.append({"index": first["index"], "where": first["where"], "input": first["input"],
                          "references": first["references"],
                          "outputs": {label: rows[idx]["prediction"] for label, rows in outputs.items()},
                          # the output's entities its input lacks (faithfulness.py), to mark them
@@ -224,10 +239,28 @@ def compare(records, console, n_examples: int = 3) -> None:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        return number(value)
     if isinstance(value, (list, tuple)) and len(str(value)) > 60:
         return f"[{len(value)} items]"
     return str(value)
+
+
+def before_after(before, after, unit: str = "", digits: int | None = 1, ratio: bool = True) -> str:
+    """"120.0 → 45.6 ms (0.38×)": a figure of a source and of the model made from it, measured alike;
+    an unmeasured one shows as n/a, never as a number."""
+    text = f"{number(before, digits)} → {number(after, digits)}" + (f" {unit}" if unit else "")
+    if ratio and isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
+        text += f" ({after / before:.2f}×)"
+    return text
+
+
+def optimize_lines(summary: dict) -> list[str]:
+    """An optimize run's before -> after (latency and size measured alike), for the CLI; [] for others."""
+    if "source_size_mb" not in summary and "source_latency_p95_ms" not in summary:
+        return []
+    latency = before_after(summary.get("source_latency_p95_ms"), summary.get("latency_p95_ms"), "ms")
+    return [f"p95 latency: {latency}",
+            f"size on disk: {before_after(summary.get('source_size_mb'), summary.get('size_mb'), 'MB', None)}"]
 
 
 def _count(n) -> str:
@@ -275,4 +308,4 @@ def select_reasons(summary: dict) -> list[str]:
 
 
 def _fixed(value, digits: int) -> str:
-    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+    return number(float(value), digits) if isinstance(value, (int, float)) else "n/a"

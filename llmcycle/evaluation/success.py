@@ -2,8 +2,11 @@
 
 The best run is the completed run with a model folder whose success metric (scope.success_metric, else
 the task's headline) is best, among the runs within the scope's budgets: size on disk at most
-`size_budget_mb` and — for runs that measured it (optimize variants do) — p95 latency per request at
-most `latency_budget_ms`. A run that did not measure its latency is kept, and the choice says so.
+`size_budget_mb` and p95 latency per request at most `latency_budget_ms`. The budget check has three
+outcomes: fits, breaks (with the reasons) and unknown (a budget is set but the run never measured that
+figure: tune and align runs are not timed, optimize runs are). An unknown run is never taken for one
+that fits: `best` passes over it unless asked to (`allow_unmeasured`, the CLI's --allow-unmeasured).
+A budget that is not set makes its figure irrelevant.
 """
 from __future__ import annotations
 
@@ -11,24 +14,50 @@ from pathlib import Path
 
 from llmcycle.core.errors import UserError
 from llmcycle.evaluation.metrics import HEADLINE, higher_is_better
-from llmcycle.models.hub import ADAPTER_CONFIG, BASE_FILE, adapter_base
+from llmcycle.models.hub import ADAPTER_CONFIG, adapter_base
 
 LATENCY_KEY = "latency_p95_ms"
+# The scope key that asks for each figure, to name it when the figure is missing.
+BUDGET_KEYS = {"size": "scope.size_budget_mb", "p95 latency": "scope.latency_budget_ms"}
 
 
 def folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
-def model_size_mb(model_dir: Path) -> float:
-    """Size on disk of what serving the model loads: an adapter folder counts its local base too."""
+def local_folder(name: str | None) -> Path | None:
+    """A model's folder on this disk: a local folder, or a Hub id's snapshot in the Hugging Face cache;
+    None when it is neither (never downloaded here)."""
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
 
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a repo id: either way not on this disk
+        return None
+
+
+def served_size_mb(model_dir: Path) -> float | None:
+    """Size on disk of what serving the model loads: an adapter folder counts its base too (a local
+    folder, or a Hub id's files in the cache). None when that base is on no local disk: an adapter's
+    few MB alone would pass any size budget."""
     size = folder_mb(model_dir)
-    if (model_dir / ADAPTER_CONFIG).is_file() and (model_dir / BASE_FILE).is_file():
-        base = adapter_base(model_dir)
-        if base and Path(base).is_dir():
-            size += folder_mb(Path(base))
+    if (model_dir / ADAPTER_CONFIG).is_file():  # its base: llmcycle_base.json's, else adapter_config.json's
+        base = local_folder(adapter_base(model_dir))
+        if base is None:
+            return None
+        size += folder_mb(base)
     return size
+
+
+def model_size_mb(model_dir: Path) -> float:
+    """served_size_mb, or the folder alone when an adapter's base is not on this disk (select's
+    candidates were all just loaded, so theirs are)."""
+    size = served_size_mb(model_dir)
+    return size if size is not None else folder_mb(model_dir)
 
 
 def success_metric(project) -> str:
@@ -41,17 +70,34 @@ def success_metric(project) -> str:
     return metric
 
 
-def budget_reasons(scope, size_mb: float | None, latency_p95_ms: float | None) -> list[str]:
-    """Why a model breaks the scope's budgets; empty when it fits. A figure that was not measured
-    (None) breaks no budget: the caller says it was not measured."""
-    reasons = []
+def budget_check(scope, size_mb: float | None, latency_p95_ms: float | None) -> dict:
+    """The model against the scope's budgets: {"state": "fits" | "breaks" | "unknown", "reasons": why it
+    breaks, "missing": figures a set budget needs that were not measured (None)}. One broken budget is
+    enough to break; otherwise a missing figure leaves the answer unknown, never "fits". A budget that
+    is not set asks for nothing."""
     size_budget = scope.size_budget_mb if scope else None
     latency_budget = scope.latency_budget_ms if scope else None
-    if size_budget is not None and size_mb is not None and size_mb > size_budget:
-        reasons.append(f"size {size_mb:.1f} MB > budget {size_budget:g} MB")
-    if latency_budget is not None and latency_p95_ms is not None and latency_p95_ms > latency_budget:
-        reasons.append(f"p95 latency {latency_p95_ms:.0f} ms > budget {latency_budget:g} ms")
-    return reasons
+    reasons, missing = [], []
+    if size_budget is not None:
+        if size_mb is None:
+            missing.append("size")
+        elif size_mb > size_budget:
+            reasons.append(f"size {size_mb:.1f} MB > budget {size_budget:g} MB")
+    if latency_budget is not None:
+        if latency_p95_ms is None:
+            missing.append("p95 latency")
+        elif latency_p95_ms > latency_budget:
+            reasons.append(f"p95 latency {latency_p95_ms:.0f} ms > budget {latency_budget:g} ms")
+    state = "breaks" if reasons else "unknown" if missing else "fits"
+    return {"state": state, "reasons": reasons, "missing": missing}
+
+
+def budget_text(check: dict) -> str:
+    """A check as one phrase: "fits", the reasons it breaks, or which figures are unknown."""
+    unmeasured = " and ".join(check["missing"]) + " not measured" if check["missing"] else ""
+    if check["state"] == "breaks":
+        return "; ".join(check["reasons"]) + (f" ({unmeasured})" if unmeasured else "")
+    return f"unknown: {unmeasured}" if check["state"] == "unknown" else "fits"
 
 
 def meets_threshold(scope, metric: str, value) -> bool | None:
@@ -74,15 +120,16 @@ def candidates(project) -> list[dict]:
         value = summary.get(metric)
         if not isinstance(value, (int, float)) or not model_dir.is_dir():
             continue
+        size = served_size_mb(model_dir)
         rows.append({"run": rec.id, "stage": rec.stage, "variant": rec.variant, "metric": metric,
-                     "value": value, "size_mb": round(model_size_mb(model_dir), 3),
+                     "value": value, "size_mb": round(size, 3) if size is not None else None,
                      "latency_p95_ms": summary.get(LATENCY_KEY), "model_dir": str(model_dir)})
     return rows
 
 
-def best_run(project) -> dict:
-    """The chosen candidate (with `excluded`: the better ones the budgets ruled out, and why)."""
-
+def best_run(project, *, allow_unmeasured: bool = False) -> dict:
+    """The chosen candidate, with `budget` (its budget_check) and `excluded`: the better runs passed
+    over and why. A run whose check is unknown is passed over unless `allow_unmeasured`."""
     rows = candidates(project)
     if not rows:
         raise UserError(f"no completed run with a model and an evaluation in {project.store().root}: "
@@ -90,11 +137,31 @@ def best_run(project) -> dict:
     sign = 1 if higher_is_better(rows[0]["metric"]) else -1
     excluded = []
     for row in sorted(rows, key=lambda r: -sign * r["value"]):
-        reasons = budget_reasons(project.config.scope, row["size_mb"], row["latency_p95_ms"])
-        if reasons:
-            excluded.append({**row, "why": "; ".join(reasons)})
-            continue
-        row["latency_measured"] = row["latency_p95_ms"] is not None
-        return {**row, "excluded": excluded}
-    raise UserError("no run fits the scope's budgets: " + "; ".join(
-        f"{r['stage']}/{r['variant']} ({r['run']}): {r['why']}" for r in excluded[:5]))
+        check = budget_check(project.config.scope, row["size_mb"], row["latency_p95_ms"])
+        row.update(budget=check, latency_measured=row["latency_p95_ms"] is not None)
+        if check["state"] == "fits" or (check["state"] == "unknown" and allow_unmeasured):
+            return {**row, "excluded": excluded}
+        excluded.append({**row, "why": budget_text(check) + _unmeasured_hint(check)})
+    raise UserError(_nothing_fits(excluded))
+
+
+def _unmeasured_hint(check: dict) -> str:
+    """For an unknown check: which scope keys ask for the missing figures, and the way out."""
+    if check["state"] != "unknown":
+        return ""
+    keys = " and ".join(BUDGET_KEYS[m] for m in check["missing"])
+    return f" ({keys} set; --allow-unmeasured considers it)"
+
+
+def _nothing_fits(excluded: list[dict]) -> str:
+    """The one-line error when no run qualifies; it says when unmeasured runs are all that is left."""
+    def listed(rows):
+        return "; ".join(f"{r['stage']}/{r['variant']} ({r['run']}): {budget_text(r['budget'])}" for r in rows[:5])
+
+    unknown = [r for r in excluded if r["budget"]["state"] == "unknown"]
+    if not unknown:
+        return "no run fits the scope's budgets: " + listed(excluded)
+    keys = " / ".join(dict.fromkeys(BUDGET_KEYS[m] for r in unknown for m in r["budget"]["missing"]))
+    return ("no measured run fits the scope's budgets; only runs that were not measured might: " + listed(unknown)
+            + f". Pass --allow-unmeasured to choose among them, measure them (an optimize variant times and "
+            f"sizes its model), or unset {keys}")

@@ -44,8 +44,8 @@ def parameter_count(model) -> int:
 
 
 def source_facts(model, merged: bool) -> dict:
-    """The source's size in memory and parameter count, for the summary's ratios."""
-    return {"source_size_mb": round(tensor_mb(model), 3), "source_parameters": parameter_count(model),
+    """The source's size in memory (its size on disk is the stage's `source_size_mb`) and parameter count."""
+    return {"source_tensor_mb": round(tensor_mb(model), 3), "source_parameters": parameter_count(model),
             "merged_adapter": merged}
 
 

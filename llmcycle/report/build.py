@@ -10,7 +10,9 @@ It reads the run store only (nothing is trained or evaluated) and shows:
   aligned → optimized → deployed;
 - every variant (its latest completed run): the headline metric with its 95% bootstrap interval,
   latency p50/p95, peak memory, size on disk, trainable share, and whether it reaches the scope's
-  success threshold and fits its budgets (the checks of `serve --run best`, llmcycle/evaluation/success.py);
+  success threshold and fits its budgets (the checks of `serve --run best`, llmcycle/evaluation/success.py:
+  fits, breaks, or unknown when a budgeted figure was never measured);
+- optimization before -> after: each optimize run's source and result, latency and size measured alike;
 - plots (llmcycle/report/plots.py): loss curves, PPO reward and KL, the metric per variant, quality vs
   latency and vs size; a plot without data is left out with a one-line note;
 - sample outputs side by side (llmcycle/runs_view.side_by_side).
@@ -36,9 +38,9 @@ from llmcycle.evaluation.compare import side_by_side
 from llmcycle.evaluation.harness import PREDICTIONS
 from llmcycle.evaluation.success import (
     best_run,
-    budget_reasons,
+    budget_check,
     meets_threshold,
-    model_size_mb,
+    served_size_mb,
     success_metric,
 )
 from llmcycle.report import plots as rp
@@ -170,11 +172,11 @@ def _size(item: Item, by_id: dict) -> tuple[float | None, bool]:
     would deploy is the model it evaluated, its parent's."""
 
     if item.rec is not None and (item.rec.artifacts / "model").is_dir():
-        return model_size_mb(item.rec.artifacts / "model"), False
+        return served_size_mb(item.rec.artifacts / "model"), False
     parent = by_id.get(item.parent)
     if item.stage in ("prompt", "eval") and parent is not None and parent.rec is not None \
             and (parent.rec.artifacts / "model").is_dir():
-        return model_size_mb(parent.rec.artifacts / "model"), True
+        return served_size_mb(parent.rec.artifacts / "model"), True
     return None, False
 
 
@@ -191,8 +193,13 @@ def variant_row(item: Item, by_id: dict, project, metric: str) -> dict:
            "trainable_pct": number("trainable_pct"), "missing": item.missing,
            "hallucinated": number("hallucinated_entity_rate"),
            "hallucinated_ci": [s.get("hallucinated_entity_rate_ci_low"), s.get("hallucinated_entity_rate_ci_high")],
-           "success": meets_threshold(scope, metric, s.get(metric)), "metric_value": number(metric)}
-    row["over_budget"] = budget_reasons(scope, size, row["latency_p95_ms"]) if headline else None
+           "success": meets_threshold(scope, metric, s.get(metric)), "metric_value": number(metric),
+           "parent": item.parent, "source": s.get("source"), "source_size_mb": number("source_size_mb"),
+           "source_latency_p95_ms": number("source_latency_p95_ms"),
+           "weights_mb": number("size_mb"),  # an optimize run's weight files, as source_size_mb counts them
+           "n_examples": number("n_examples"), "eval_skipped": number("eval_skipped"),
+           "too_few_examples": bool(s.get("too_few_examples"))}
+    row["budget"] = budget_check(scope, size, row["latency_p95_ms"]) if headline else None
     return row
 
 
@@ -258,8 +265,9 @@ def lineage(items: list[Item], deployed: str | None) -> list[dict]:
 
 
 # -- putting it together ----------------------------------------------------------------------------
-def build(project) -> dict:
-    """Everything the report shows, as data; render_html / render_md turn it into a page."""
+def build(project, *, allow_unmeasured: bool = False) -> dict:
+    """Everything the report shows, as data; render_html / render_md turn it into a page. The deployed
+    run is `serve --run best`'s choice (with --allow-unmeasured when `allow_unmeasured`)."""
 
     store = project.store()
     items = read_items(store)
@@ -272,7 +280,7 @@ def build(project) -> dict:
     if not [i for i in items if i.stage != "scope"]:
         return view
     try:
-        view["deployed"] = best_run(project)
+        view["deployed"] = best_run(project, allow_unmeasured=allow_unmeasured)
     except UserError as exc:
         view["deploy_note"] = str(exc)
     deployed_id = view["deployed"]["run"] if view["deployed"] else None
@@ -338,18 +346,23 @@ def output_path(project, output: Path | None, fmt: str | None) -> tuple[Path, st
     folder = path.parent
     if path.is_dir():
         raise UserError(f"cannot write the report to {path}: it is a folder")
-    if not folder.is_dir():
-        raise UserError(f"cannot write the report to {path}: folder {folder} does not exist")
+    try:  # `-o out/report.md` makes out/, as any writer of an output file would
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, or no permission
+        raise UserError(f"cannot write the report to {path}: cannot create folder {folder}: "
+                        f"{exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK):
         raise UserError(f"cannot write the report to {path}: folder {folder} is not writable")
     return path, fmt
 
 
-def write_report(project, output: Path | None = None, fmt: str | None = None) -> dict:
-    """Build and write the report; returns {"report", "runs", "plots", "missing"} (the --json line)."""
+def write_report(project, output: Path | None = None, fmt: str | None = None, *,
+                 allow_unmeasured: bool = False) -> dict:
+    """Build and write the report; returns {"report", "runs", "plots", "missing", "deployed"} (the --json
+    line; "deployed": the run `serve --run best` picks with its budget check, or why there is none)."""
 
     path, fmt = output_path(project, output, fmt)
-    view = build(project)
+    view = build(project, allow_unmeasured=allow_unmeasured)
     drawn = [p for p in view["plots"] if p.png is not None]
     try:
         if fmt == "html":
@@ -369,5 +382,8 @@ def write_report(project, output: Path | None = None, fmt: str | None = None) ->
         raise UserError(f"cannot write the report to {path}: {exc.strerror or exc}") from None
     missing = [{"run": i.id, "stage": i.stage, "variant": i.variant, "missing": i.missing}
                for i in view["items"] if i.missing]
+    best = view["deployed"]
+    deployed = ({k: best[k] for k in ("run", "stage", "variant", "metric", "value", "size_mb", "latency_p95_ms",
+                                      "budget")} if best else {"run": None, "why": view["deploy_note"] or None})
     return {"report": str(path.resolve()), "runs": len(view["items"]), "plots": [p.name for p in drawn],
-            "missing": missing}
+            "missing": missing, "deployed": deployed}

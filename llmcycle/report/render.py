@@ -10,9 +10,12 @@ import base64
 import html
 import re
 
+from llmcycle.core.numbers import number
 from llmcycle.core.textsafe import visible
+from llmcycle.evaluation.compare import before_after
 from llmcycle.evaluation.faithfulness import spans
 from llmcycle.evaluation.metrics import higher_is_better
+from llmcycle.evaluation.success import budget_text
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1280px;
@@ -24,6 +27,7 @@ th,td{border:1px solid #ddd;padding:.3em .55em;text-align:left;vertical-align:to
 th{background:#f6f6f6}td.num{text-align:right;white-space:nowrap}td.nw{white-space:nowrap}
 tr:nth-child(even) td{background:#fbfbfb}
 .ok{color:#1a7f37}.bad{color:#c62828}.missing{color:#b26a00;font-weight:600}.dim{color:#888}
+.unknown{color:#b26a00}
 .deployed{color:#6a1b9a;font-weight:600}ul.tree{list-style:none;padding-left:1.2em;border-left:1px dashed #ccc}
 ul.tree.top{border-left:none;padding-left:0}ul.tree li{margin:.15em 0}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:12px}
@@ -34,17 +38,24 @@ details summary{cursor:pointer;color:#444}mark{background:#ffd6d6;color:#a00000}
 
 # -- the content, as blocks -----------------------------------------------------------------------
 def _num(value, digits: int = 1, missing: str = "n/a") -> str:
-    return f"{value:,.{digits}f}" if isinstance(value, (int, float)) else missing
+    """A figure with `digits` decimals, by magnitude (llmcycle/core/numbers.py): 1.9e17 stays narrow."""
+    return number(float(value), digits) if isinstance(value, (int, float)) else missing
 
 
 def _quality_cell(row) -> tuple[str, str]:
     if row["quality"] is None:
         return ("missing", "missing") if row["missing"] else ("not evaluated", "dim")
-    text = f"{row['headline']} {row['quality']:.3f}"
+    text = f"{row['headline']} {_num(row['quality'], 3)}"
     if row["ci"]:
-        text += f" [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]" + ("†" if row["ci_from"] == "predictions" else "")
+        text += f" [{_num(row['ci'][0], 3)}, {_num(row['ci'][1], 3)}]"
+        text += "†" if row["ci_from"] == "predictions" else ""
     else:  # neither recorded nor recomputable from per-example scores: say so, never guess
         text += " [CI n/a]"
+    if row.get("n_examples") is not None:  # what the figure stands on, and what was left out
+        text += f" · n={row['n_examples']}" + (f", {row['eval_skipped']} skipped as too long"
+                                               if row.get("eval_skipped") else "")
+        if row.get("too_few_examples"):
+            return text + " ⚠ fewer than evaluate.min_examples", "unknown"
     return text, "nw"
 
 
@@ -52,28 +63,26 @@ def _hallucinated_cell(row) -> tuple[str, str]:
     rate, (low, high) = row.get("hallucinated"), row.get("hallucinated_ci") or (None, None)
     if rate is None:
         return "n/a", "dim"
-    return f"{rate:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else ""), "nw"
+    return _num(rate, 3) + (f" [{_num(low, 3)}, {_num(high, 3)}]" if low is not None else ""), "nw"
 
 
 def _success_cell(row, metric: str) -> tuple[str, str]:
     if row["success"] is None:
         return "n/a", "dim"
     # the value is in the quality column already when the success metric is the headline
-    value = f" ({metric} {row['metric_value']:.3f})" if metric != row["headline"] else ""
+    value = f" ({metric} {_num(row['metric_value'], 3)})" if metric != row["headline"] else ""
     return ("✓ met" + value, "ok") if row["success"] else ("✗ not met" + value, "bad")
 
 
 def _budget_cell(row, scope) -> tuple[str, str]:
     if not scope or (scope.size_budget_mb is None and scope.latency_budget_ms is None):
         return "no budgets set", "dim"
-    if row["over_budget"] is None:
+    check = row["budget"]
+    if check is None:
         return "n/a", "dim"
-    if row["over_budget"]:
-        return "✗ " + "; ".join(row["over_budget"]), "bad"
-    unmeasured = [what for what, budget, key in (("size", scope.size_budget_mb, "size_mb"),
-                                                 ("latency", scope.latency_budget_ms, "latency_p95_ms"))
-                  if budget is not None and row[key] is None]
-    return "✓ fits" + (f" ({' and '.join(unmeasured)} not measured)" if unmeasured else ""), "ok"
+    # an unmeasured figure is unknown, never "fits": `serve --run best` passes such runs over
+    mark, cls = {"fits": ("✓ ", "ok"), "breaks": ("✗ ", "bad"), "unknown": ("? ", "unknown")}[check["state"]]
+    return mark + budget_text(check), cls
 
 
 def _row_cells(row, view) -> list:
@@ -115,6 +124,7 @@ def blocks(view) -> list[tuple]:
     out += [("h2", "Lineage"), ("p", "Each run under the run whose model it started from (run.json's parent)."),
             ("tree", view["lineage"])]
     out += _variant_blocks(view)
+    out += _optimize_blocks(view)
     out.append(("h2", "Plots"))
     for plot in view["plots"]:
         out.append(("plot", plot) if plot.png is not None else ("p", f"{plot.title}: omitted — {plot.note}."))
@@ -147,10 +157,13 @@ def _deployment_blocks(view) -> list[tuple]:
     best = view["deployed"]
     if not best:
         return [("p", f"Nothing to deploy: {view['deploy_note']}")]
-    latency = f"p95 {best['latency_p95_ms']:.0f} ms" if best["latency_measured"] else "latency not measured"
+    latency = f"p95 {_num(best['latency_p95_ms'], 0)} ms" if best["latency_measured"] else "latency not measured"
+    size = f"{_num(best['size_mb'])} MB" if best["size_mb"] is not None else "size not measured"
+    check = best["budget"]
+    budgets = ("within the scope's budgets" if check["state"] == "fits" else
+               f"budgets {budget_text(check)} (chosen with --allow-unmeasured)")
     out = [("p", f"Deployed by `llmcycle serve --run best`: {best['stage']}/{best['variant']} "
-                 f"(`{best['run']}`), {best['metric']} {best['value']:.3f}, {best['size_mb']:.1f} MB, "
-                 f"{latency}.")]
+                 f"(`{best['run']}`), {best['metric']} {_num(best['value'], 3)}, {size}, {latency}, {budgets}.")]
     for skipped in best["excluded"]:
         out.append(("p", f"Passed over {skipped['stage']}/{skipped['variant']} (`{skipped['run']}`): "
                          f"{skipped['why']}."))
@@ -163,7 +176,9 @@ def _variant_blocks(view) -> list[tuple]:
            ("p", "The latest completed run of each stage variant. Quality is the headline metric with its "
                  "95% bootstrap interval as recorded; † recomputed here from the per-example scores in "
                  "predictions.jsonl (seeded, 1000 resamples); ‡ size of the model it evaluated (its parent "
-                 "run's). n/a: the run did not record it. Hallucinated entities: of the names and numbers "
+                 "run's). n/a: the run did not record it. Budgets: ✓ fits, ✗ breaks, ? unknown (a budgeted "
+                 "figure the run never measured; `serve --run best` passes it over unless --allow-unmeasured). "
+                 "Hallucinated entities: of the names and numbers "
                  "in an output, the share its input does not contain (lower is better; mean over outputs "
                  "with such entities).")]
     headers = ["variant", "run", "status", "quality [95% CI]", "hallucinated entities [95% CI]",
@@ -174,6 +189,28 @@ def _variant_blocks(view) -> list[tuple]:
         out.append(("details", f"Earlier runs of the same variants ({len(view['earlier'])})",
                     ("table", headers, [_row_cells(r, view) for r in view["earlier"]])))
     return out
+
+
+def _optimize_blocks(view) -> list[tuple]:
+    """Each optimize run against its source: latency and size measured alike (before -> after), and
+    quality when the source is a run in this report."""
+    rows = [r for r in view["rows"] if r["stage"] == "optimize" and r["status"] == "completed"]
+    if not rows:
+        return []
+    by_id = {r["id"]: r for r in view["rows"] + view["earlier"]}
+    table = []
+    for r in rows:
+        source = by_id.get(r["parent"])
+        quality = (before_after(source["quality"], r["quality"], "", 3, ratio=False)
+                   if source is not None and source["headline"] == r["headline"] else _num(r["quality"], 3))
+        table.append([(r["label"], ""), (r.get("source") or "n/a", ""),
+                      (before_after(r["source_latency_p95_ms"], r["latency_p95_ms"], "ms"), "nw"),
+                      (before_after(r["source_size_mb"], r["weights_mb"], "MB", None), "nw"), (quality, "nw")])
+    return [("h2", "Optimization: before → after"),
+            ("p", "Each optimize run's source measured as the optimized model is: p95 latency with the same "
+                  "prompts, generation settings, samples and device; size as its weight files on disk (an "
+                  "adapter's base included). Older runs that did not measure their source show n/a."),
+            ("table", ["variant", "source", "p95 latency", "size on disk", "quality"], table)]
 
 
 def _example_blocks(examples: list[dict]) -> list[tuple]:
@@ -205,7 +242,8 @@ def _selection_blocks(sel: dict) -> list[tuple]:
             rows.append([(r["candidate"], ""), *[("", "")] * (len(headers) - 2), (r.get("why", ""), "bad")])
             continue
         ci = r.get("probe_ci") or [None, None]
-        probe = [(_num(r.get("probe"), 3) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else ""), "nw")]
+        probe = [(_num(r.get("probe"), 3) + (f" [{_num(ci[0], 3)}, {_num(ci[1], 3)}]" if ci[0] is not None else ""),
+                  "nw")]
         rate = r.get("probe_hallucinated_entity_rate") if probed else r.get("hallucinated_entity_rate")
         rows.append([(r["candidate"] + (" ★" if r.get("chosen") else ""), "deployed" if r.get("chosen") else ""),
                      (f"{r['parameters']:,}" if r.get("parameters") else "n/a", "num"), (_num(r.get("size_mb")), "num"),
@@ -232,7 +270,7 @@ def _node_text(node, view) -> tuple[str, str]:
     row = next((r for r in view["rows"] + view["earlier"] if r["id"] == item.id), None)
     text = f"{item.label} `{item.id}` — {item.status}"
     if row and row["quality"] is not None:
-        text += f", {row['headline']} {row['quality']:.3f}"
+        text += f", {row['headline']} {_num(row['quality'], 3)}"
     if item.missing:
         return text + " — missing: " + ", ".join(item.missing), "missing"
     if row is not None and row["earlier"]:

@@ -2,11 +2,12 @@
 for full, LoRA or prompt tuning. Used by the tune stage, select's probe and align's policy."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
@@ -14,6 +15,9 @@ from llmcycle.models import hub as models
 from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
 from llmcycle.models.hub import ADAPTER_CONFIG, count_parameters
 from llmcycle.models.load import load_model
+
+log = logging.getLogger(__name__)
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear / Conv1D layer but the output head
 
 
 class TuneConfig(Section):
@@ -28,8 +32,9 @@ class TuneConfig(Section):
     alpha: int = Field(16, ge=1, description="LoRA scaling numerator (the update is scaled by alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | None = Field(
-        None, description="module names LoRA adapts (last name components, e.g. [q, v]); default by "
-        "model type: t5 q,v; gpt2 c_attn; llama/mistral/qwen2 q_proj,v_proj; ...")
+        None, description="module names LoRA adapts (last name components, e.g. [q, v] or "
+        "[encoder_attn.q_proj]), or all-linear: every Linear layer but the output head; default by model "
+        "type: t5 q,v; gpt2 c_attn; llama/mistral/qwen2 q_proj,v_proj; ...")
     bits: Literal[4, 8] | None = Field(None, description="load the frozen base quantized: 4 = QLoRA (NF4), "
                                        "8 = int8; LoRA only, needs a CUDA GPU and bitsandbytes")
     num_virtual_tokens: int = Field(20, ge=1, description="prompt tuning: length of the learned soft prompt")
@@ -46,6 +51,10 @@ class TuneConfig(Section):
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     on_overflow: Literal["skip", "refuse"] = Field(
         "skip", description="an example longer than the context window: skip it (counted) or refuse the run")
+    loss_on: Literal["last_turn", "all_assistant"] = Field(
+        "last_turn", description="conversations (data.format: messages): learn the last assistant turn only, "
+        "or every assistant turn (a chat model: one sequence with each answer labelled; a model without a "
+        "chat template: one example per answer)")
     eval_every: int | None = Field(None, ge=1, description="validate every N steps: loss and the headline "
                                    "metric on eval_samples eval examples; the best is kept in checkpoints/best")
     eval_samples: int = Field(32, ge=1, description="eval examples used for validation during training")
@@ -60,6 +69,18 @@ class TuneConfig(Section):
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training arithmetic: auto = bf16 autocast on GPUs with bf16, float32 on CPUs; "
         "bfloat16 = bf16 autocast on a CPU too (about 1.5x faster steps on CPUs with native bf16)")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _all_linear_alone(cls, value):
+        if value == ALL_LINEAR:  # PEFT's own spelling, a plain string; stored as a list like any other
+            return [ALL_LINEAR]
+        if isinstance(value, str):
+            raise ValueError(f"expected a list of module names (e.g. [q, v]) or {ALL_LINEAR}, got '{value}'")
+        if isinstance(value, list) and ALL_LINEAR in value and len(value) > 1:
+            raise ValueError(f"{ALL_LINEAR} already names every Linear layer: give it alone, or list the "
+                             "layers without it")
+        return value
 
     @model_validator(mode="after")
     def _length_and_combinations(self):
@@ -77,17 +98,28 @@ def task_type(kind: str):
     return TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM
 
 
-def adaptable_modules(model) -> list[str]:
-    """Short names (last components, unique, in model order) of the Linear / Conv1D layers LoRA can adapt."""
+def _linear_layers(model) -> list[str]:
+    """Full names of the Linear / Conv1D layers LoRA can adapt."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-    return list(dict.fromkeys(names))
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
 
 
-def lora_targets(cfg: TuneConfig, model) -> list[str]:
-    """cfg.target_modules, or the default for the model type; each must name an adaptable layer."""
+def adaptable_modules(model) -> list[str]:
+    """Short names (last components, unique, in model order) of the Linear / Conv1D layers LoRA can adapt."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in _linear_layers(model)))
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a list of targets: a module's full name, or a dotted suffix of it."""
+    return name == target or name.endswith("." + target)
+
+
+def lora_targets(cfg: TuneConfig, model, new_modules=()) -> list[str] | str:
+    """cfg.target_modules, or the default for the model type: names of adaptable layers (last name
+    components, as PEFT matches them), or PEFT's "all-linear" (the output head left out by PEFT).
+    Targets inside a warm start's `new_modules` are dropped with a warning (see _pretrained_only)."""
 
     model_type = getattr(model.config, "model_type", None)
     targets = cfg.target_modules or DEFAULT_LORA_TARGETS.get(model_type)
@@ -95,11 +127,48 @@ def lora_targets(cfg: TuneConfig, model) -> list[str]:
     if not targets:
         raise UserError(f"tune: no default LoRA target modules for model type '{model_type}'; set "
                         f"target_modules (Linear/Conv1D layers of this model: {', '.join(available)})")
-    missing = [t for t in targets if t not in available]
+    if targets == [ALL_LINEAR]:
+        return ALL_LINEAR
+    targets = _pretrained_only(targets, model, new_modules)
+    linear = _linear_layers(model)
+    missing = [t for t in targets if not any(_matches(n, t) for n in linear)]
     if missing:
         raise UserError(f"tune: target_modules {missing} not found among the model's Linear/Conv1D layers: "
                         f"{', '.join(available)}")
     return list(targets)
+
+
+def _pretrained_only(targets: list[str], model, new_modules) -> list[str]:
+    """`targets` less those that name only layers a warm start added without pretrained weights (its
+    cross-attention, random or copied from self-attention). Those train fully beside the adapters: a
+    low-rank update of such a layer is the wrong tool, so a warning names them (rank 0 only)."""
+    if not new_modules:
+        return list(targets)
+    names = [n for n, _ in model.named_modules() if n]
+    added = lambda name: any(part in new_modules for part in name.split("."))  # noqa: E731
+
+    dropped = [t for t in targets if any(_matches(n, t) for n in names)
+               and all(added(n) for n in names if _matches(n, t))]
+    kept = [t for t in targets if t not in dropped]
+    if dropped and not kept:
+        raise UserError(f"tune: target_modules {dropped} name only layers the warm start added without "
+                        f"pretrained weights ({', '.join(new_modules)}), which train fully anyway; name "
+                        "pretrained layers for LoRA (e.g. q_proj, v_proj) or use method full")
+    if dropped and int(os.environ.get("RANK", "0")) == 0:
+        log.warning("tune: target_modules %s name layers the warm start added without pretrained weights (%s); "
+                    "they train fully instead of getting LoRA adapters (a low-rank update of a random or "
+                    "copied layer is the wrong tool)", dropped, ", ".join(new_modules))
+    return kept
+
+
+def planned_targets(model, targets: list[str]) -> list[str]:
+    """Last name components LoRA will adapt, with all-linear spelled out as PEFT does (every adaptable
+    layer but the output head), for planning (scope) before anything is wrapped."""
+    if ALL_LINEAR not in targets:
+        return list(targets)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if head is not None and m is head}
+    return [n for n in adaptable_modules(model) if n not in heads]
 
 
 def check_quantization(cfg: TuneConfig) -> None:
@@ -170,7 +239,8 @@ def wrap(cfg: TuneConfig, model, kind: str, new_modules: list[str] = (), new_tok
         if new_tokens:
             new["trainable_token_indices"] = list(new_tokens)
         peft_cfg = LoraConfig(task_type=task_type(kind), r=cfg.r, lora_alpha=cfg.alpha,
-                              lora_dropout=cfg.dropout, target_modules=lora_targets(cfg, model), **new)
+                              lora_dropout=cfg.dropout, target_modules=lora_targets(cfg, model, new_modules),
+                              **new)
         return get_peft_model(model, peft_cfg)
     peft_cfg = PromptTuningConfig(task_type=task_type(kind), num_virtual_tokens=cfg.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.RANDOM)

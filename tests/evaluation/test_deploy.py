@@ -86,3 +86,92 @@ def test_vllm_backend_without_vllm_or_gpu_is_refused(capsys):
         pytest.skip("vLLM and a GPU are present: the refusal cannot be shown here")
     assert main(["serve", "--backend", "vllm", "--run", "x"]) == 2
     assert "backend 'vllm' needs" in capsys.readouterr().err
+
+
+# -- unmeasured figures are unknown, never "fits" ------------------------------------------------------
+def test_budget_check_has_three_states_and_an_unset_budget_asks_for_nothing():
+    from llmcycle.evaluation.success import budget_check
+    from llmcycle.stages.scope import ScopeConfig
+
+    both = ScopeConfig(size_budget_mb=10, latency_budget_ms=100)
+    assert budget_check(both, 5.0, 80.0) == {"state": "fits", "reasons": [], "missing": []}
+    assert budget_check(both, 5.0, None) == {"state": "unknown", "reasons": [], "missing": ["p95 latency"]}
+    assert budget_check(both, None, None)["missing"] == ["size", "p95 latency"]
+    broken = budget_check(both, 12.0, None)  # one broken budget is enough, whatever is unknown
+    assert broken["state"] == "breaks" and broken["reasons"] == ["size 12.0 MB > budget 10 MB"]
+    assert broken["missing"] == ["p95 latency"]
+    size_only = ScopeConfig(size_budget_mb=10)  # no latency budget: an untimed run fits
+    assert budget_check(size_only, 5.0, None)["state"] == "fits"
+    assert budget_check(None, None, None)["state"] == "fits"
+
+
+def test_an_untimed_run_is_passed_over_unless_allow_unmeasured(tmp_path):
+    project = make(tmp_path, "scope: {success_metric: rougeL, latency_budget_ms: 100}\n")
+    untimed = record(project, "tune", "full", {"rougeL": 0.9})  # better, but never timed
+    timed = record(project, "optimize", "int8", {"rougeL": 0.7, "latency_p95_ms": 40.0})
+    choice = best_run(project)
+    assert choice["run"] == timed and choice["budget"]["state"] == "fits"
+    [skipped] = choice["excluded"]
+    assert skipped["run"] == untimed and skipped["budget"] == {"state": "unknown", "reasons": [],
+                                                              "missing": ["p95 latency"]}
+    assert "unknown: p95 latency not measured (scope.latency_budget_ms set; --allow-unmeasured" in skipped["why"]
+    allowed = best_run(project, allow_unmeasured=True)
+    assert allowed["run"] == untimed and allowed["budget"]["state"] == "unknown" and not allowed["latency_measured"]
+    # without a latency budget the latency is irrelevant: the untimed run fits and is chosen
+    assert best_run(make(tmp_path, "scope: {success_metric: rougeL}\n"))["budget"]["state"] == "fits"
+
+
+def test_when_only_unmeasured_runs_could_fit_the_error_says_so_and_names_the_flag(tmp_path):
+    project = make(tmp_path, "scope: {success_metric: rougeL, latency_budget_ms: 100}\n")
+    record(project, "tune", "full", {"rougeL": 0.9})
+    record(project, "optimize", "slow", {"rougeL": 0.8, "latency_p95_ms": 250.0})
+    with pytest.raises(UserError) as err:
+        best_run(project)
+    message = str(err.value)
+    assert message.startswith("no measured run fits the scope's budgets; only runs that were not measured might: "
+                              "tune/full")
+    assert "optimize/slow" not in message and "--allow-unmeasured" in message
+    assert "unset scope.latency_budget_ms" in message and "\n" not in message
+
+
+def test_an_adapter_whose_base_is_on_no_local_disk_has_an_unknown_size(tmp_path):
+    import json
+
+    project = make(tmp_path, "scope: {success_metric: rougeL, size_budget_mb: 100}\n")
+    with project.store().start("tune", "lora", {}, project_dir=project.dir) as run:
+        model = run.artifacts / "model"
+        model.mkdir(parents=True)
+        (model / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "nobody/not-cached"}))
+        (model / "llmcycle_base.json").write_text(json.dumps({"base_path": "nobody/not-cached"}))
+        (model / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+        run.finish({"rougeL": 0.9})
+    with pytest.raises(UserError, match=r"tune/lora \(.*\): unknown: size not measured.*scope.size_budget_mb"):
+        best_run(project)
+    choice = best_run(project, allow_unmeasured=True)
+    assert choice["size_mb"] is None and choice["budget"]["missing"] == ["size"]
+
+
+def test_serve_best_cli_passes_over_untimed_runs_and_says_why(tmp_path, capsys, monkeypatch):
+    import json
+
+    import llmcycle.serve.app as serve_app
+    from llmcycle.cli import main
+
+    served = []
+    monkeypatch.setattr(serve_app, "serve", lambda ref, *a, **k: served.append(ref))
+    project = make(tmp_path, "scope: {success_metric: rougeL, latency_budget_ms: 100}\n")
+    untimed = record(project, "tune", "full", {"rougeL": 0.9})
+    path = str(tmp_path / "llmcycle.yaml")
+    assert main(["serve", "--run", "best", "-p", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "only runs that were not measured might" in err and "--allow-unmeasured" in err and "\n" not in err
+    assert main(["serve", "--run", "best", "--allow-unmeasured", "-p", path]) == 0
+    printed = capsys.readouterr().out
+    assert f"best: tune/full ({untimed})" in printed and "latency not measured" in printed
+    assert "budgets unknown: p95 latency not measured, chosen because of --allow-unmeasured" in printed
+    timed = record(project, "optimize", "int8", {"rougeL": 0.7, "latency_p95_ms": 40.0})
+    assert main(["serve", "--run", "best", "--json", "-p", path]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    assert best["run"] == timed and best["budget"]["state"] == "fits"
+    assert best["excluded"][0]["budget"] == {"state": "unknown", "reasons": [], "missing": ["p95 latency"]}
+    assert served == [untimed, timed]

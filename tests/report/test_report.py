@@ -193,7 +193,8 @@ def test_empty_store_says_so(tmp_path):
     project = make(tmp_path)
     result = write_report(project)
     page = (tmp_path / "report.html").read_text()
-    assert result == {"report": str((tmp_path / "report.html").resolve()), "runs": 0, "plots": [], "missing": []}
+    assert result == {"report": str((tmp_path / "report.html").resolve()), "runs": 0, "plots": [], "missing": [],
+                      "deployed": {"run": None, "why": None}}
     assert "No runs yet — run <code>llmcycle run</code>" in page
     assert not (tmp_path / "runs").exists()  # reading never creates a store
 
@@ -219,7 +220,8 @@ def test_cli_json_and_bad_output_paths(tmp_path, capsys):
     assert main(["report", "-p", str(tmp_path), "-o", str(tmp_path / "r.html"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["report"] == str((tmp_path / "r.html").resolve()) and data["runs"] == 4 and "loss" in data["plots"]
-    for output, message in ((tmp_path / "nope" / "r.html", f"folder {tmp_path / 'nope'} does not exist"),
+    (tmp_path / "a-file").write_text("")
+    for output, message in ((tmp_path / "a-file" / "r.html", f"cannot create folder {tmp_path / 'a-file'}"),
                             (tmp_path, "it is a folder")):
         assert main(["report", "-p", str(tmp_path), "-o", str(output)]) == 2
         err = capsys.readouterr().err
@@ -300,3 +302,64 @@ def test_text_from_data_and_models_stays_text_in_both_formats(tmp_path):
         assert "\x1b" not in text and "\u241b" in text and "&lt;script&gt;" in text, name
     md = (tmp_path / "r.md").read_text()
     assert "\\[/INST\\]" in md and "](javascript:" not in md  # shown literally by a Markdown viewer
+
+
+# -- budgets are honest: unmeasured is unknown --------------------------------------------------------
+def test_an_unmeasured_figure_is_unknown_in_the_budget_column_and_the_deployment(tmp_path, capsys):
+    project = lifecycle_store(tmp_path)  # budgets: 1.5 MB and 100 ms
+    untimed = record(project, "tune", "full", evaluated(0.9, 0.8, 0.95), model_mb=1.0,  # better, never timed
+                     preds=predictions([0.9]))
+    write_report(project, tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    rows = [r for r in page.split("<tr>") if r.startswith("<td")]
+    full = next(r for r in rows if "tune/full" in r)
+    assert '<td class="unknown">? unknown: p95 latency not measured</td>' in full and "fits" not in full
+    assert "★ deployed" in next(r for r in rows if "optimize/int8" in r)  # the measured run, not the better one
+    assert f"Passed over tune/full (<code>{untimed}</code>): unknown: p95 latency not measured" in page
+    # a run over one budget breaks it, and the figure it lacks is still named
+    assert "✗ size 2.0 MB &gt; budget 1.5 MB (p95 latency not measured)" in page
+
+    assert main(["report", "-p", str(tmp_path), "-o", str(tmp_path / "r.md"), "--allow-unmeasured", "--json"]) == 0
+    deployed = json.loads(capsys.readouterr().out)["deployed"]
+    assert deployed["run"] == untimed
+    assert deployed["budget"] == {"state": "unknown", "reasons": [], "missing": ["p95 latency"]}
+    text = (tmp_path / "r.md").read_text()
+    assert "budgets unknown: p95 latency not measured (chosen with --allow-unmeasured)" in text
+
+
+def test_optimize_section_shows_source_before_and_result_after(tmp_path):
+    project = make(tmp_path)
+    tuned = record(project, "tune", "full", evaluated(0.456), model_mb=1.0)
+    record(project, "optimize", "int8", evaluated(0.35, latency_p95_ms=45.6, size_mb=0.25, source="run:tune/full",
+                                                  source_size_mb=1.0, source_latency_p95_ms=120.0),
+           parent=tuned, model_mb=0.25)
+    record(project, "optimize", "old", evaluated(0.3, latency_p95_ms=50.0, size_mb=0.3), parent=tuned, model_mb=0.3)
+    write_report(project, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "## Optimization: before → after" in text
+    assert ("| optimize/int8 | run:tune/full | 120.0 → 45.6 ms (0.38×) | 1.000 → 0.250 MB (0.25×) "
+            "| 0.456 → 0.350 |") in text
+    # a run from before sources were measured: its source figures are n/a, never invented
+    assert "| optimize/old | n/a | n/a → 50.0 ms | n/a → 0.300 MB | 0.456 → 0.300 |" in text
+
+
+def test_huge_and_tiny_figures_stay_narrow_in_the_report(tmp_path):
+    project = make(tmp_path, scope="scope: {success_metric: perplexity}\n")
+    record(project, "pretrain", "tiny", {"perplexity": 1.9e17, "headline": "perplexity", "headline_value": 1.9e17,
+                                         "headline_ci_low": 1.2e17, "headline_ci_high": 2.5e17})
+    write_report(project, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "perplexity 1.90e+17 [1.20e+17, 2.50e+17]" in text and "190,000,000" not in text
+
+
+def test_report_output_folder_is_created_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmcycle.cli import app
+
+    lifecycle_store(tmp_path)
+    target = tmp_path / "out" / "deeper" / "report.md"
+    result = CliRunner().invoke(app, ["report", "-p", str(tmp_path), "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and (target.parent / "report_files" / "loss.png").is_file()
+    assert "| tune/lora |" in target.read_text()

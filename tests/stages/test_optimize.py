@@ -138,6 +138,7 @@ def test_int8_stage_records_deployment_figures_and_eval_loads_it(tmp_path):
     assert s["examples_per_s"] > 0 and s["completion_tokens_per_s"] > 0 and s["peak_memory_mb"] > 0
     assert s["headline"] == "rougeL" and s["n_examples"] == 6
     assert s["parameters"] == s["source_parameters"]
+
     rec = load_project(path).store().get(out.run_id)
     assert len((rec.artifacts / "predictions.jsonl").read_text().splitlines()) == 6
 
@@ -147,6 +148,35 @@ def test_int8_stage_records_deployment_figures_and_eval_loads_it(tmp_path):
         load_model(s["model_dir"], device="cuda")
     with pytest.raises(UserError, match=r"source .*optimize-int8-.*/artifacts/model is already quantized"):
         execute(path, "again")
+
+
+def test_source_is_timed_and_sized_exactly_as_the_optimized_model(tmp_path, monkeypatch):
+    """Before -> after: the source's p95 comes from the same harness call with the same prompts, generation
+    settings and samples, and its size from its weight files, as the optimized model's."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from llmcycle.evaluation import harness
+    from llmcycle.models.folders import weights_mb
+
+    calls = []
+    real = harness.request_latency
+
+    def spy(generator, prompts, gen_cfg, n):
+        calls.append((generator.model, list(prompts), gen_cfg, n))
+        return real(generator, prompts, gen_cfg, n)
+
+    monkeypatch.setattr(harness, "request_latency", spy)
+    path = make_project(tmp_path, {"int8": {"method": "quantize", "latency_samples": 3}})
+    s = execute(path, "int8").summary
+    (optimized, *after), (source, *before) = calls
+    assert after == before and after[2] == 3 and len(after[0]) == s["n_examples"]
+    assert any(isinstance(m, DynamicLinear) for m in optimized.modules())
+    assert not any(isinstance(m, DynamicLinear) for m in source.modules())  # the fp32 source, as served
+    assert 0 < s["source_latency_p50_ms"] <= s["source_latency_p95_ms"]
+    weights = (tmp_path / "base" / "model.safetensors").stat().st_size / 2**20  # the only weight file
+    assert s["source_size_mb"] == round(weights, 3)
+    assert s["size_ratio"] == round(weights_mb(Path(s["model_dir"])) / weights, 4)
+    assert s["source_tensor_mb"] > 0  # the in-memory figure keeps its own name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -194,7 +224,7 @@ def test_answer_cross_entropy_equals_tunes_loss(tmp_path, arch):
 
     model, tok = load_model(str((make_t5 if arch == "t5" else make_gpt2)(tmp_path / "m")))
     kind = "seq2seq" if arch == "t5" else "causal"
-    batch = collate(training_features(examples(4), "{input} ->", tok, kind, 128).features, tok.pad_token_id)
+    batch = collate(training_features(examples(4), "{input} ->", model, tok, kind, 128).features, tok.pad_token_id)
     with torch.no_grad():
         total, n = sum_loss(model, batch, kind)
     with torch.no_grad():
@@ -238,7 +268,7 @@ def test_distillation_loss_falls():
 
     big, tok = teacher("t5", layers=2)
     student, _ = build_student(big, DistillConfig(method="distill", init="random", student={"n_layers": 1}))
-    features = training_features(examples(32), "{input} ->", tok, "seq2seq", 512).features
+    features = training_features(examples(32), "{input} ->", big, tok, "seq2seq", 512).features
 
     def loss_fn(model, batch):
         with torch.no_grad():
@@ -296,7 +326,7 @@ def test_recovery_fine_tune_changes_weights_but_pruned_ones_stay_zero(tmp_path):
     model, tok = load_model(str(make_t5(tmp_path / "m")))
     layers = prune_unstructured(model, 0.5)
     before = {name: m.weight.detach().clone() for name, m in layers}
-    features = training_features(examples(16), "{input} ->", tok, "seq2seq", 512).features
+    features = training_features(examples(16), "{input} ->", model, tok, "seq2seq", 512).features
     fit_steps(model, features, tok.pad_token_id, cross_entropy_loss("seq2seq"), steps=4, lr=1e-2, batch_size=4,
               seed=0, progress=False)
     make_permanent(model)
@@ -414,6 +444,9 @@ def test_export_merges_lora_into_a_folder_that_loads_without_peft(tmp_path):
 
     s = execute(path, "hf").summary
     assert s["merged_adapter"] is True and not (Path(s["model_dir"]) / "adapter_config.json").exists()
+    # an adapter source's size is what serving it loads: its weights and its base's; latency_samples 0: unmeasured
+    on_disk = sum(f.stat().st_size for d in ("adapter", "base") for f in (tmp_path / d).glob("*.safetensors"))
+    assert s["source_size_mb"] == round(on_disk / 2**20, 3) and s["source_latency_p95_ms"] is None
     merged = AutoModelForSeq2SeqLM.from_pretrained(s["model_dir"]).eval()  # transformers alone
     adapted, _ = load_model(str(tmp_path / "adapter"))
     plain_base, _ = load_model(str(tmp_path / "base"))

@@ -16,12 +16,15 @@ model; LoRA adapters are merged first):
 
 Every variant saves its model to artifacts/model (so `eval`, `serve` and `run:optimize/VARIANT` load
 it), then reloads it from disk exactly as they would and records, next to the harness's quality
-metrics: size on disk (`size_mb`, and `size_ratio` to the source's float weights), peak memory of
-loading + evaluating (`peak_memory_mb`; the optimizing itself is `optimize_peak_memory_mb`),
-per-request latency (`latency_p50_ms` / `latency_p95_ms`: the first `latency_samples` eval prompts
-generated alone, batch 1) and throughput (the batched eval's `examples_per_s` and
-`completion_tokens_per_s`). Runs are short and keep no checkpoints: --resume starts the variant over
-in the same run folder.
+metrics: size on disk (`size_mb`: its weight files), peak memory of loading + evaluating
+(`peak_memory_mb`; the optimizing itself is `optimize_peak_memory_mb`), per-request latency
+(`latency_p50_ms` / `latency_p95_ms`: the first `latency_samples` eval prompts generated alone, batch 1)
+and throughput (the batched eval's `examples_per_s` and `completion_tokens_per_s`). The source is
+measured the same way, so each run shows before -> after: `source_size_mb` (its weight files on disk,
+an adapter's base included; `size_ratio` = size_mb / source_size_mb) and `source_latency_p50_ms` /
+`source_latency_p95_ms` (the same prompts, generation settings, number of samples and device). A
+figure that cannot be measured here (a base on no local disk, latency_samples 0) is None, never a
+guess. Runs are short and keep no checkpoints: --resume starts the variant over in the same run folder.
 """
 from __future__ import annotations
 
@@ -34,12 +37,14 @@ from pydantic import Field, model_validator
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
 from llmcycle.core.memory import peak_mb, reset_peak
-from llmcycle.data.prompting import check_template, fit_prompts
+from llmcycle.data.prompting import check_template
 from llmcycle.data.records import load_splits
 from llmcycle.evaluation import harness
+from llmcycle.evaluation.evaluate import score_on_project
+from llmcycle.evaluation.success import local_folder
 from llmcycle.evaluation.settings import (
     eval_examples,
-    name_lexicon,
+    project_system,
     project_template,
     settings,
 )
@@ -51,7 +56,7 @@ from llmcycle.models.folders import (
     weights_mb,
 )
 from llmcycle.models.generation import Generator
-from llmcycle.models.hub import check_bitsandbytes, model_kind, resolve_device
+from llmcycle.models.hub import ADAPTER_CONFIG, adapter_base, check_bitsandbytes, model_kind, resolve_device
 from llmcycle.models.load import load_model
 from llmcycle.stages.contract import Stage, own_model, section_variants
 from llmcycle.stages.optimize import distill, prune
@@ -210,19 +215,23 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
         module = distill if cfg.method == "distill" else prune
         facts = module.optimize(cfg, source_path, dest, train, template, info=info, opts=opts,
                                 gen_cfg=settings(project).generation, task=project.config.project.task,
-                                log=run.log, progress=progress)
+                                log=run.log, progress=progress, system=project_system(project))
     facts["optimize_peak_memory_mb"] = round(peak_mb(resolve_device(device)), 1)
     facts["optimize_s"] = round(time.perf_counter() - t_start, 3)
     gc.collect()  # the source and working copies are gone; what follows is what deployment costs
 
     reset_peak(resolve_device(device))
-    measured, parameters = _evaluate_saved(project, variant, cfg, run, dest, device, opts, examples, template,
-                                           progress)
+    measured, parameters, prompts = _evaluate_saved(project, variant, cfg, run, dest, device, opts, examples,
+                                                    template, progress)
+    peak = round(peak_mb(resolve_device(device)), 1)  # the optimized model's, before the source is loaded
     size = weights_mb(dest)
-    summary = {**measured, **facts,
-               "peak_memory_mb": round(peak_mb(resolve_device(device)), 1),
+    before = _measure_source(cfg, source_path, device, opts, prompts, settings(project).generation)
+    source_size = before.pop("source_size_mb")
+    summary = {**measured, **facts, **before,
+               "peak_memory_mb": peak,
                "size_mb": round(size, 3),
-               "size_ratio": round(size / facts["source_size_mb"], 4) if facts.get("source_size_mb") else None,
+               "source_size_mb": round(source_size, 3) if source_size is not None else None,
+               "size_ratio": round(size / source_size, 4) if source_size else None,
                "parameters": facts.get("parameters") or parameters,
                "method": cfg.method, "source": ref, "source_path": source_path, "parent": source_run,
                "model_dir": str(dest), "wall_s": round(time.perf_counter() - t_start, 3)}
@@ -252,23 +261,49 @@ def _inputs(project, variant: str, cfg):
 
 
 def _evaluate_saved(project, variant: str, cfg, run, dest, device: str, opts: dict, examples, template,
-                    progress: bool) -> tuple[dict, int]:
+                    progress: bool) -> tuple[dict, int, list[str]]:
     """The saved folder loaded as `eval` and `serve` will load it, then scored with the project's prompt
-    and timed request by request: (quality and latency figures, its parameter count)."""
+    and timed request by request: (quality and latency figures, its parameter count, the prompts)."""
     ev = settings(project)
     model, tok = load_model(str(dest), dtype=opts.get("dtype", "auto"), device=device,
                             trust_remote_code=opts.get("trust_remote_code", False))
     loaded = harness.LoadedModel(f"optimize/{variant}", str(dest), model, tok,
                                  Generator(model, tok, opts.get("context_window")), run.id)
-    fitted = fit_prompts(template, examples, [], [[] for _ in examples], harness.count_tokens(loaded),
-                         harness.generation_budget(loaded, ev.generation.max_new_tokens),
-                         shot_format="", separator="", on_overflow="refuse", variant=f"optimize.{variant}")
-    metrics, rows = harness.evaluate(loaded, fitted.prompts, examples, project.config.project.task,
-                                     ev.generation, perplexity=ev.perplexity, progress=progress,
-                                     label=f"eval optimize.{variant}", lexicon=name_lexicon(project))
+    metrics, rows, fitted = score_on_project(project, loaded, examples, template=template, progress=progress,
+                                             label=f"eval optimize.{variant}")
     latency = harness.request_latency(loaded.generator, fitted.prompts, ev.generation, cfg.latency_samples)
     harness.write_predictions(run, rows)
-    return {**metrics, **latency}, parameter_count(model)
+    return {**metrics, **latency}, parameter_count(model), fitted.prompts
+
+
+def _measure_source(cfg, source_path: str, device: str, opts: dict, prompts: list[str], gen_cfg) -> dict:
+    """The source's size and latency measured exactly as the optimized model's (weight files on disk;
+    harness.request_latency with the same prompts, generation settings, samples and device, loaded as
+    `serve` loads it), so the summary shows before -> after."""
+    import gc
+
+    figures = {"source_size_mb": _weights_on_disk(source_path), "source_latency_p50_ms": None,
+               "source_latency_p95_ms": None}
+    if cfg.latency_samples and prompts:
+        gc.collect()  # the optimized model's memory goes back first
+        model, tok = load_model(source_path, dtype=opts.get("dtype", "auto"), device=device,
+                                trust_remote_code=opts.get("trust_remote_code", False))
+        latency = harness.request_latency(Generator(model, tok, opts.get("context_window")), prompts, gen_cfg,
+                                          cfg.latency_samples)
+        figures.update({f"source_{k}": latency[k] for k in ("latency_p50_ms", "latency_p95_ms")})
+        del model
+        gc.collect()
+    return figures
+
+
+def _weights_on_disk(path: str) -> float | None:
+    """MB of a model's weight files as `size_mb` counts them (an adapter's base included); None when
+    they are not on this disk (a base that is a Hub id not in the cache)."""
+    folder = local_folder(path)
+    base = local_folder(adapter_base(folder)) if folder and (folder / ADAPTER_CONFIG).is_file() else folder
+    if folder is None or base is None:
+        return None
+    return weights_mb(folder) + (weights_mb(base) if base != folder else 0)
 
 
 STAGE = Stage(name="optimize", section=dict[str, OptimizeVariant], run=run, variants=section_variants("optimize"),
