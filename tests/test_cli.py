@@ -148,12 +148,15 @@ def test_runs_show_and_compare_format_numbers_by_magnitude(tmp_path, capsys):
     (tmp_path / "llmcycle.yaml").write_text("project: {name: t, task: generation}\n")
     store = load_project(tmp_path / "llmcycle.yaml").store()
     for variant, ppl in (("tiny", 1.9e17), ("small", 12.3456)):
-        with store.start("pretrain", variant, {}, project_dir=tmp_path) as run:
+        with store.start("pretrain", variant, {"lr": 2.5e-6, "warmup": 0.05}, project_dir=tmp_path) as run:
+            run.log({"step": 1, "lr": 3.3e-7, "loss": 2.0})
             run.finish({"lr": 1.41e-5, "perplexity": ppl, "final_loss": 0.995, "steps": 1200})
     path = str(tmp_path / "llmcycle.yaml")
     assert main(["runs", "show", "pretrain/tiny", "-p", path]) == 0
     shown = capsys.readouterr().out
     assert "1.41e-05" in shown and "0.000" not in shown and "1.90e+17" in shown and "0.995" in shown
+    assert "2.50e-06" in shown and "0.050" in shown  # the run's config, formatted the same way
+    assert "lr 3.30e-07" in shown  # and its last metrics row
     assert " 1200 " in shown  # an integer stays an integer
     assert main(["runs", "compare", "-p", path, "--examples", "0"]) == 0
     table = capsys.readouterr().out

@@ -41,17 +41,23 @@ def show(rec, console) -> None:
     versions = rec.meta.get("versions") or {}
     if versions:
         console.print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    summary = rec.summary()
-    if summary:
-        table = Table(title="summary")
-        table.add_column("key")
-        table.add_column("value")
-        for key, value in flatten(summary).items():
-            table.add_row(as_text(key), as_text(_fmt(value)))
-        console.print(table)
+    for title, data in (("config", rec.config), ("summary", rec.summary())):
+        if data:
+            console.print(_key_values(title, flatten(data)))
     metrics = rec.metrics()
     if metrics:
-        console.print(f"{len(metrics)} metric rows; last: {metrics[-1]}")
+        last = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics[-1].items() if k != "time")
+        console.print(f"{len(metrics)} metric rows; last:", as_text(last))
+
+
+def _key_values(title: str, data: dict) -> Table:
+    """A two-column table of figures, each formatted by its magnitude (an lr of 1.41e-05 is not 0.000)."""
+    table = Table(title=title)
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in data.items():
+        table.add_row(as_text(key), as_text(_fmt(value)))
+    return table
 
 
 def flatten(data: dict, prefix: str = "", depth: int = 2) -> dict:

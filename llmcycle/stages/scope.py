@@ -121,10 +121,14 @@ def overflow(project, splits, model, tokenizer, window: int) -> dict:
     template, system = project_template(project), project_system(project)
     out = {"window": window, "eval_budget": budget}
     if splits.eval and budget > 0:
-        fitted = fit_prompts(template, splits.eval, [], [[] for _ in splits.eval],
-                             lambda p: len(encode_prompt(tokenizer, p, kind)), budget, variant="scope", system=system)
+        def count(prompt):
+            return len(encode_prompt(tokenizer, prompt, kind))
+
+        fitted = fit_prompts(template, splits.eval, [], [[] for _ in splits.eval], count, budget, variant="scope",
+                             system=system)
         out.update(eval_over=len(fitted.skipped), eval_total=len(splits.eval),
                    eval_over_share=round(len(fitted.skipped) / len(splits.eval), 4))
+        out.update(_shots_lost(project, splits, count, budget, template, system))
     trainable = [e for e in splits.train if e.targets]
     if trainable:
         end_id, _ = target_end_id(model, tokenizer, kind)
@@ -133,6 +137,23 @@ def overflow(project, splits, model, tokenizer, window: int) -> dict:
         out.update(train_over=len(skipped), train_total=len(trainable),
                    train_over_share=round(len(skipped) / len(trainable), 4))
     return out
+
+
+def _shots_lost(project, splits, count, budget: int, template: str, system: str | None) -> dict:
+    """For each shot count of the prompt stage, how many eval prompts cannot hold all their shots (the
+    prompt stage drops the furthest ones), with the first training examples as shots: other selections
+    pick other examples, of other lengths."""
+    cfg = project.config.prompt
+    ks = sorted({k for k in (cfg.shots if cfg is not None else []) if 0 < k <= len(splits.train)})
+    if not ks:
+        return {}
+    lost = {}
+    for k in ks:
+        fitted = fit_prompts(template, splits.eval, splits.train, [list(range(k)) for _ in splits.eval], count,
+                             budget, shot_format=cfg.shot_format, separator=cfg.shot_separator, variant="scope",
+                             system=system)
+        lost[k] = fitted.lost_shots
+    return {"prompts_losing_shots": lost}
 
 
 def _model_plan(name: str, params: int, tokens: int, scope: ScopeConfig, *, lora: int | None,
@@ -319,8 +340,8 @@ def render(plan: dict, console) -> None:
     if data and data.get("overflow"):
         _render_overflow(data["overflow"], console)
     for name, o in plan.get("candidates", {}).items():
-        console.print(f"select candidate {name}:", end=" ")
-        _render_overflow(o, console)
+        console.print(f"select candidate {name}, with its own tokenizer and window:")
+        _render_overflow(o, console, indent="  ")
     if plan["stages"]:
         table = Table(title="compute plan")
         for col in ("stage", "params", "serve fp32/bf16/int8/int4", "train memory", "tokens",
@@ -341,14 +362,17 @@ def render(plan: dict, console) -> None:
         console.print(f"[yellow]note:[/] {note}")
 
 
-def _render_overflow(o: dict, console) -> None:
+def _render_overflow(o: dict, console, indent: str = "") -> None:
     """What tune and eval will skip, as they will count it."""
     if "eval_over" in o:
-        console.print(f"eval prompts over {o['eval_budget']} tokens (the window minus room to generate), "
+        console.print(f"{indent}eval prompts over {o['eval_budget']} tokens (the window minus room to generate), "
                       f"with the template: {o['eval_over']} of {o['eval_total']} ({o['eval_over_share']:.1%}); "
                       "evaluation skips them")
+    for k, n in (o.get("prompts_losing_shots") or {}).items():
+        console.print(f"{indent}  with {k} shot(s) (the first training examples): {n} of {o['eval_total']} prompts must drop "
+                      "some to fit")
     if "train_over" in o:
-        console.print(f"training examples (prompt + target) over the window of {o['window']} tokens: "
+        console.print(f"{indent}training examples (prompt + target) over the window of {o['window']} tokens: "
                       f"{o['train_over']} of {o['train_total']} ({o['train_over_share']:.1%}); tune skips them")
 
 

@@ -138,3 +138,16 @@ def test_plan_rows_for_configured_tune_variants(tmp_path):
     # two soft prompts (encoder and decoder) of 5 tokens x d_model
     assert rows["tune.soft"]["trainable_parameters"] == 2 * 5 * model.config.d_model
     assert "fine-tune" not in rows
+
+
+def test_scope_counts_the_prompts_that_lose_shots_as_the_prompt_stage_does(tmp_path):
+    from llmcycle.project import lifecycle
+
+    model_dir = make_t5(tmp_path / "t5")
+    project = _project(tmp_path, model_dir, window=150, extra=(
+        'evaluate: {template: "{input}", generation: {max_new_tokens: 2}}\n'
+        "prompt: {shots: [3], selection: [first]}\n"))
+    planned = scope.build_plan(project)["data"]["overflow"]["prompts_losing_shots"]
+    outcome = lifecycle.execute(project, "prompt", "default.3shot.first.greedy", progress=False)
+    measured = project.store().get(outcome.run_id).summary()["prompts_lost_shots"]
+    assert planned == {3: measured} and measured > 0
