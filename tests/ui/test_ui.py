@@ -62,7 +62,8 @@ def _run(store, stage, variant, summary=None, metrics=(), outputs=None, fail=Non
 
 
 def _scores(rouge, ci=0.05):
-    return {"n_examples": 3, "headline": "rougeL", "headline_value": rouge, "headline_ci_low": rouge - ci,
+    return {"n_examples": 3, "eval_skipped": 1, "too_few_examples": True,
+            "headline": "rougeL", "headline_value": rouge, "headline_ci_low": rouge - ci,
             "headline_ci_high": rouge + ci, "rougeL": rouge, "rouge1": rouge + 0.02, "bleu": rouge * 60}
 
 
@@ -328,6 +329,8 @@ def test_browser_runs_table_filters_and_sorts(page, ui_url, project):
     page.select_option("#f-sort", "rougeL")
     page.wait_for_function(f"document.querySelector('#runs-table tbody tr').dataset.id === '{ids['full']}'")
     assert _rows(page)[:3] == [ids["full"], ids["lora"], ids["prompt"]]
+    # what the figure stands on: 3 examples, 1 skipped as too long, fewer than evaluate.min_examples
+    assert "n=3 (1 skipped) ⚠ few" in page.locator(f'tr[data-id="{ids["full"]}"]').inner_text()
     _shot(page, "ui_runs.png")
 
 

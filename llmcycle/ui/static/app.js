@@ -99,6 +99,13 @@ function renderRuns(data) {
   updateCompareButton();
 }
 
+// What a metric stands on: its examples, those skipped as too long, and a mark under evaluate.min_examples.
+function examplesNote(row) {
+  if (typeof row.n_examples !== "number") return "";
+  return ` · n=${row.n_examples}` + (row.eval_skipped ? ` (${row.eval_skipped} skipped)` : "")
+    + (row.too_few_examples ? " ⚠ few" : "");
+}
+
 function runRow(row, keys) {
   const missing = row.status === "missing";
   const box = h("input", {type: "checkbox", "data-id": row.id, "aria-label": `choose ${row.id}`});
@@ -113,7 +120,8 @@ function runRow(row, keys) {
     status.title = row.note || row.error;
     status.append(h("div", {class: "note"}, row.note || row.error));
   }
-  const headline = row.headline_value === undefined ? "" : `${row.headline} ${Charts.fmt(row.headline_value)}`;
+  const headline = row.headline_value === undefined ? "" : `${row.headline} ${Charts.fmt(row.headline_value)}`
+    + examplesNote(row);
   return h("tr", {class: missing ? "missing" : "", "data-id": row.id},
            h("td", {}, box), h("td", {class: "id"}, row.id), h("td", {}, row.stage), h("td", {}, row.variant),
            status, h("td", {}, when(row.created)), h("td", {class: "num"}, headline),
