@@ -6,6 +6,7 @@ error (a traceback only with --debug).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -23,8 +24,16 @@ app = typer.Typer(help="llmcycle: the generative-AI project lifecycle in one too
 runs_app = typer.Typer(help="List, show and compare recorded runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
-# Piped output (CI logs, `| less`) gets a wide page instead of rich's 80-column default.
-out = Console(width=None if sys.stdout.isatty() else 160)
+def _out_width() -> int | None:
+    """COLUMNS when set (tables are laid out for it); a terminal's own width; piped output (CI logs,
+    `| less`) 100 columns, the width every table is made to fit."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return None if sys.stdout.isatty() else 100
+
+
+out = Console(width=_out_width())
 err = Console(stderr=True)
 _state = {"debug": False}
 
@@ -41,6 +50,8 @@ def _has_project(project: Path) -> bool:
     return project.exists() or (project.parent / PROJECT_FILE).exists()
 SetOpt = typer.Option(None, "--set", help="Override a key: --set pretrain.tiny.lr=2e-4 (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+WideOpt = typer.Option(False, "--wide", help="Show every figure in the side-by-side table (as wide as it "
+                       "takes); by default it keeps to the columns that fit the terminal.")
 AllowUnmeasuredOpt = typer.Option(False, "--allow-unmeasured", help="Let 'best' choose a run whose latency or "
                                   "size was never measured although the scope budgets it (by default: passed over).")
 
@@ -136,7 +147,7 @@ def _show_selection(outcomes) -> None:
 
     for o in outcomes:
         if o.stage == "select" and "candidates" in o.summary:
-            out.print(select_table(o.summary))
+            out.print(select_table(o.summary, out.width))
             for line in select_reasons(o.summary):
                 out.print(as_text(line))
             for note in o.summary.get("notes", []):
@@ -159,13 +170,14 @@ def tune(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
          variant: Optional[List[str]] = VariantOpt, resume: bool = ResumeOpt,
          merge: bool = typer.Option(False, "--merge", help="Also save adapters merged into the base."),
          force: bool = ForceOpt,
-         as_json: bool = JsonOpt):
+         as_json: bool = JsonOpt, wide: bool = WideOpt):
     """Fine-tune the project's model: full, LoRA, prompt tuning or QLoRA; every variant evaluated.
 
     Several processes: torchrun --nproc_per_node N -m llmcycle tune ...
     """
     from llmcycle.project import lifecycle
 
+    _state["wide"] = wide
     proj = _project(project, overrides)
     if merge:
         names = _variant_names(proj, "tune", variant)
@@ -198,9 +210,10 @@ def _stage_command(stage: str, summary: str):
     """`llmcycle STAGE`: run the stage's variants (or --variant ones), skipping unchanged ones."""
     def command(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
                 variant: Optional[List[str]] = VariantOpt, resume: bool = ResumeOpt, force: bool = ForceOpt,
-                as_json: bool = JsonOpt):
+                as_json: bool = JsonOpt, wide: bool = WideOpt):
         from llmcycle.project import lifecycle
 
+        _state["wide"] = wide
         proj = _project(project, overrides)
         outcomes = _run_stage(proj, stage, variant, resume=resume, force=force, as_json=as_json)
         if lifecycle.is_main_process():  # under torchrun, rank 0 speaks for all (as tune does)
@@ -492,10 +505,11 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, 
 @app.command()
 def prompt(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
            force: bool = typer.Option(False, "--force", help="Re-run variants even when unchanged."),
-           as_json: bool = JsonOpt):
+           as_json: bool = JsonOpt, wide: bool = WideOpt):
     """Sweep prompt templates x shots x shot selection x generation configs; compare side by side."""
     from llmcycle.project import lifecycle
 
+    _state["wide"] = wide
     proj = _project(project, overrides)
     names = _variants_of(proj, "prompt", "no prompt sweep configured (add a `prompt:` section)")
     outcomes = [lifecycle.execute(proj, "prompt", name, force=force, progress=not as_json)
@@ -508,10 +522,11 @@ def run_cmd(project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt,
             only: Optional[List[str]] = typer.Option(None, "--only", help="Run only this stage (repeatable)."),
             start: Optional[str] = typer.Option(None, "--from", help="Start at this stage."),
             force: bool = typer.Option(False, "--force", help="Re-run stages even when unchanged."),
-            as_json: bool = JsonOpt):
+            as_json: bool = JsonOpt, wide: bool = WideOpt):
     """Carry the project through every configured stage in lifecycle order."""
     from llmcycle.project import lifecycle
 
+    _state["wide"] = wide
     proj = _project(project, overrides)
 
     def show(o):
@@ -565,7 +580,7 @@ def _compare_evaluated(outcomes, proj) -> None:
     if proj is not None and evaluated:
         store = proj.store()
         shown = proj.config.evaluate.show_examples if proj.config.evaluate else 3
-        compare([store.get(o.run_id) for o in evaluated], out, shown)
+        compare([store.get(o.run_id) for o in evaluated], out, shown, wide=_state.get("wide", False))
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -604,7 +619,7 @@ def runs_show(run: str = typer.Argument(..., help="Run id, id prefix, latest, or
 def runs_compare(runs: Optional[List[str]] = typer.Argument(None, help="Runs to compare (default: all completed)."),
                  project: Path = ProjectOpt, stage: Optional[str] = typer.Option(None, "--stage"),
                  examples: int = typer.Option(3, "--examples", min=0, help="Examples shown side by side."),
-                 as_json: bool = JsonOpt):
+                 as_json: bool = JsonOpt, wide: bool = WideOpt):
     """Compare runs side by side: metrics (with confidence intervals, best marked) and outputs."""
     from llmcycle.evaluation.compare import compare, compare_rows, side_by_side
 
@@ -615,7 +630,7 @@ def runs_compare(runs: Optional[List[str]] = typer.Argument(None, help="Runs to 
     elif not records:
         out.print(f"no completed runs in {store.root}")
     else:
-        compare(records, out, examples)
+        compare(records, out, examples, wide=wide)
 
 
 @app.command()
@@ -654,8 +669,6 @@ def _sigterm(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import os
-
     signal.signal(signal.SIGTERM, _sigterm)
     # Our own rich progress bars report long work; the libraries' tqdm bars and info logs
     # (e.g. "Loading weights") would only clutter the output and the one-line errors.
@@ -669,6 +682,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     args = sys.argv[1:] if argv is None else argv
+    out.width = _out_width()  # the width of this call's terminal (tests call main() under several)
+    _state["wide"] = False
     debug = "--debug" in args
     try:
         status = app(args=args, standalone_mode=False, prog_name="llmcycle")

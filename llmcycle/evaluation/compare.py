@@ -10,6 +10,7 @@ from llmcycle.core.textsafe import as_text
 from llmcycle.evaluation.faithfulness import spans
 from llmcycle.evaluation.harness import read_predictions
 from llmcycle.evaluation.metrics import higher_is_better
+from llmcycle.evaluation.runs_table import candidates_table, runs_table
 
 
 def _when(ts: float | None) -> str:
@@ -121,7 +122,8 @@ def best_by_metric(rows: list[dict]) -> dict[str, float]:
         if len(values) < 2:
             continue
         try:
-            direction = higher_is_better(key if key != "headline_value" else rows[0].get("headline", ""))
+            headline = next((r["headline"] for r in rows if r.get("headline")), "")
+            direction = higher_is_better(key if key != "headline_value" else headline)
         except Exception:  # noqa: BLE001 - not a metric (timing, counts): nothing to mark
             direction = None
         direction = _DIRECTION.get(key, direction)
@@ -130,57 +132,11 @@ def best_by_metric(rows: list[dict]) -> dict[str, float]:
     return best
 
 
-def compare_table(rows: list[dict]) -> Table:
-    """Runs x metrics; the headline with its 95% bootstrap interval; the best value per column bold *."""
-    best = best_by_metric(rows)
-    has_headline = any(r.get("headline") for r in rows)
+def compare_table(rows: list[dict], width: int = 100, wide: bool = False) -> tuple[Table, int]:
+    """(runs x figures laid out for `width` columns, the width it needs): see evaluation/runs_table.py."""
     headlines = {r.get("headline") for r in rows}
-    # the headline metric has its own column (with its interval); evaluated runs' training speed is
-    # in --json (the table keeps to what tells variants apart)
-    keys = [k for k in TABLE_KEYS if k not in headlines
-            and not (has_headline and k == "useful_tokens_per_s")
-            and any(isinstance(r.get(k), (int, float)) for r in rows)]
-    table = Table(title="runs side by side (* best)")
-    table.add_column("run", no_wrap=True)
-    stages = len({r["stage"] for r in rows}) > 1
-    if stages:
-        table.add_column("stage")
-    if has_headline:
-        names = sorted({r["headline"] for r in rows if r.get("headline")})
-        table.add_column(f"{'/'.join(names)} [95% CI]", justify="right", no_wrap=True)
-        table.add_column("n", justify="right", no_wrap=True)
-    for key in keys:
-        table.add_column(SHORT.get(key, key), justify="right")
-    for row in rows:
-        cells = [f"{row['variant']} ({row['id'][-4:]})"] + ([row["stage"]] if stages else [])
-        if has_headline:
-            value = row.get("headline_value")
-            cell = ""
-            if isinstance(value, (int, float)):
-                cell = number(value, 3)
-                if row.get("headline_ci_low") is not None:
-                    cell += f" [{number(row['headline_ci_low'], 3)}, {number(row['headline_ci_high'], 3)}]"
-                cell = _mark(cell, value, best.get("headline_value"))
-            cells += [cell, examples_cell(row)]
-        for key in keys:
-            value = row.get(key)
-            cells.append(_mark(_fmt(value), value, best.get(key)) if value is not None else "")
-        table.add_row(*cells)
-    return table
-
-
-def examples_cell(row: dict) -> str:
-    """How many examples the metric stands on: "95", "95 -5" when 5 were skipped as too long, in yellow
-    with "!" when fewer than evaluate.min_examples."""
-    n = row.get("n_examples")
-    if not isinstance(n, int):
-        return ""
-    cell = f"{n}" + (f" -{row['eval_skipped']}" if row.get("eval_skipped") else "")
-    return f"[yellow]{cell} ![/]" if row.get("too_few_examples") else cell
-
-
-def _mark(text: str, value, best) -> str:
-    return f"[bold green]{text} *[/]" if best is not None and value == best else text
+    extra = [k for k in TABLE_KEYS if k not in headlines and any(isinstance(r.get(k), (int, float)) for r in rows)]
+    return runs_table(rows, best_by_metric(rows), width, wide=wide, extra_keys=extra, short=SHORT)
 
 
 def side_by_side(records, n: int = 3) -> list[dict]:
@@ -236,10 +192,16 @@ def print_side_by_side(examples: list[dict], console, width: int = 400) -> None:
         console.print("[dim]red: entities (names, numbers) the output states but its input does not contain[/]")
 
 
-def compare(records, console, n_examples: int = 3) -> None:
+def compare(records, console, n_examples: int = 3, wide: bool = False) -> None:
     """The whole comparison: the metrics table, then examples side by side."""
-    rows = compare_rows(records)
-    console.print(compare_table(rows))
+    width = console.width
+    table, needed = compare_table(compare_rows(records), width, wide)
+    if wide and needed > width:  # --wide asked for every figure: the table takes the width it needs
+        console.width = needed
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     print_side_by_side(side_by_side(records, n_examples), console)
 
 
@@ -269,49 +231,11 @@ def optimize_lines(summary: dict) -> list[str]:
             f"size on disk: {before_after(summary.get('source_size_mb'), summary.get('size_mb'), 'MB', None)}"]
 
 
-def _count(n) -> str:
-    """12,345,678 -> 12.3M: parameter counts at a glance."""
-    if not isinstance(n, (int, float)):
-        return ""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(int(n))
-
-
-def select_table(summary: dict) -> Table:
-    """`select/best`'s candidates with their figures (the reasons are `select_reasons`); fits 100 columns."""
-    from rich import box
-
-    metric, probed = summary["metric"], summary.get("after_probe")
-    table = Table(title=f"select: {metric} of each candidate on the eval set (* chosen)", box=box.SIMPLE_HEAD)
-    for title in ("candidate", "params", "MB", "p95 ms", "over", "case", "0-shot"):
-        table.add_column(title, justify="left" if title in ("candidate", "case") else "right", no_wrap=True)
-    if probed:
-        table.add_column("probe [95% CI]", justify="right", no_wrap=True)
-    table.add_column("halluc.", justify="right", no_wrap=True)
-    for row in summary["candidates"]:
-        name = ("* " if row.get("chosen") else "") + row["candidate"]
-        if row["status"] != "completed":
-            table.add_row(name, *[""] * (len(table.columns) - 2), row["status"])
-            continue
-        cells = [name, _count(row.get("parameters")), _fixed(row.get("size_mb"), 1),
-                 _fixed(row.get("latency_p95_ms"), 0),
-                 f"{100 * row.get('overflow_share', 0):.0f}%", "uncased" if row.get("lowercases") else "cased",
-                 _fixed(row.get("zero_shot"), 3)]
-        if probed:
-            ci = row.get("probe_ci") or [None, None]
-            cells.append(_fixed(row.get("probe"), 3) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""))
-        rate = row.get("probe_hallucinated_entity_rate") if probed else row.get("hallucinated_entity_rate")
-        cells.append(_fixed(rate, 2))
-        table.add_row(*cells)
-    return table
+def select_table(summary: dict, width: int = 100) -> Table:
+    """`select/best`'s candidates with their figures (the reasons are `select_reasons`), fitted to `width`."""
+    return candidates_table(summary, width)
 
 
 def select_reasons(summary: dict) -> list[str]:
     """One line per candidate: why it was or was not chosen."""
     return [f"{row['candidate']}: {row.get('why', row['status'])}" for row in summary["candidates"]]
-
-
-def _fixed(value, digits: int) -> str:
-    return number(float(value), digits) if isinstance(value, (int, float)) else "n/a"
