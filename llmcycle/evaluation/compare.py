@@ -1,7 +1,6 @@
 """Tables for `llmcycle runs list|show|compare`."""
 from __future__ import annotations
 
-import time
 
 from rich.table import Table
 
@@ -10,23 +9,8 @@ from llmcycle.core.textsafe import as_text
 from llmcycle.evaluation.faithfulness import spans
 from llmcycle.evaluation.harness import read_predictions
 from llmcycle.evaluation.metrics import higher_is_better
-from llmcycle.evaluation.runs_table import candidates_table, runs_table
-
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
-
-
-def list_table(runs) -> Table:
-    table = Table(title="runs")
-    for col in ("id", "stage", "variant", "status", "parent", "created", "duration"):
-        table.add_column(col, no_wrap=col == "id")  # ids must stay copy-pasteable
-    colours = {"completed": "green", "failed": "red", "incomplete": "yellow", "running": "cyan"}
-    for r in runs:
-        duration = f"{r.finished - r.created:.1f} s" if r.finished else ""
-        table.add_row(r.id, r.stage, r.variant, f"[{colours.get(r.status, 'white')}]{r.status}[/]",
-                      r.parent or "", _when(r.created), duration)
-    return table
+from llmcycle.evaluation.paired import delta_columns
+from llmcycle.evaluation.runs_table import candidates_table, list_table, runs_table  # noqa: F401 - list_table for cli
 
 
 def show(rec, console) -> None:
@@ -101,14 +85,18 @@ _DIRECTION = {"examples_per_s": True, "useful_tokens_per_s": True, "toxicity_mea
 
 
 def compare_rows(records) -> list[dict]:
-    """One row per run: identity plus every scalar figure in its summary."""
+    """One row per run: identity plus every scalar figure in its summary, and for an iteration run its
+    headline's paired difference against its parent and the prompt baseline (paired.delta_columns:
+    delta_parent, delta_parent_sig, delta_parent_ci, delta_baseline, ...)."""
     rows = []
+    deltas = delta_columns(records)
     for r in records:
         row = {"id": r.id, "stage": r.stage, "variant": r.variant, "status": r.status}
         for key, value in r.summary().items():
             if key in ("headline", "too_few_examples") or (isinstance(value, (int, float))
                                                           and not isinstance(value, bool)):
                 row[key] = value
+        row.update(deltas.get(r.id, {}))
         rows.append(row)
     return rows
 

@@ -6,11 +6,14 @@ decides between iterations: the run, its headline with the 95% interval, the exa
 its paired difference against its parent and against the best prompt-only run (`evaluation.paired`,
 * = significant at 95%), the hallucinated-entity rate, size and p95 latency. Columns that still do not
 fit are left out, lowest priority first, and named under the table; a long run name is wrapped after
-its separators onto a second line (and cut from the middle only if that is not enough). `--wide` shows every figure (as wide as it takes); `--json` has them all.
+its separators onto a second line (and cut from the middle only if that is not enough). `--wide` shows
+every figure (as wide as it takes); `--json` has them all. `runs list` and select's candidates are laid
+out the same way (`layout`).
 """
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -116,10 +119,12 @@ def columns(rows: list[dict], best: dict, extra_keys: list[str], short: dict) ->
     return [c for c in cols if c.priority >= 99 or any(c.cell(r) for r in rows)]
 
 
-def fit(cols: list[Column], rows: list[dict], width: int) -> tuple[list[Column], list[Column], int]:
-    """(columns kept, columns left out, label width) for a table of at most `width` characters: the run
-    label is shortened from the middle to LABEL_ROOMY, then the least important figures leave (below
-    ESSENTIAL), then the label shrinks to LABEL_MIN, then the rest leave but the headline."""
+def fit(cols: list[Column], rows: list[dict], width: int, keep_name: bool = False
+        ) -> tuple[list[Column], list[Column], int]:
+    """(columns kept, columns left out, name width) for a table of at most `width` characters: the name
+    column narrows to LABEL_ROOMY (names wrap onto a second line), then the least important figures leave
+    (below ESSENTIAL), then the name narrows to LABEL_MIN, then the rest leave but the second column.
+    keep_name: the names keep their width (run ids must stay whole, to be copied)."""
     kept, label = list(cols), cols[0].width(rows)
 
     def total() -> int:
@@ -135,27 +140,27 @@ def fit(cols: list[Column], rows: list[dict], width: int) -> tuple[list[Column],
             kept.remove(min(kept[1:], key=lambda c: c.priority))
 
     natural = label
-    shrink(LABEL_ROOMY)
+    shrink(natural if keep_name else LABEL_ROOMY)
     drop(ESSENTIAL)
-    shrink(LABEL_MIN)
+    shrink(natural if keep_name else LABEL_MIN)
     drop(99)
     label = min(natural, label + max(0, width - total()))  # room a dropped column left goes to the names
     return kept, [c for c in cols if c not in kept], label
 
 
 def layout(cols: list[Column], rows: list[dict], width: int, title: str, *, wide: bool = False,
-           note: str = "--wide shows all") -> tuple[Table, int]:
+           note: str = "--wide shows all", keep_name: bool = False) -> tuple[Table, int]:
     """(a table of `cols` x `rows` fitted to `width` as `fit` says, the width it needs). The first column
     is the name column: wrapped, never cut while it fits. `wide`: every column, as wide as it takes."""
-    kept, dropped, label = (cols, [], cols[0].width(rows)) if wide else fit(cols, rows, width)
+    kept, dropped, label = (cols, [], cols[0].width(rows)) if wide else fit(cols, rows, width, keep_name)
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", min_width=min(len(title), width))
     for c in kept:
-        table.add_column(c.title, justify=c.justify, no_wrap=c is not kept[0],
+        table.add_column(c.title, justify=c.justify, no_wrap=c is not kept[0] or keep_name,
                          max_width=label if c is kept[0] else None)
     for r in rows:
         cells = []
         for c in kept:
-            text = wrap_name(c.cell(r), label) if c is kept[0] else c.cell(r)
+            text = wrap_name(c.cell(r), label) if c is kept[0] and not keep_name else c.cell(r)
             cells.append(c.style(r, text) if c.style and text else _plain(text))
         table.add_row(*cells)
     if dropped:
@@ -194,6 +199,23 @@ def candidates_table(summary: dict, width: int) -> Table:
             Column("over", lambda r: r["over"], 84), Column("case", lambda r: r["case"], 60, "left")]
     title = f"select: {summary['metric']} of each candidate on the eval set (* chosen)"
     return layout(cols, rows, width, title, note="--json has them")[0]
+
+
+def list_table(runs, width: int) -> Table:
+    """`runs list`: every run id whole (to be copied), its status and when; the parent, stage and
+    variant as the width allows (the id holds the stage and variant already)."""
+    colours = {"completed": "green", "failed": "red", "incomplete": "yellow", "running": "cyan"}
+    rows = [{"id": r.id, "stage": r.stage, "variant": r.variant, "status": r.status, "parent": r.parent or "",
+             "created": time.strftime("%m-%d %H:%M:%S", time.localtime(r.created)) if r.created else "",
+             "duration": f"{r.finished - r.created:.1f} s" if r.finished else ""} for r in runs]
+    cols = [Column("id", lambda r: r["id"], 100, "left"),
+            Column("status", lambda r: r["status"], 98, "left",
+                   style=lambda r, t: f"[{colours.get(r['status'], 'white')}]{t}[/]"),
+            Column("created", lambda r: r["created"], 97, "left"), Column("duration", lambda r: r["duration"], 96),
+            Column("parent", lambda r: r["parent"], 70, "left"), Column("stage", lambda r: r["stage"], 20, "left"),
+            Column("variant", lambda r: r["variant"], 10, "left")]
+    cols = [c for c in cols if c.priority >= 98 or any(c.cell(r) for r in rows)]  # no parent at all: no column
+    return layout(cols, rows, width, "runs", keep_name=True, note="the id holds the stage and variant")[0]
 
 
 def _count(n) -> str:

@@ -110,3 +110,25 @@ def test_runs_compare_fits_the_terminal_it_prints_on(tmp_path, monkeypatch, caps
     assert main(["runs", "compare", "-p", str(tmp_path), "--examples", "0", "--wide"]) == 0
     wide = capsys.readouterr().out
     assert "1.90e+17" in wide and "rouge1" in wide and "hidden" not in wide
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_runs_list_keeps_ids_whole_and_fits(tmp_path, monkeypatch, capsys, columns):
+    from llmcycle.cli import main
+    from llmcycle.project.config import load_project
+
+    (tmp_path / "llmcycle.yaml").write_text("project: {name: t, task: summarization}\n")
+    store = load_project(tmp_path / "llmcycle.yaml").store()
+    ids = []
+    for variant in ("course.1shot.first.greedy", "full"):
+        with store.start("prompt" if "shot" in variant else "tune", variant, {}, project_dir=tmp_path) as run:
+            run.finish({})
+            ids.append(run.id)
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert main(["runs", "list", "-p", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= columns
+    assert all(i in text for i in ids) and "completed" in text  # ids whole, to be copied
+    flat = " ".join(text.split())
+    assert "parent" not in flat  # no run has one: no column, nothing hidden
+    assert "hidden at this width: " in flat and "stage, variant" in flat  # what did not fit is named
