@@ -285,6 +285,8 @@ def _show_best(choice: dict) -> None:
                else f"budgets {budget_text(check)}, chosen because of --allow-unmeasured")
     out.print(as_text(f"best: {choice['stage']}/{choice['variant']} ({choice['run']}) {choice['metric']} "
                       f"{number(choice['value'], 3)}, {size}, {latency}; {budgets}"), soft_wrap=True)
+    if choice.get("gate"):  # scope.require_significant_gain: how it beat the prompt baseline
+        out.print(as_text(f"  {choice['gate']['why']}"), soft_wrap=True)
     for skipped in choice["excluded"]:
         out.print(as_text(f"  passed over {skipped['stage']}/{skipped['variant']}: {skipped['why']}", style="dim"),
                   soft_wrap=True)
@@ -475,31 +477,107 @@ def ask(question: str = typer.Argument(..., help="The question."),
 
 @app.command("eval")
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
-                                                  "Hub id (default: the project's model)."),
+                                                  "Hub id (default: the project's model); with --endpoint, the "
+                                                  "name of the model the endpoint serves."),
              data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file instead of the eval split."),
              limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples."),
+             endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Evaluate the model behind this "
+                                                    "OpenAI-compatible API: its base URL, e.g. "
+                                                    "http://127.0.0.1:8000/v1."),
+             api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="With --endpoint: the "
+                                                       "environment variable that holds its API key."),
+             chat: Optional[bool] = typer.Option(None, "--chat/--completions", help="With --endpoint: send the "
+                                                 "prompt's chat turns to /chat/completions (default), or its flat "
+                                                 "text to /completions."),
+             concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="With --endpoint: "
+                                                       "requests in flight at once (default 4)."),
+             timeout: Optional[float] = typer.Option(None, "--timeout", min=0, help="With --endpoint: seconds a "
+                                                     "request may take (default 60)."),
+             retries: Optional[int] = typer.Option(None, "--retries", min=0, help="With --endpoint: retries after a "
+                                                   "429, a 5xx, a timeout or a connection error, with exponential "
+                                                   "backoff or the server's Retry-After (default 3)."),
+             price_in: Optional[float] = typer.Option(None, "--price-per-1k-input", min=0, help="With --endpoint: "
+                                                      "USD per 1000 prompt tokens (the summary then has the cost)."),
+             price_out: Optional[float] = typer.Option(None, "--price-per-1k-output", min=0, help="With "
+                                                       "--endpoint: USD per 1000 completion tokens."),
+             served_run: Optional[str] = typer.Option(None, "--served-run", help="With --endpoint: the run whose "
+                                                      "model it serves (default: the run --model names, as "
+                                                      "`llmcycle serve --run RUN` names it)."),
+             resume: bool = typer.Option(False, "--resume", help="With --endpoint: continue the last unfinished "
+                                         "evaluation of this endpoint, asking only for what it has not answered."),
              project: Path = ProjectOpt, overrides: Optional[List[str]] = SetOpt, as_json: bool = JsonOpt):
-    """Evaluate any model with the project's prompt and record a run with per-example outputs."""
-    from llmcycle.evaluation import harness
+    """Evaluate any model (or any OpenAI-compatible endpoint) with the project's prompt and record a run with
+    per-example outputs."""
     from llmcycle.evaluation.compare import compare
-    from llmcycle.evaluation.evaluate import evaluate_model
 
     proj = _project(project, overrides)
+    if endpoint is None:
+        given = {"--api-key-env": api_key_env, "--chat/--completions": chat, "--concurrency": concurrency,
+                 "--timeout": timeout, "--retries": retries, "--price-per-1k-input": price_in,
+                 "--price-per-1k-output": price_out, "--served-run": served_run, "--resume": resume or None}
+        extra = next((name for name, value in given.items() if value is not None), None)
+        if extra:
+            raise UserError(f"{extra} applies to an endpoint: add --endpoint URL (or leave {extra} out)")
+        run_id, summary = _eval_model(proj, model, data, limit, as_json)
+    else:
+        from llmcycle.evaluation.endpoint import endpoint as settings
+
+        ep = settings(endpoint, model, api=None if chat is None else ("chat" if chat else "completions"),
+                      api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, retries=retries,
+                      price_in=price_in, price_out=price_out)
+        run_id, summary = _eval_endpoint(proj, ep, data, limit, served_run, resume, as_json)
+    if as_json:
+        emit_json({"run_id": run_id, **summary})
+    else:
+        compare([proj.store().get(run_id)], out, n_examples=min(3, summary["n_examples"]))
+        if endpoint is not None:
+            _show_endpoint(summary)
+        out.print(f"[dim]recorded as run {run_id}[/]")
+
+
+def _eval_model(proj, model: Optional[str], data, limit, as_json: bool) -> tuple[str, dict]:
+    from llmcycle.evaluation import harness
+    from llmcycle.evaluation.evaluate import evaluate_model
+
     ref = model or (proj.config.model.name if proj.config.model else None)
     if ref is None:
         raise UserError(f"{proj.path}: no model to evaluate: pass --model or add a `model:` section")
     _, parent = harness.resolve(ref, proj)
     variant = Path(ref.removeprefix("run:")).name or "model"
-    store = proj.store()
     config = {"model": ref, "data": data, "limit": limit,
               "evaluate": proj.config.evaluate.model_dump() if proj.config.evaluate else None}
-    with store.start("eval", variant, config, parent=parent, project_dir=proj.dir) as run:
+    with proj.store().start("eval", variant, config, parent=parent, project_dir=proj.dir) as run:
         summary = evaluate_model(proj, run, model, data_file=data, limit=limit, progress=not as_json)
-    if as_json:
-        emit_json({"run_id": run.id, **summary})
-    else:
-        compare([store.get(run.id)], out, n_examples=min(3, summary["n_examples"]))
-        out.print(f"[dim]recorded as run {run.id}[/]")
+    return run.id, summary
+
+
+def _eval_endpoint(proj, ep, data, limit, served_run: Optional[str], resume: bool, as_json: bool) -> tuple[str, dict]:
+    """An endpoint's evaluation as a run `eval/endpoint-NAME`, under the run it serves when that is known."""
+    from llmcycle.evaluation.evaluate import endpoint_variant, evaluate_endpoint, resumable, served_run_of
+
+    store = proj.store()
+    served = served_run_of(store, served_run, ep.model)
+    variant = endpoint_variant(ep.model)
+    config = {"endpoint": ep.url, "model": ep.model, "api": ep.api, "data": data, "limit": limit,
+              "served_run": served, "evaluate": proj.config.evaluate.model_dump() if proj.config.evaluate else None}
+    resume_ref = resumable(store, variant, config) if resume else None
+    with store.start("eval", variant, config, parent=served, resume_ref=resume_ref, project_dir=proj.dir) as run:
+        summary = evaluate_endpoint(proj, run, ep, data_file=data, limit=limit, progress=not as_json,
+                                    served_run=served)
+    return run.id, summary
+
+
+def _show_endpoint(summary: dict) -> None:
+    """How the asking went: reused answers, retries, tokens, cost."""
+    from llmcycle.core.numbers import number
+
+    cost = summary.get("cost_usd")
+    priced = (f", cost ${number(cost)}" if cost is not None else ", cost unknown (answers without usage)"
+              if "cost_usd" in summary else "")
+    out.print(f"endpoint {summary['endpoint']} ({summary['endpoint_model']}): {summary['asked']} asked, "
+              f"{summary['reused_answers']} answers reused, {summary['retries']} retries; tokens "
+              f"{summary['usage_prompt_tokens']} in / {summary['usage_completion_tokens']} out{priced}",
+              soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -567,7 +645,8 @@ def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
         if isinstance(pref, dict) and "reward_accuracy" in pref:  # dpo / orpo: on how many pairs, what was left out
             skipped = ", ".join(f"{n} {k}" for k, n in pref.get("pairs_skipped", {}).items()) or "none"
             pool = "held-out" if pref["measured_on"] == "eval" else "training"
-            out.print(f"  {pref['method']} reward accuracy: {pref['reward_accuracy']:.3f} on {pref['measured_pairs']} "
+            out.print(f"  {pref['method']} reward accuracy: {pref['reward_accuracy']:.3f} on "
+                      f"{pref['measured_pairs']} "
                       f"{pool} pairs; trained on {pref['pairs']} pairs; skipped: {skipped}")
     _compare_evaluated(outcomes, proj)
 
@@ -597,7 +676,7 @@ def runs_list(project: Path = ProjectOpt, stage: Optional[str] = typer.Option(No
     elif not runs:
         out.print(f"no runs in {store.root}")
     else:
-        out.print(list_table(runs))
+        out.print(list_table(runs, out.width))
 
 
 @runs_app.command("show")
@@ -620,17 +699,38 @@ def runs_compare(runs: Optional[List[str]] = typer.Argument(None, help="Runs to 
                  project: Path = ProjectOpt, stage: Optional[str] = typer.Option(None, "--stage"),
                  examples: int = typer.Option(3, "--examples", min=0, help="Examples shown side by side."),
                  as_json: bool = JsonOpt, wide: bool = WideOpt):
-    """Compare runs side by side: metrics (with confidence intervals, best marked) and outputs."""
+    """Compare runs side by side: metrics (with confidence intervals, best marked) and outputs; two runs
+    named (A B) also example by example: B - A with paired intervals and p-values, the most changed."""
     from llmcycle.evaluation.compare import compare, compare_rows, side_by_side
+    from llmcycle.evaluation.paired import print_paired
 
     store = _store(project)
     records = [store.get(r) for r in runs] if runs else store.list(stage=stage, status="completed")
+    # computed first: runs with no example in common are a one-line error before any table
+    paired, note = _paired(records, examples) if runs and len(runs) == 2 else (None, None)
     if as_json:
-        emit_json({"runs": compare_rows(records), "examples": side_by_side(records, examples)})
+        data = {"runs": compare_rows(records), "examples": side_by_side(records, examples)}
+        emit_json({**data, "paired": paired, "paired_note": note} if runs and len(runs) == 2 else data)
     elif not records:
         out.print(f"no completed runs in {store.root}")
     else:
         compare(records, out, examples, wide=wide)
+        if paired is not None:
+            print_paired(paired, out)
+        elif note:
+            out.print(note, style="dim", markup=False)
+
+
+def _paired(records, k: int) -> tuple[dict | None, str | None]:
+    """`runs compare A B`'s paired comparison, or (None, why) when a run has no per-example outputs (a
+    pretrain run evaluated nothing: its table still compares)."""
+    from llmcycle.evaluation.paired import has_predictions, paired_runs
+
+    lacking = next((r for r in records if not has_predictions(r)), None)
+    if lacking is not None:
+        return None, (f"no paired comparison: run {lacking.id} ({lacking.stage}/{lacking.variant}) has no "
+                      "predictions.jsonl (it evaluated nothing example by example)")
+    return paired_runs(*records, k=k), None
 
 
 @app.command()

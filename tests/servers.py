@@ -9,7 +9,10 @@ import uvicorn
 @contextlib.contextmanager
 def running(app):
     """The app on 127.0.0.1 on an ephemeral port, in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    # log_config=None: uvicorn's own logging setup (logging.config.dictConfig) would close every handler
+    # already installed, and absl's (rouge_score's) closes the stream it holds when that is no longer
+    # sys.stderr: after an earlier test, pytest's capture file, which then fails the whole session
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

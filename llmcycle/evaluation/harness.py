@@ -141,48 +141,71 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
     `skipped`: where each example left out as too long came from (counted in the summary: eval_skipped);
     `min_examples`: fewer examples than this flag the summary (`too_few_examples`) and say so."""
 
-    if not prompts:
-        raise UserError("the evaluation set is empty: nothing to evaluate")
-    references = [e.targets for e in examples]
-    if any(not refs for refs in references):
-        where = next(e.where for e in examples if not e.targets)
-        raise UserError(f"{where}: evaluation example has no reference (target) to score against")
+    check_references(prompts, examples)
     start = time.perf_counter()
     with bar(len(prompts), label, enabled=progress) as advance:
         results = loaded.generator.generate(prompts, gen_cfg, progress=advance)
-    gen_s = time.perf_counter() - start
-    predictions = [r.text for r in results]
-    summary, per_example = metrics.compute_all(task, predictions, references, loaded.tokenizer,
-                                               sources=[source_text(e) for e in examples], lexicon=lexicon)
+    summary, rows = score(task, examples, prompts, results, time.perf_counter() - start, tokenizer=loaded.tokenizer,
+                          lexicon=lexicon, skipped=skipped, min_examples=min_examples, label=label)
     if perplexity:
         summary["perplexity"] = metrics.reference_perplexity(
-            loaded.model, loaded.tokenizer, prompts, [refs[0] for refs in references],
+            loaded.model, loaded.tokenizer, prompts, [e.targets[0] for e in examples],
             batch_size=gen_cfg.batch_size)
-    completion = sum(r.completion_tokens for r in results)
+    return summary, rows
+
+
+def check_references(prompts, examples) -> None:
+    """Something to score, and a reference for every example (before any generation is paid for)."""
+    if not prompts:
+        raise UserError("the evaluation set is empty: nothing to evaluate")
+    if any(not e.targets for e in examples):
+        where = next(e.where for e in examples if not e.targets)
+        raise UserError(f"{where}: evaluation example has no reference (target) to score against")
+
+
+def score(task: str, examples, prompts, results, gen_s: float, *, tokenizer=None, lexicon=None, skipped=(),
+          min_examples: int | None = None, label: str = "eval") -> tuple[dict, list[dict]]:
+    """Score outputs already generated (GenerationResult-like: text, finish_reason, prompt_tokens,
+    completion_tokens; token counts may be None when an endpoint did not report them) against the
+    examples' references: (summary, rows). A local model's outputs and an endpoint's answers are scored
+    by this one function, so their summaries and predictions rows have the same shape."""
+    summary, per_example = metrics.compute_all(task, [r.text for r in results], [e.targets for e in examples],
+                                               tokenizer, sources=[source_text(e) for e in examples], lexicon=lexicon)
+    completion = [r.completion_tokens for r in results if r.completion_tokens is not None]
+    prompt_tokens = [r.prompt_tokens for r in results if r.prompt_tokens is not None]
     summary.update({
         "n_examples": len(prompts), "eval_skipped": len(skipped), "eval_skipped_examples": list(skipped)[:10],
         "too_few_examples": bool(min_examples and len(prompts) < min_examples), "generation_s": round(gen_s, 3),
         "examples_per_s": len(prompts) / gen_s if gen_s else None,
-        "completion_tokens_per_s": completion / gen_s if gen_s else None,
-        "prompt_tokens_mean": sum(r.prompt_tokens for r in results) / len(results),
+        "completion_tokens_per_s": sum(completion) / gen_s if gen_s and completion else None,
+        "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens) if prompt_tokens else None,
         "stopped_share": sum(r.finish_reason == "stop" for r in results) / len(results),
     })
     if summary["too_few_examples"]:
         notice(f"{label}: {summary['headline']} measured on only {len(prompts)} examples (fewer than "
                f"evaluate.min_examples {min_examples}): its interval is wide and a difference may be noise")
-    headline_scores = per_example.get(summary["headline"])
+    scores = example_scores(per_example, len(prompts))
     invented = per_example.get("invented_entities")
     rows = []
     for i, (ex, prompt, res) in enumerate(zip(examples, prompts, results)):
         row = {"index": i, "where": ex.where, "input": ex.input, "prompt": prompt,
                "references": ex.targets, "prediction": res.text, "finish_reason": res.finish_reason,
                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens}
-        if headline_scores is not None and i < len(headline_scores):
-            row[summary["headline"]] = headline_scores[i]
+        row.update({name: values[i] for name, values in scores.items()})
         if invented is not None:  # the output's entities its input does not contain
             row["invented_entities"] = invented[i]
         rows.append(row)
     return summary, rows
+
+
+def example_scores(per_example: dict, n: int) -> dict[str, list]:
+    """The per-example scores worth a place in every predictions row: each metric compute_all scored
+    per example (numbers, or None where it does not apply), so two runs can be compared example by
+    example (evaluation/paired.py). The labels behind macro-F1 are left out: they follow from the
+    prediction and the references, and the rows stay small."""
+    return {name: values for name, values in per_example.items()
+            if name in metrics.METRIC_NAMES and len(values) == n
+            and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)}
 
 
 def percentile(values: list[float], q: float) -> float:

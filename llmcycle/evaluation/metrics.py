@@ -252,20 +252,23 @@ def macro_f1_ci(gold: list[str], pred: list[str], n_resamples: int = 1000, seed:
     g = np.array([code[x] for x in gold])
     p = np.array([code.get(x, -1) for x in pred])  # -1: a label outside the gold classes
     k = len(classes)
+    return _percentile_interval(lambda idx: macro_f1_rows(g[idx], p[idx], k), len(gold), n_resamples, seed, alpha)
 
-    def stat(idx):
-        gi, pi = g[idx], p[idx]  # (resamples, n)
-        rows = np.arange(idx.shape[0])[:, None]
-        gold_n, pred_n, tp = (np.zeros((idx.shape[0], k + 1)) for _ in range(3))
-        np.add.at(gold_n, (rows, gi), 1)
-        np.add.at(pred_n, (rows, pi), 1)  # column -1 (= k) collects out-of-set predictions
-        np.add.at(tp, (rows, np.where(gi == pi, gi, k)), 1)
-        gold_n, pred_n, tp = gold_n[:, :k], pred_n[:, :k], tp[:, :k]
-        present = gold_n > 0  # classes are the gold labels of this resample
-        f1 = np.divide(2 * tp, gold_n + pred_n, out=np.zeros_like(tp), where=tp > 0)
-        return (f1 * present).sum(axis=1) / present.sum(axis=1)
 
-    return _percentile_interval(stat, len(gold), n_resamples, seed, alpha)
+def macro_f1_rows(gold, pred, k: int):
+    """Macro-F1 of each row of two (rows, n) arrays of class codes 0..k-1 (a prediction outside the gold
+    classes: -1 or k), computed for every resample at once; the classes are each row's gold labels."""
+    import numpy as np
+
+    rows = np.arange(gold.shape[0])[:, None]
+    gold_n, pred_n, tp = (np.zeros((gold.shape[0], k + 1)) for _ in range(3))
+    np.add.at(gold_n, (rows, gold), 1)
+    np.add.at(pred_n, (rows, pred), 1)  # column -1 (= k) collects out-of-set predictions
+    np.add.at(tp, (rows, np.where(gold == pred, gold, k)), 1)
+    gold_n, pred_n, tp = gold_n[:, :k], pred_n[:, :k], tp[:, :k]
+    present = gold_n > 0  # classes are the gold labels of this resample
+    f1 = np.divide(2 * tp, gold_n + pred_n, out=np.zeros_like(tp), where=tp > 0)
+    return (f1 * present).sum(axis=1) / present.sum(axis=1)
 
 
 def _percentile_interval(stat, n: int, n_resamples: int, seed: int, alpha: float) -> tuple[float, float]:

@@ -7,6 +7,12 @@ outcomes: fits, breaks (with the reasons) and unknown (a budget is set but the r
 figure: tune and align runs are not timed, optimize runs are). An unknown run is never taken for one
 that fits: `best` passes over it unless asked to (`allow_unmeasured`, the CLI's --allow-unmeasured).
 A budget that is not set makes its figure irrelevant.
+
+With scope.require_significant_gain, a run must also beat the best prompt-only run significantly (a
+paired 95% difference on the same eval examples, evaluation/paired.py `gain_gate`) to succeed and to be
+chosen. A run whose gain cannot be measured (no prompt run, no predictions, no example in common) is
+passed over like an unmeasured budget, with the reason, but --allow-unmeasured does not let it through:
+that flag is about latency and size, and a gain nobody measured is no gain.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pathlib import Path
 
 from llmcycle.core.errors import UserError
 from llmcycle.evaluation.metrics import HEADLINE, higher_is_better
+from llmcycle.evaluation.paired import gain_gate
 from llmcycle.models.hub import ADAPTER_CONFIG, adapter_base
 
 LATENCY_KEY = "latency_p95_ms"
@@ -110,6 +117,27 @@ def meets_threshold(scope, metric: str, value) -> bool | None:
     return value >= threshold if higher_is_better(metric) is not False else value <= threshold
 
 
+def meets_success(scope, metric: str, value, gate: dict | None) -> bool | None:
+    """The success check: meets_threshold and, with scope.require_significant_gain, `gate` (gain_gate's
+    verdict): a failed gate fails; an unknown one leaves success unknown (None) unless the threshold
+    already fails; with no threshold set, a passed gate is success. A prompt run's gate is "n/a"."""
+    met = meets_threshold(scope, metric, value)
+    if not (scope and scope.require_significant_gain) or gate is None or gate["state"] == "n/a":
+        return met
+    if met is False or gate["state"] == "fails":
+        return False
+    return None if gate["state"] == "unknown" else True
+
+
+def significant_gain(project, run_id: str, metric: str) -> dict | None:
+    """gain_gate for a run when scope.require_significant_gain asks for it, else None."""
+    scope = project.config.scope
+    if not (scope and scope.require_significant_gain):
+        return None
+    store = project.store()
+    return gain_gate(store, store.get(run_id), metric)
+
+
 def candidates(project) -> list[dict]:
     """Every completed run with a model folder and the metric: its id, value, size and latency."""
     metric = success_metric(project)
@@ -128,8 +156,10 @@ def candidates(project) -> list[dict]:
 
 
 def best_run(project, *, allow_unmeasured: bool = False) -> dict:
-    """The chosen candidate, with `budget` (its budget_check) and `excluded`: the better runs passed
-    over and why. A run whose check is unknown is passed over unless `allow_unmeasured`."""
+    """The chosen candidate, with `budget` (its budget_check), `gate` (significant_gain: None unless
+    scope.require_significant_gain) and `excluded`: the better runs passed over and why. A run whose
+    budget check is unknown is passed over unless `allow_unmeasured`; one without a significant gain
+    over the prompt baseline always is."""
     rows = candidates(project)
     if not rows:
         raise UserError(f"no completed run with a model and an evaluation in {project.store().root}: "
@@ -139,9 +169,13 @@ def best_run(project, *, allow_unmeasured: bool = False) -> dict:
     for row in sorted(rows, key=lambda r: -sign * r["value"]):
         check = budget_check(project.config.scope, row["size_mb"], row["latency_p95_ms"])
         row.update(budget=check, latency_measured=row["latency_p95_ms"] is not None)
-        if check["state"] == "fits" or (check["state"] == "unknown" and allow_unmeasured):
-            return {**row, "excluded": excluded}
-        excluded.append({**row, "why": budget_text(check) + _unmeasured_hint(check)})
+        if not (check["state"] == "fits" or (check["state"] == "unknown" and allow_unmeasured)):
+            excluded.append({**row, "why": budget_text(check) + _unmeasured_hint(check)})
+            continue
+        gate = significant_gain(project, row["run"], row["metric"])  # only now: it reads both predictions
+        if gate is None or gate["state"] == "passes":
+            return {**row, "gate": gate, "excluded": excluded}
+        excluded.append({**row, "gate": gate, "why": gate["why"]})
     raise UserError(_nothing_fits(excluded))
 
 
@@ -156,8 +190,12 @@ def _unmeasured_hint(check: dict) -> str:
 def _nothing_fits(excluded: list[dict]) -> str:
     """The one-line error when no run qualifies; it says when unmeasured runs are all that is left."""
     def listed(rows):
-        return "; ".join(f"{r['stage']}/{r['variant']} ({r['run']}): {budget_text(r['budget'])}" for r in rows[:5])
+        return "; ".join(f"{r['stage']}/{r['variant']} ({r['run']}): "
+                         f"{r['why'] if r.get('gate') else budget_text(r['budget'])}" for r in rows[:5])
 
+    if any(r.get("gate") for r in excluded):
+        return ("no run fits the scope's budgets and beats the best prompt-only run significantly "
+                "(scope.require_significant_gain): " + listed(excluded))
     unknown = [r for r in excluded if r["budget"]["state"] == "unknown"]
     if not unknown:
         return "no run fits the scope's budgets: " + listed(excluded)

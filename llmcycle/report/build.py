@@ -8,6 +8,9 @@ It reads the run store only (nothing is trained or evaluated) and shows:
 - the lineage of runs: the run whose model each run started from (run.json's `parent`, else the
   summary's, else a `run:STAGE/VARIANT` reference in its config), base → prompt variants → tuned →
   aligned → optimized → deployed;
+- each tune / align / optimize / select run's paired difference (evaluation/paired.py) of the headline
+  against its parent run and against the best prompt-only run, with its interval and p-value; with
+  scope.require_significant_gain, a run that does not beat that baseline significantly fails success;
 - every variant (its latest completed run): the headline metric with its 95% bootstrap interval,
   latency p50/p95, peak memory, size on disk, trainable share, and whether it reaches the scope's
   success threshold and fits its budgets (the checks of `serve --run best`, llmcycle/evaluation/success.py:
@@ -36,11 +39,13 @@ from llmcycle.core.store import atomic_write_bytes, atomic_write_text
 from llmcycle.evaluation import metrics
 from llmcycle.evaluation.compare import side_by_side
 from llmcycle.evaluation.harness import PREDICTIONS
+from llmcycle.evaluation.paired import best_prompt_run, iteration_deltas
 from llmcycle.evaluation.success import (
     best_run,
     budget_check,
-    meets_threshold,
+    meets_success,
     served_size_mb,
+    significant_gain,
     success_metric,
 )
 from llmcycle.report import plots as rp
@@ -186,6 +191,9 @@ def variant_row(item: Item, by_id: dict, project, metric: str) -> dict:
     size, size_from_parent = _size(item, by_id)
     scope = project.config.scope
     number = lambda key: s.get(key) if isinstance(s.get(key), (int, float)) else None  # noqa: E731
+    # scope.require_significant_gain's verdict (None when not asked for, or the run has no success metric)
+    gate = significant_gain(project, item.id, metric) if number(metric) is not None and item.rec is not None \
+        else None
     row = {"id": item.id, "stage": item.stage, "variant": item.variant, "label": item.label,
            "status": item.status, "headline": headline, "quality": quality, "ci": ci, "ci_from": ci_from,
            "latency_p50_ms": number("latency_p50_ms"), "latency_p95_ms": number("latency_p95_ms"),
@@ -193,7 +201,7 @@ def variant_row(item: Item, by_id: dict, project, metric: str) -> dict:
            "trainable_pct": number("trainable_pct"), "missing": item.missing,
            "hallucinated": number("hallucinated_entity_rate"),
            "hallucinated_ci": [s.get("hallucinated_entity_rate_ci_low"), s.get("hallucinated_entity_rate_ci_high")],
-           "success": meets_threshold(scope, metric, s.get(metric)), "metric_value": number(metric),
+           "success": meets_success(scope, metric, s.get(metric), gate), "gate": gate, "metric_value": number(metric),
            "parent": item.parent, "source": s.get("source"), "source_size_mb": number("source_size_mb"),
            "source_latency_p95_ms": number("source_latency_p95_ms"),
            "weights_mb": number("size_mb"),  # an optimize run's weight files, as source_size_mb counts them
@@ -276,7 +284,7 @@ def build(project, *, allow_unmeasured: bool = False) -> dict:
     scope = project.config.scope
     view = {"project": project, "store": store.root, "items": items, "metric": metric, "scope": scope,
             "generated": time.strftime("%Y-%m-%d %H:%M"), "rows": [], "earlier": [], "plots": [],
-            "examples": [], "deployed": None, "deploy_note": ""}
+            "examples": [], "deployed": None, "deploy_note": "", "baseline": None}
     if not [i for i in items if i.stage != "scope"]:
         return view
     try:
@@ -295,6 +303,8 @@ def build(project, *, allow_unmeasured: bool = False) -> dict:
     for item, row in zip(chosen, view["rows"]):
         row["label"] = item.short if item.label in twice else item.label
     view["lineage"] = lineage(items, deployed_id)
+    view["served"] = served_check(items, deployed_id)
+    _add_deltas(view, store, chosen)
 
     # Quality plots show the project's success metric only: a variant scored on another one (a reward
     # model's accuracy) would share an axis with it and read as comparable.
@@ -313,6 +323,36 @@ def build(project, *, allow_unmeasured: bool = False) -> dict:
     view["examples"] = _examples(project, chosen)
     view["selection"] = _selection(chosen)
     return view
+
+
+def _add_deltas(view: dict, store, chosen: list[Item]) -> None:
+    """Each iteration row's paired Δ vs its parent and vs the prompt baseline (evaluation/paired.py), and
+    the baseline itself: the best prompt-only run by the success metric, or None (the report says so)."""
+    deltas = iteration_deltas(store, [i.rec for i in chosen if i.rec is not None])
+    for row in view["rows"]:
+        row["deltas"] = deltas.get(row["id"])
+    base = best_prompt_run(store, view["metric"])
+    view["baseline"] = {"run": base.id, "variant": base.variant, "value": base.summary()[view["metric"]]} \
+        if base is not None else None
+
+
+def served_check(items: list[Item], deployed_id: str | None) -> dict | None:
+    """Served ≡ evaluated: the latest completed `eval --endpoint` run of the deployed run (its summary's
+    served_run) against the deployed run's own outputs, example by example (by `where`); None when there
+    is no such run. Equal greedy outputs show the server generates what was evaluated."""
+    by_id = {i.id: i for i in items}
+    deployed = by_id.get(deployed_id)
+    served = [i for i in items if i.stage == "eval" and i.status == "completed" and i.predictions
+              and i.summary.get("endpoint") and i.summary.get("served_run") == deployed_id]
+    if deployed is None or not deployed.predictions or not served:
+        return None
+    outputs = {r.get("where"): r.get("prediction") for r in served[-1].predictions}
+    evaluated = {r.get("where"): r.get("prediction") for r in deployed.predictions}
+    common = [w for w in evaluated if w in outputs]
+    differ = sum(outputs[w] != evaluated[w] for w in common)
+    unmatched = len(set(outputs) ^ set(evaluated))
+    return {"run": served[-1].id, "compared": len(common), "differ": differ, "unmatched": unmatched,
+            "match": bool(common) and differ == 0 and unmatched == 0}
 
 
 def _selection(chosen: list[Item]) -> dict | None:

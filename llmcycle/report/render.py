@@ -15,6 +15,7 @@ from llmcycle.core.textsafe import visible
 from llmcycle.evaluation.compare import before_after
 from llmcycle.evaluation.faithfulness import spans
 from llmcycle.evaluation.metrics import higher_is_better
+from llmcycle.evaluation.paired import delta_text, p_text
 from llmcycle.evaluation.success import budget_text
 
 CSS = """
@@ -67,11 +68,13 @@ def _hallucinated_cell(row) -> tuple[str, str]:
 
 
 def _success_cell(row, metric: str) -> tuple[str, str]:
+    gate = row.get("gate")  # scope.require_significant_gain: why it failed, or why it cannot be checked
+    why = f" — {gate['why']}" if gate and gate["state"] in ("fails", "unknown") else ""
     if row["success"] is None:
-        return "n/a", "dim"
+        return ("? unknown" + why, "unknown") if why else ("n/a", "dim")
     # the value is in the quality column already when the success metric is the headline
     value = f" ({metric} {_num(row['metric_value'], 3)})" if metric != row["headline"] else ""
-    return ("✓ met" + value, "ok") if row["success"] else ("✗ not met" + value, "bad")
+    return ("✓ met" + value, "ok") if row["success"] else ("✗ not met" + value + why, "bad")
 
 
 def _budget_cell(row, scope) -> tuple[str, str]:
@@ -104,10 +107,11 @@ def _row_cells(row, view) -> list:
 
 def _criterion(view) -> str:
     scope, metric = view["scope"], view["metric"]
+    gain = ", beating the best prompt-only run significantly" if scope and scope.require_significant_gain else ""
     if not scope or scope.success_threshold is None:
-        return f"success metric: {metric} (no threshold set)"
+        return f"success metric: {metric}{gain} (no threshold set)"
     sign = "≤" if higher_is_better(metric) is False else "≥"
-    return f"success: {metric} {sign} {scope.success_threshold:g}"
+    return f"success: {metric} {sign} {scope.success_threshold:g}{gain}"
 
 
 def blocks(view) -> list[tuple]:
@@ -124,6 +128,7 @@ def blocks(view) -> list[tuple]:
     out += [("h2", "Lineage"), ("p", "Each run under the run whose model it started from (run.json's parent)."),
             ("tree", view["lineage"])]
     out += _variant_blocks(view)
+    out += _delta_blocks(view)
     out += _optimize_blocks(view)
     out.append(("h2", "Plots"))
     for plot in view["plots"]:
@@ -164,10 +169,22 @@ def _deployment_blocks(view) -> list[tuple]:
                f"budgets {budget_text(check)} (chosen with --allow-unmeasured)")
     out = [("p", f"Deployed by `llmcycle serve --run best`: {best['stage']}/{best['variant']} "
                  f"(`{best['run']}`), {best['metric']} {_num(best['value'], 3)}, {size}, {latency}, {budgets}.")]
+    if best.get("gate"):  # scope.require_significant_gain: how it beat the prompt baseline
+        out.append(("p", f"It is {best['gate']['why']}."))
+    out += _served_blocks(view.get("served"))
     for skipped in best["excluded"]:
         out.append(("p", f"Passed over {skipped['stage']}/{skipped['variant']} (`{skipped['run']}`): "
                          f"{skipped['why']}."))
     return out
+
+
+def _served_blocks(served: dict | None) -> list[tuple]:
+    """Whether the deployed run, served (`llmcycle eval --endpoint`), generates what it was evaluated on."""
+    if not served:
+        return []
+    unmatched = (f"; {served['unmatched']} examples are in only one of the two runs" if served["unmatched"] else "")
+    return [("p", f"Served outputs match the evaluated run: {'yes' if served['match'] else 'no'}, {served['differ']} "
+                  f"of {served['compared']} differ (`llmcycle eval --endpoint` run `{served['run']}`{unmatched}).")]
 
 
 def _variant_blocks(view) -> list[tuple]:
@@ -189,6 +206,38 @@ def _variant_blocks(view) -> list[tuple]:
         out.append(("details", f"Earlier runs of the same variants ({len(view['earlier'])})",
                     ("table", headers, [_row_cells(r, view) for r in view["earlier"]])))
     return out
+
+
+def _delta_cell(delta: dict | None, note: str | None, by_id: dict) -> tuple[str, str]:
+    if delta is None:
+        return note or "n/a", "dim"
+    against = by_id.get(delta["against"])
+    name = against["label"] if against else f"`{delta['against']}`"
+    return f"{delta_text(delta)}, {p_text(delta['p'])}, n={delta['n_common']} (vs {name})", "nw"
+
+
+def _delta_blocks(view) -> list[tuple]:
+    """Each iteration's paired Δ of its headline: vs the run it started from and vs the prompt baseline."""
+    rows = [r for r in view["rows"] if r.get("deltas")]
+    if not rows:
+        return []
+    base = view["baseline"]
+    baseline = (f"The prompt baseline is the best prompt-only run by {view['metric']}: prompt/{base['variant']} "
+                f"(`{base['run']}`), {_num(base['value'], 3)}." if base else
+                "There is no prompt-only baseline run: no Δ vs prompt baseline can be measured (run `llmcycle "
+                "prompt` to have one).")
+    by_id = {r["id"]: r for r in view["rows"] + view["earlier"]}
+    table = [[(r["label"], ""), (r["id"][-4:], "dim"), (r["headline"] or "n/a", ""),
+              _delta_cell(r["deltas"]["vs_parent"], r["deltas"]["notes"].get("vs_parent"), by_id),
+              _delta_cell(r["deltas"]["vs_baseline"], r["deltas"]["notes"].get("vs_baseline"), by_id)]
+             for r in rows]
+    return [("h2", "Δ vs parent / Δ vs prompt baseline"),
+            ("p", "Each tune / align / optimize / select run against the run it started from and against the "
+                  "prompt baseline, on the eval examples both scored (matched by example): the difference of "
+                  "the headline, * when significant at 95% (the paired bootstrap interval excludes 0 and "
+                  "p < 0.05; p: exact McNemar for 0/1 scores, else a paired permutation test; 10,000 seeded "
+                  "resamples). " + baseline),
+            ("table", ["variant", "run", "metric", "Δ vs parent [95% CI]", "Δ vs prompt baseline [95% CI]"], table)]
 
 
 def _optimize_blocks(view) -> list[tuple]:

@@ -40,6 +40,9 @@ class ScopeConfig(Section):
     success_threshold: float | None = Field(None, description="Value of success_metric that counts as success.")
     latency_budget_ms: float | None = Field(None, gt=0, description="p95 latency a deployment may take.")
     size_budget_mb: float | None = Field(None, gt=0, description="Largest model size on disk allowed.")
+    require_significant_gain: bool = Field(
+        False, description="Success (and `serve --run best`) also needs a run to beat the best prompt-only run "
+        "significantly: a paired 95% difference on the same eval examples.")
     throughput_tflops: float = Field(
         1.0, gt=0, description="Sustained training throughput to plan with, in TFLOP/s "
         "(a CPU core gives ~0.05, an A100 ~100-150 in bf16 at good utilisation).")

@@ -175,3 +175,55 @@ def test_serve_best_cli_passes_over_untimed_runs_and_says_why(tmp_path, capsys, 
     assert best["run"] == timed and best["budget"]["state"] == "fits"
     assert best["excluded"][0]["budget"] == {"state": "unknown", "reasons": [], "missing": ["p95 latency"]}
     assert served == [untimed, timed]
+
+
+def predictions(project, run_id, scores):
+    """predictions.jsonl for a recorded run: one row per example with its rougeL."""
+    import json
+
+    from llmcycle.evaluation.harness import PREDICTIONS
+
+    rows = [{"index": i, "where": f"eval.jsonl:{i + 1}", "input": f"d {i}", "references": [f"r {i}"],
+             "prediction": f"o {i}", "rougeL": s} for i, s in enumerate(scores)]
+    path = project.store().get(run_id).artifacts / PREDICTIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def gated(tmp_path, extra: str = ""):
+    project = make(tmp_path, "scope: {success_metric: rougeL, require_significant_gain: true" + extra + "}\n")
+    with project.store().start("prompt", "zero", {}, project_dir=project.dir) as run:  # the prompt baseline
+        run.finish({"rougeL": 0.3, "headline": "rougeL"})
+    predictions(project, run.id, [0.3] * 20)
+    return project
+
+
+def test_require_significant_gain_passes_over_a_run_within_noise_of_the_prompt_baseline(tmp_path):
+    from llmcycle.report.build import build
+    from llmcycle.report.render import render_md
+
+    project = gated(tmp_path)
+    noise = record(project, "tune", "noise", {"rougeL": 0.31, "headline": "rougeL"})  # +0.01 on 2 of 20 examples
+    predictions(project, noise, [0.3] * 18 + [0.4, 0.4])
+    real = record(project, "tune", "real", {"rougeL": 0.305, "headline": "rougeL"})
+    predictions(project, real, [0.305] * 20)  # +0.005 on every example: small but certain
+    choice = best_run(project)
+    assert choice["run"] == real and choice["gate"]["state"] == "passes"
+    assert "significantly better than the best prompt-only run prompt/zero" in choice["gate"]["why"]
+    (skipped,) = choice["excluded"]
+    assert skipped["run"] == noise and "not significantly better than the best prompt-only run" in skipped["why"]
+    assert "(scope.require_significant_gain)" in skipped["why"]
+    view = build(project)
+    success = {r["variant"]: r["success"] for r in view["rows"]}
+    assert success["noise"] is False and success["real"] is True
+    text = render_md(view, "files")
+    assert "not significantly better than the best prompt-only run" in text
+    assert "beating the best prompt-only run significantly" in text
+
+
+def test_require_significant_gain_without_a_prompt_run_is_unknown_never_a_pass(tmp_path):
+    project = make(tmp_path, "scope: {success_metric: rougeL, require_significant_gain: true}\n")
+    tuned = record(project, "tune", "full", {"rougeL": 0.9, "headline": "rougeL"})
+    predictions(project, tuned, [0.9] * 5)
+    with pytest.raises(UserError, match="beats the best prompt-only run significantly .*no prompt-only baseline run"):
+        best_run(project, allow_unmeasured=True)  # --allow-unmeasured is about budgets, not a gain

@@ -44,14 +44,16 @@ EXAMPLES = [("Anna books a table for two.", "Anna reserves a table."),
 
 
 # ------------------------------------------------------------------------------------------ the store
-def _run(store, stage, variant, summary=None, metrics=(), outputs=None, fail=None):
-    """One recorded run: its metric lines, predictions (one output per example) and summary."""
+def _run(store, stage, variant, summary=None, metrics=(), outputs=None, fail=None, scores=None):
+    """One recorded run: its metric lines, predictions (one output per example, with its rougeL when
+    `scores` are given) and summary."""
     run = store.create(stage, variant, {"lr": 1e-3})
     for row in metrics:
         run.log(row)
     if outputs is not None:
         rows = [{"index": i, "where": f"eval.jsonl:{i + 1}", "input": text, "prompt": text, "references": [ref],
-                 "prediction": out} for i, ((text, ref), out) in enumerate(zip(EXAMPLES, outputs))]
+                 "prediction": out, **({"rougeL": scores[i]} if scores else {})}
+                for i, ((text, ref), out) in enumerate(zip(EXAMPLES, outputs))]
         atomic_write_text(run.artifacts / PREDICTIONS, "".join(json.dumps(r) + "\n" for r in rows))
     if fail:
         run.fail(fail)
@@ -81,11 +83,11 @@ def project(tmp_path_factory):
                      ["Anna reserves a table.", "Ben buys a red case.", "Cleo goes to Lisbon."]),
         "full": _run(store, "tune", "full", {**_scores(0.55), "trainable_pct": 100.0},
                      [{"step": 10, "loss": 2.5}, {"step": 20, "loss": float("nan")}, {"step": 30, "loss": 1.2}],
-                     ["Anna books a table.", "Ben buys a case.", ""]),
+                     ["Anna books a table.", "Ben buys a case.", ""], scores=[0.6, 0.55, 0.5]),
         "ppo": _run(store, "align", "ppo", {"toxicity_mean": 0.1, "toxicity_change_pct": -40.0},
                     [{"step": s, "reward_mean": 0.1 * s, "kl": 0.01 * s, "score_mean": 0.2} for s in range(1, 9)]),
         "prompt": _run(store, "prompt", "flan.0shot.greedy", _scores(0.05),
-                       outputs=["table", "phone", "train"]),
+                       outputs=["table", "phone", "train"], scores=[0.05, 0.05, 0.05]),
         "failed": _run(store, "pretrain", "tiny", fail="RuntimeError: out of memory"),
         "nosummary": _run(store, "tune", "qlora", _scores(0.3)),
         "gone": _run(store, "tune", "prompt_tuning", _scores(0.2)),
@@ -331,6 +333,8 @@ def test_browser_runs_table_filters_and_sorts(page, ui_url, project):
     assert _rows(page)[:3] == [ids["full"], ids["lora"], ids["prompt"]]
     # what the figure stands on: 3 examples, 1 skipped as too long, fewer than evaluate.min_examples
     assert "n=3 (1 skipped) ⚠ few" in page.locator(f'tr[data-id="{ids["full"]}"]').inner_text()
+    # its paired Δ against the prompt baseline on the 3 examples both scored: +0.5, not significant on 3
+    assert "Δ baseline +0.500" in page.locator(f'tr[data-id="{ids["full"]}"]').inner_text()
     _shot(page, "ui_runs.png")
 
 

@@ -106,6 +106,14 @@ function examplesNote(row) {
     + (row.too_few_examples ? " ⚠ few" : "");
 }
 
+// An iteration's paired Δ of its headline vs the run it started from and vs the best prompt-only run,
+// on the examples both scored (* significant at 95%: evaluation/paired.py).
+function deltaNote(row) {
+  const part = (key, label) => typeof row[key] !== "number" ? ""
+    : ` · Δ ${label} ${row[key] >= 0 ? "+" : ""}${row[key].toFixed(3)}${row[key + "_sig"] ? "*" : ""}`;
+  return part("delta_parent", "parent") + part("delta_baseline", "baseline");
+}
+
 function runRow(row, keys) {
   const missing = row.status === "missing";
   const box = h("input", {type: "checkbox", "data-id": row.id, "aria-label": `choose ${row.id}`});
@@ -121,7 +129,7 @@ function runRow(row, keys) {
     status.append(h("div", {class: "note"}, row.note || row.error));
   }
   const headline = row.headline_value === undefined ? "" : `${row.headline} ${Charts.fmt(row.headline_value)}`
-    + examplesNote(row);
+    + examplesNote(row) + deltaNote(row);
   return h("tr", {class: missing ? "missing" : "", "data-id": row.id},
            h("td", {}, box), h("td", {class: "id"}, row.id), h("td", {}, row.stage), h("td", {}, row.variant),
            status, h("td", {}, when(row.created)), h("td", {class: "num"}, headline),
