@@ -12,7 +12,7 @@ from llmcycle.evaluation import harness
 from llmcycle.evaluation.settings import project_system, project_template
 from llmcycle.project import lifecycle
 from llmcycle.project.config import load_project
-from llmcycle.serve.app import create_app
+from llmcycle.serve.app import build_app, create_app
 from llmcycle.serve.protocol import ChatMessage
 from llmcycle.stages import scope
 from servers import running
@@ -105,3 +105,30 @@ def test_the_tuned_model_learned_to_stop(tuned):
     # A 2-layer model of width 16 learns the answers' form, not the task: each output is one of the
     # trained answers, then the end token.
     assert {r["prediction"].strip() for r in harness.read_predictions(run.dir)} <= {*WORDS, "hi"}
+
+
+def test_eval_of_the_served_run_gives_the_evaluated_outputs_and_metrics(tuned, capsys):
+    """Served ≡ evaluated: `llmcycle eval --endpoint` of the run behind `llmcycle serve` (its app on
+    127.0.0.1) gives the greedy outputs and metrics the run's own evaluation gave, and the report says so."""
+    from llmcycle.cli import main
+    from llmcycle.report.build import build
+
+    arch, project, run = tuned
+    app = build_app(f"run:{run.id}", project, model_name=run.id)  # what `llmcycle serve --run RUN` serves
+    with running(app) as url:
+        code = main(["eval", "-p", str(project.path), "--endpoint", f"{url}/v1", "--model", run.id, "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["served_run"] == run.id  # the model's name is the run's id, as `serve --run` names it
+    evaluated = {r["where"]: r for r in harness.read_predictions(run.dir)}
+    served = {r["where"]: r for r in harness.read_predictions(project.store().get(summary["run_id"]).dir)}
+    assert set(served) == set(evaluated) and len(served) == run.summary()["n_examples"]
+    for where, row in served.items():
+        assert (row["prediction"], row["prompt_tokens"]) == (evaluated[where]["prediction"],
+                                                              evaluated[where]["prompt_tokens"])
+    assert summary["eval_skipped"] == run.summary()["eval_skipped"]  # refused by the server as too long
+    for metric in ("rougeL", "rouge1", "bleu", "exact_match"):
+        if metric in run.summary():
+            assert summary[metric] == pytest.approx(run.summary()[metric]), metric
+    check = build(project)["served"]
+    assert check == {"run": summary["run_id"], "compared": len(served), "differ": 0, "unmatched": 0, "match": True}

@@ -355,6 +355,10 @@ class RunStore:
                 target = str((self.project_dir / data["path"]).resolve()) if data.get("path") else data["model"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(f"run {rec.id}: {pointer} is unreadable ({exc}); run its stage again") from None
+            if data.get("endpoint"):  # a select candidate measured through an API: nothing here to load
+                raise UserError(f"run {rec.id} measured the model {target!r} behind the endpoint {data['endpoint']}, "
+                                "which has no local weights to load, tune or serve; choose a candidate with local "
+                                "weights (select.pick) or evaluate the endpoint with `llmcycle eval --endpoint`")
             if Path(target).is_absolute():
                 if not Path(target).exists():
                     raise UserError(f"run {rec.id} refers to the model folder {target}, which no longer "

@@ -77,7 +77,8 @@ def examples(task: str, name: str) -> dict[str, Any]:
         "project": {"name": name, "task": task},
         "scope": {"use_case": d["use_case"], "success_metric": d["metric"],
                   "success_threshold": d["threshold"], "latency_budget_ms": 500, "size_budget_mb": 1000,
-                  "throughput_tflops": 1.0, "tune_epochs": 3, "lora_r": 8},
+                  "require_significant_gain": Off(True), "throughput_tflops": 1.0, "tune_epochs": 3,
+                  "lora_r": 8},
         "data": {"train": "data/train.jsonl", "eval": Off("data/eval.jsonl"), "input": d["input"],
                  "target": d["target"], "eval_fraction": 0.1, "seed": 42},
         "model": {"name": d["model"], "dtype": "auto", "device": "auto", "context_window": Off(512)},
@@ -93,7 +94,8 @@ def examples(task: str, name: str) -> dict[str, Any]:
         "select": Off({
             "candidates": {"minilm": {"warm_start": {"encoder": "all-MiniLM-L6-v2", "decoder_layers": 2}},
                            "hub": {"model": d["model"]},
-                           "scratch": Off({"run": "pretrain/tiny"})},
+                           "scratch": Off({"run": "pretrain/tiny"}),
+                           "hosted": Off({"endpoint": "http://127.0.0.1:8000/v1", "model": "NAME"})},
             "probe": {"method": "full", "steps": 100, "lr": 3e-4, "batch_size": 16},
             "pick": Off("minilm")}),
         "pretrain": Off({"tiny": {

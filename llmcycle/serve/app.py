@@ -418,6 +418,29 @@ def _require_server() -> None:
         raise UserError("serving needs FastAPI and uvicorn: pip install 'llmcycle[serve]'") from None
 
 
+def build_app(model_ref: str | None, project, *, api_key: str | None = None, model_name: str | None = None,
+              prompt_template: str | None = None, max_batch_size: int = 16, context_window: int | None = None,
+              dtype: str = "auto", device: str = "auto", drain_timeout: float | None = 30.0, augment=None):
+    """The app `serve` runs: the model loaded as evaluation loads it (the project's model.context_window
+    unless --context-window says otherwise, so the server refuses exactly the prompts evaluation skips
+    as too long), the project's template and system prompt."""
+    augment = serve_augment.Augmentation(augment) if augment is not None else None
+    if model_ref is None:
+        if project is None:
+            raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
+        loaded = harness.load_project_model(project)
+    else:
+        model_cfg = project.config.model if project is not None else None
+        window = context_window or (model_cfg.context_window if model_cfg is not None else None)
+        loaded = harness.load(model_ref, project, dtype=dtype, device=device, context_window=window)
+    if prompt_template is None and project is not None:
+        prompt_template = project_template(project)
+        _check_template(prompt_template)
+    return create_app(loaded, api_key=api_key, model_name=model_name, prompt_template=prompt_template,
+                      system_prompt=project_system(project), max_batch_size=max_batch_size,
+                      drain_timeout=drain_timeout, augment=augment)
+
+
 def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, prompt_template: str | None = None,
           max_batch_size: int = 16, backend: str = "transformers", context_window: int | None = None,
@@ -440,19 +463,9 @@ def serve(model_ref: str | None = None, project=None, *, host: str = "127.0.0.1"
         raise UserError(f"max_batch_size must be at least 1, got {max_batch_size}")
     sock = listen(host, port)
     try:
-        augment = serve_augment.Augmentation(augment) if augment is not None else None
-        if model_ref is None:
-            if project is None:
-                raise UserError("no model to serve: give a model (run id, folder or Hub id) or a project")
-            loaded = harness.load_project_model(project)
-        else:
-            loaded = harness.load(model_ref, project, dtype=dtype, device=device, context_window=context_window)
-        if prompt_template is None and project is not None:
-            prompt_template = project_template(project)
-            _check_template(prompt_template)
-        app = create_app(loaded, api_key=api_key, model_name=model_name, prompt_template=prompt_template,
-                         system_prompt=project_system(project),
-                         max_batch_size=max_batch_size, drain_timeout=drain_timeout, augment=augment)
+        app = build_app(model_ref, project, api_key=api_key, model_name=model_name, prompt_template=prompt_template,
+                        max_batch_size=max_batch_size, context_window=context_window, dtype=dtype, device=device,
+                        drain_timeout=drain_timeout, augment=augment)
     except BaseException:
         sock.close()
         raise

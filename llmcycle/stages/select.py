@@ -7,6 +7,7 @@
         scratch: {run: pretrain/tiny}                               # a model an earlier run made
         minilm: {warm_start: {encoder: all-MiniLM-L6-v2, decoder_layers: 2}}   # built here
         flan: {model: google/flan-t5-base}                          # a Hub id or a local folder
+        hosted: {endpoint: http://host:8000/v1, model: NAME}        # any OpenAI-compatible API
       probe: {method: full, steps: 60, lr: 3e-4, batch_size: 16}    # the same pilot fine-tune for each
       pick: minilm                                                  # optional: overrides the choice
 
@@ -20,9 +21,15 @@ and scored again: a warm-started model scores ~0 before any fine-tuning, so "whi
 best on my data" is the fair question. The run `select/best` then chooses: the best candidate by the
 scope's success metric (after the probe when there is one) among those within budget, or the one
 `pick` names. Later stages use it as `model.name: run:select/best` (or `run:select/NAME`).
+
+An endpoint candidate (`endpoint: URL, model: NAME`, evaluation/endpoint.py) is scored on the same prompts
+and metrics through the API, its latency timed per request from here; it has no local weights, so its
+parameters and size are unknown (a size budget is then unknown, never met), select.probe cannot tune it,
+and later stages cannot load it (run:select/best says so when it is chosen).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from typing import Literal
@@ -34,8 +41,10 @@ from llmcycle.core.errors import UserError, suggest
 from llmcycle.core.store import MODEL_REF, atomic_write_json
 from llmcycle.data.prompting import check_template
 from llmcycle.data.records import load_splits
+from llmcycle.evaluation import endpoint as api
 from llmcycle.evaluation import harness
-from llmcycle.evaluation.evaluate import score_on_project
+from llmcycle.evaluation.endpoint import JOURNAL
+from llmcycle.evaluation.evaluate import score_endpoint, score_on_project
 from llmcycle.evaluation.metrics import higher_is_better
 from llmcycle.evaluation.settings import (
     eval_examples,
@@ -56,6 +65,7 @@ from llmcycle.training.loop import fit
 BEST = "best"  # the variant that chooses among the candidates
 PROBE_PREDICTIONS = "probe_predictions.jsonl"  # each candidate's outputs after the probe
 CANDIDATE_KEYS = ("model", "run", "warm_start")
+ENDPOINT_KEYS = ("endpoint", "api_key_env", "api", "concurrency", "timeout", "retries")  # only with `endpoint`
 
 
 class CandidateConfig(Section):
@@ -65,6 +75,15 @@ class CandidateConfig(Section):
         None, description="an encoder-decoder warm-started from pretrained encoder checkpoints")
     context_window: int | None = Field(None, ge=1, description="tokens the candidate reads; default: "
                                        "model.context_window, else what its own config says")
+    endpoint: str | None = Field(None, description="an OpenAI-compatible API's base URL (e.g. "
+                                 "http://host:8000/v1); `model` then names the model it serves")
+    api_key_env: str | None = Field(None, description="with endpoint: the environment variable holding its key")
+    api: Literal["chat", "completions"] | None = Field(None, description="with endpoint: chat (default: the "
+                                                         "prompt's turns) or completions (its flat text)")
+    concurrency: int | None = Field(None, ge=1, description="with endpoint: requests in flight at once (4)")
+    timeout: float | None = Field(None, gt=0, description="with endpoint: seconds a request may take (60)")
+    retries: int | None = Field(None, ge=0, description="with endpoint: retries after a 429, 5xx, timeout or "
+                                "connection error (3)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -72,7 +91,24 @@ class CandidateConfig(Section):
         if len(given) != 1:
             raise ValueError(f"a candidate needs exactly one of {', '.join(CANDIDATE_KEYS)}"
                              + (f" (got {', '.join(given)})" if given else ""))
+        options = [k for k in ENDPOINT_KEYS[1:] if getattr(self, k) is not None]
+        if self.endpoint is None and options:
+            raise ValueError(f"{options[0]} applies to an endpoint candidate: add endpoint: URL (or drop {options[0]})")
+        if self.endpoint is not None and given != ["model"]:
+            raise ValueError("an endpoint candidate names the model it serves with `model: NAME` "
+                             f"(not {', '.join(k for k in given if k != 'model')})")
+        if self.endpoint is not None and self.context_window is not None:
+            raise ValueError("context_window does not apply to an endpoint candidate: its server's window counts")
         return self
+
+    def client(self, name: str) -> "api.Endpoint":
+        """The endpoint settings, each bad one a one-line error naming its key."""
+        keys = {"url": "endpoint", "model": "model", "api": "api", "api_key_env": "api_key_env",
+                "concurrency": "concurrency", "timeout": "timeout", "retries": "retries"}
+        names = {k: f"select.candidates.{name}.{v}" for k, v in keys.items()}
+        return api.endpoint(self.endpoint, self.model, api=self.api, api_key_env=self.api_key_env,
+                            concurrency=self.concurrency, timeout=self.timeout, retries=self.retries,
+                            names={**api.CLI_NAMES, **names})
 
     def reference(self) -> str | None:
         """The model reference it names (run:... or a folder / Hub id); None for a warm start."""
@@ -122,7 +158,9 @@ def variant_configs(project) -> dict[str, dict]:
         return {}
     shared = {"probe": cfg.probe.model_dump() if cfg.probe else None, "limit": cfg.limit,
               "latency_samples": cfg.latency_samples}
-    out = {name: {**cand.model_dump(), **shared} for name, cand in cfg.candidates.items()}
+    # endpoint keys enter a candidate's config only when set: the other candidates' content hashes stay
+    out = {name: {**{k: v for k, v in cand.model_dump().items() if k not in ENDPOINT_KEYS or v is not None},
+                  **shared} for name, cand in cfg.candidates.items()}
     out[BEST] = {"candidates": list(cfg.candidates), "pick": cfg.pick, **shared}
     return out
 
@@ -184,6 +222,8 @@ def measure(project, name: str, run, *, progress: bool = True) -> dict:
     t_start = time.perf_counter()
     cfg = project.config.select
     cand = cfg.candidates[name]
+    if cand.endpoint is not None:
+        return _measure_endpoint(project, name, cand, run, t_start, progress)
     ev = settings(project)
     examples = eval_examples(project, limit=cfg.limit or ev.limit)
     template = project_template(project)
@@ -205,13 +245,47 @@ def measure(project, name: str, run, *, progress: bool = True) -> dict:
                "overflow_count": len(fitted.skipped),
                "overflow_share": round(len(fitted.skipped) / len(examples), 4),
                "lowercases": warm_start.lowercases(loaded.tokenizer)}
-    check = budget_check(project.config.scope, size, latency.get("latency_p95_ms"))
-    summary.update(fits_budget=check["state"] == "fits", budget_state=check["state"],
-                   budget_misses=check["reasons"] + [f"{m} not measured" for m in check["missing"]])
+    summary.update(_budget(project, size, latency.get("latency_p95_ms")))
     if cfg.probe is not None:
         summary["probe"] = _probe(project, name, path, cfg.probe, scored, scored_prompts, run, progress)
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)
     harness.forget(path)  # the next candidate gets the memory
+    run.finish(summary)
+    return summary
+
+
+def _budget(project, size_mb, latency_p95_ms) -> dict:
+    check = budget_check(project.config.scope, size_mb, latency_p95_ms)
+    return {"fits_budget": check["state"] == "fits", "budget_state": check["state"],
+            "budget_misses": check["reasons"] + [f"{m} not measured" for m in check["missing"]]}
+
+
+def _measure_endpoint(project, name: str, cand: CandidateConfig, run, t_start: float, progress: bool) -> dict:
+    """An endpoint candidate: scored through its API on the same prompts and metrics, its lone-request
+    latency timed from here; parameters and size unknown. A run of the same candidate that failed part
+    way (same content hash) lends its answers, so measuring again asks only for the rest."""
+    cfg = project.config.select
+    if cfg.probe is not None:
+        raise UserError(f"select.candidates.{name}: an endpoint has no local weights for select.probe to fine-tune; "
+                        "drop the probe or this candidate")
+    ep = cand.client(name)
+    examples = eval_examples(project, limit=cfg.limit or settings(project).limit)
+    check_template(project_template(project), "evaluate.template", examples[0])
+    atomic_write_json(run.artifacts / MODEL_REF, {"endpoint": ep.url, "model": ep.model, "run": None})
+    store = project.store()
+    earlier = [r.artifacts / JOURNAL for r in store.list("select", name)
+               if r.status in ("failed", "incomplete") and r.content_hash == run.record.content_hash]
+    metrics, rows, bodies = score_endpoint(project, ep, examples, run.artifacts, label=f"select {name}",
+                                           progress=progress, earlier=earlier,
+                                           resume_hint="measuring the candidate again asks only for the rest")
+    harness.write_predictions(run, rows)
+    latency = api.lone_latency(ep, bodies, cfg.latency_samples)
+    summary = {**metrics, **latency, "source": "endpoint", "candidate": name, "model_path": None, "parent": None,
+               "kind": "endpoint", "parameters": None, "size_mb": None, "serve_memory_mb": None,
+               "context_window": None, "overflow_count": metrics["eval_skipped"],
+               "overflow_share": round(metrics["eval_skipped"] / len(examples), 4), "lowercases": None,
+               **_budget(project, None, latency.get("latency_p95_ms"))}
+    summary["wall_s"] = round(time.perf_counter() - t_start, 3)
     run.finish(summary)
     return summary
 
@@ -322,8 +396,12 @@ def choose(project, run) -> dict:
     notes = [] if len(counts) == 1 else [
         "candidates were scored on different numbers of eval examples (prompts over a candidate's window "
         "are not scored): " + ", ".join(f"{r['candidate']} {r['n_examples']}" for r in measured)]
-    # the chosen candidate's model as its own run resolves it (summaries hold project-relative paths)
-    atomic_write_json(run.artifacts / MODEL_REF, store.model_pointer(store.resolve_model(chosen["run"]), chosen["run"]))
+    # the chosen candidate's model as its own run resolves it (summaries hold project-relative paths); an
+    # endpoint's pointer is copied, so that run:select/best says it has no weights to load
+    pointer = store.get(chosen["run"]).artifacts / MODEL_REF
+    atomic_write_json(run.artifacts / MODEL_REF, {**json.loads(pointer.read_text()), "run": chosen["run"]}
+                      if chosen["source"] == "endpoint" else
+                      store.model_pointer(store.resolve_model(chosen["run"]), chosen["run"]))
     run.record.parent = chosen["run"]  # lineage: the chosen candidate's run made this model
     summary = {"chosen": chosen["candidate"], "chosen_run": chosen["run"], "model_path": chosen["model_path"],
                "metric": metric, "after_probe": probed, "picked": cfg.pick is not None, "candidates": rows,
@@ -349,7 +427,10 @@ def _why(row: dict, chosen: dict, metric: str, stage_word: str, pick: str | None
 
 
 def _model_of(project, config: dict) -> str | None:
-    """A candidate names its model (a warm start's checkpoints count separately, in _inputs)."""
+    """A candidate names its model (a warm start's checkpoints count separately, in _inputs); an endpoint's
+    model is no model of this project (its URL and name are in the config)."""
+    if config.get("endpoint"):
+        return None
     if config.get("run"):
         return config["run"] if config["run"].startswith("run:") else f"run:{config['run']}"
     return config.get("model")
