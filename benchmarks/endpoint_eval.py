@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from eval_throughput import DEFAULT_DATA, TEMPLATE, build_model, read_jsonl  # noqa: E402
-from serve_load import free_port  # noqa: E402
+from serve_load import free_port, wait_until_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,26 +44,12 @@ def env() -> dict:
 
 def start_server(project: Path, model_dir: Path):
     """`llmcycle serve --run MODEL -p PROJECT` on a free port, until it answers /health."""
-    import time
-
-    import httpx
-
     port = free_port()
     cmd = [sys.executable, "-m", "llmcycle", "serve", "--run", str(model_dir), "-p", str(project), "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"llmcycle serve exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise SystemExit("llmcycle serve did not start in 180 s")
-        time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(proc, url, 180)
+    return proc, url
 
 
 def endpoint_eval(project: Path, url: str, model: str, concurrency: int, data: Path) -> tuple[dict, dict]:

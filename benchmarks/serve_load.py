@@ -80,25 +80,31 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, max_batch_size: int, device: str):
-    import httpx
-
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]), "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model_dir), str(port), str(max_batch_size), device],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    wait_until_healthy(proc, url, 120)
+    return proc, url
+
+
+def wait_until_healthy(proc, url: str, seconds: float) -> None:
+    """Poll the server's /health until it answers 200; its stderr's end when it exits first."""
+    import httpx
+
+    deadline = time.time() + seconds
     while True:
         if proc.poll() is not None:
             raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health").status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         if time.time() > deadline:
             proc.kill()
-            raise SystemExit("server did not start in 120 s")
+            raise SystemExit(f"server did not start in {seconds:g} s")
         time.sleep(0.1)
 
 

@@ -479,7 +479,8 @@ def ask(question: str = typer.Argument(..., help="The question."),
 def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, STAGE/VARIANT, local PATH or "
                                                   "Hub id (default: the project's model); with --endpoint, the "
                                                   "name of the model the endpoint serves."),
-             data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this file instead of the eval split."),
+             data: Optional[str] = typer.Option(None, "--data",
+                                                help="Evaluate on this file instead of the eval split."),
              limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N examples."),
              endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Evaluate the model behind this "
                                                     "OpenAI-compatible API: its base URL, e.g. "

@@ -58,6 +58,10 @@ def serve_and_ask() -> None:
                                                temperature=0, messages=[{"role": "user", "content": dialogue}])
         print("request:", dialogue.replace("\n", " | "))
         print("reply:  ", reply.choices[0].message.content, f"({reply.usage.completion_tokens} tokens)")
+        # served ≡ evaluated: the served model, evaluated through its API on the first 40 eval dialogues,
+        # must give the outputs its run's evaluation gave (the report compares them example by example)
+        llmcycle("eval", "--endpoint", f"http://127.0.0.1:{port}/v1", "--model", client.models.list().data[0].id,
+                 "--concurrency", "16", "--limit", "40")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

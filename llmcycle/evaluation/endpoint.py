@@ -444,13 +444,17 @@ def figures(ep: Endpoint, answers: Answers, kept: list[int]) -> dict:
     # throughput counts only what this call asked for: answers from the journal took no time now
     asked = [answers.results[i] for i in answers.asked if i in answers.results]
     new_tokens = sum(r["completion_tokens"] or 0 for r in asked)
-    rate = (lambda n: n / answers.wall_s if answers.wall_s and answers.asked else None)
+
+    def rate(n):
+        return n / answers.wall_s if answers.wall_s and answers.asked else None
+
     out = {"asked": len(answers.asked), "reused_answers": len(recs) + len(answers.skipped) - len(answers.asked),
            "retries": answers.retries, "examples_per_s": rate(len(answers.asked)),
            "completion_tokens_per_s": rate(new_tokens) if new_tokens else None,
            "usage_prompt_tokens": sum(prompt), "usage_completion_tokens": sum(completion), "usage_missing": missing}
     if latencies:
-        out.update(request_ms_p50=round(percentile(latencies, 50), 3), request_ms_p95=round(percentile(latencies, 95), 3))
+        out.update(request_ms_p50=round(percentile(latencies, 50), 3),
+                   request_ms_p95=round(percentile(latencies, 95), 3))
         if ep.concurrency == 1:
             out.update(latency_p50_ms=out["request_ms_p50"], latency_p95_ms=out["request_ms_p95"])
     if ep.price_in is not None:

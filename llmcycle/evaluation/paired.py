@@ -370,7 +370,8 @@ def iteration_deltas(store, records) -> dict[str, dict]:
             continue
         if metric not in baselines:
             baselines[metric] = best_prompt_run(store, metric)
-        (parent, why_parent), (base, why_base) = _vs_parent(store, rec, metric), _vs_baseline(rec, baselines[metric], metric)
+        parent, why_parent = _vs_parent(store, rec, metric)
+        base, why_base = _vs_baseline(rec, baselines[metric], metric)
         notes = {k: v for k, v in (("vs_parent", why_parent), ("vs_baseline", why_base)) if v}
         out[rec.id] = {"vs_parent": parent, "vs_baseline": base, "notes": notes}
     return out

@@ -338,8 +338,8 @@ def _add_deltas(view: dict, store, chosen: list[Item]) -> None:
 
 def served_check(items: list[Item], deployed_id: str | None) -> dict | None:
     """Served ≡ evaluated: the latest completed `eval --endpoint` run of the deployed run (its summary's
-    served_run) against the deployed run's own outputs, example by example (by `where`); None when there
-    is no such run. Equal greedy outputs show the server generates what was evaluated."""
+    served_run) against the deployed run's own outputs on the examples both scored (by `where`); None
+    when there is no such run. Equal greedy outputs show the server generates what was evaluated."""
     by_id = {i.id: i for i in items}
     deployed = by_id.get(deployed_id)
     served = [i for i in items if i.stage == "eval" and i.status == "completed" and i.predictions
@@ -351,8 +351,9 @@ def served_check(items: list[Item], deployed_id: str | None) -> dict | None:
     common = [w for w in evaluated if w in outputs]
     differ = sum(outputs[w] != evaluated[w] for w in common)
     unmatched = len(set(outputs) ^ set(evaluated))
+    # compared on the examples both scored: the served evaluation may use another --limit
     return {"run": served[-1].id, "compared": len(common), "differ": differ, "unmatched": unmatched,
-            "match": bool(common) and differ == 0 and unmatched == 0}
+            "match": bool(common) and differ == 0}
 
 
 def _selection(chosen: list[Item]) -> dict | None:
