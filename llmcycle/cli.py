@@ -553,12 +553,14 @@ def _eval_model(proj, model: Optional[str], data, limit, as_json: bool) -> tuple
 
 
 def _eval_endpoint(proj, ep, data, limit, served_run: Optional[str], resume: bool, as_json: bool) -> tuple[str, dict]:
-    """An endpoint's evaluation as a run `eval/endpoint-NAME`, under the run it serves when that is known."""
+    """An endpoint's evaluation as a run `eval/endpoint-NAME` (NAME: the served run's STAGE-VARIANT when
+    it is known, else the model's name), under the run it serves."""
     from llmcycle.evaluation.evaluate import endpoint_variant, evaluate_endpoint, resumable, served_run_of
 
     store = proj.store()
     served = served_run_of(store, served_run, ep.model)
-    variant = endpoint_variant(ep.model)
+    rec = store.get(served) if served else None
+    variant = endpoint_variant(f"{rec.stage}-{rec.variant}" if rec else ep.model)
     config = {"endpoint": ep.url, "model": ep.model, "api": ep.api, "data": data, "limit": limit,
               "served_run": served, "evaluate": proj.config.evaluate.model_dump() if proj.config.evaluate else None}
     resume_ref = resumable(store, variant, config) if resume else None

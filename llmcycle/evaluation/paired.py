@@ -344,8 +344,12 @@ def _vs_parent(store, rec, metric: str) -> tuple[dict | None, str | None]:
         return None, f"run {rec.id} records no parent run"
     try:
         parent = store.get(rec.parent)
+        # select/best evaluates nothing itself: the model it hands on was scored by the candidate it chose
+        chosen = parent.summary().get("chosen_run") if parent.stage == "select" else None
+        if chosen and not has_predictions(parent):
+            parent = store.get(chosen)
     except UserError:
-        return None, f"its parent run {rec.parent} is not in {store.root}"
+        return None, f"its parent run {rec.parent} (or the candidate it chose) is not in {store.root}"
     return _against(rec, parent, metric)
 
 
@@ -356,17 +360,16 @@ def _vs_baseline(rec, baseline, metric: str) -> tuple[dict | None, str | None]:
 
 
 def iteration_deltas(store, records) -> dict[str, dict]:
-    """For every tune / align / optimize / select run among `records`: {"vs_parent": headline_delta
-    against its parent run, "vs_baseline": against the best prompt-only run (best_prompt_run), each None
-    when it cannot be measured, with the reason in "notes"}."""
+    """For every tune / align / optimize / select run among `records` with a headline metric:
+    {"vs_parent": headline_delta against its parent run (through select/best, the candidate it chose),
+    "vs_baseline": against the best prompt-only run (best_prompt_run), each None when it cannot be
+    measured, with the reason in "notes"}."""
     baselines, out = {}, {}
     for rec in records:
         if rec.stage not in ITERATION_STAGES:
             continue
         metric = rec.summary().get("headline")
-        if not metric:
-            why = f"run {rec.id} has no headline metric: it evaluated nothing"
-            out[rec.id] = {"vs_parent": None, "vs_baseline": None, "notes": {"vs_parent": why, "vs_baseline": why}}
+        if not metric:  # it evaluated nothing (select/best, a reward model): no difference to measure
             continue
         if metric not in baselines:
             baselines[metric] = best_prompt_run(store, metric)

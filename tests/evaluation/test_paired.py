@@ -239,3 +239,15 @@ def test_without_a_prompt_run_the_baseline_delta_is_none_and_says_why(tmp_path):
     assert entry["vs_baseline"] is None and "no prompt-only baseline run" in entry["notes"]["vs_baseline"]
     gate = paired.gain_gate(store, lora, "rougeL")
     assert gate["state"] == "unknown" and "no prompt-only baseline run" in gate["why"]
+
+
+def test_a_run_tuned_from_select_best_is_compared_with_the_candidate_it_chose(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    candidate = record(store, "select", "scratch", [0.1] * 6)
+    with store.start("select", "best", {}, parent=candidate.id) as run:  # scores nothing itself
+        run.finish({"chosen": "scratch", "chosen_run": candidate.id})
+    tuned = record(store, "tune", "full", [0.5] * 6, parent=run.id)
+    deltas = paired.iteration_deltas(store, store.list())
+    assert run.id not in deltas  # no headline: nothing to compare
+    parent = deltas[tuned.id]["vs_parent"]
+    assert parent["against"] == candidate.id and parent["delta"] == pytest.approx(0.4) and parent["n_common"] == 6
