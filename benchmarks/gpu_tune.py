@@ -80,7 +80,9 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--examples", type=int, default=4000, help="DialogSum train examples used")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=32,
+                    help="examples per step, or auto (the largest that fits: batch_size auto)")
+    ap.add_argument("--compile", action="store_true", help="tune with compile: true (torch.compile of the step)")
     ap.add_argument("--vocab", type=int, default=32128)
     ap.add_argument("--methods", default="full,lora,qlora")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
@@ -127,7 +129,7 @@ def main() -> int:
             cfg = TuneConfig(method="full" if method == "full" else "lora", bits=4 if method == "qlora" else None,
                              lr=1e-4 if method == "full" else 1e-3, batch_size=args.batch_size,
                              max_steps=args.steps, log_every=10, checkpoint_every=10**9,
-                             seed=args.seed, **extra)
+                             seed=args.seed, compile=args.compile or None, **extra)
             logs: list[dict] = []
             torch.cuda.reset_peak_memory_stats()
             trained = fit(cfg, str(model_dir), examples, examples[:8], TEMPLATE, Path(tmp) / method,
@@ -144,7 +146,10 @@ def main() -> int:
                 "mfu": round(model_flops / (args.peak_tflops * 1e12), 4),
                 "trainable_pct": round(trained.summary["trainable_pct"], 3),
                 "final_train_loss": round(trained.summary["final_train_loss"], 4),
-                "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                # the loop starts a new peak at every log line and keeps the highest in its summary
+                "peak_gpu_memory_gb": round(max(torch.cuda.max_memory_allocated() / 2**20,
+                                                trained.summary.get("train_peak_memory_mb") or 0) / 1024, 2),
+                "batch_size": trained.summary.get("batch_size"), "compiled": trained.summary.get("compiled"),
             }
             del trained
             torch.cuda.empty_cache()

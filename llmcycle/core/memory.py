@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 import sys
 from pathlib import Path
@@ -98,3 +99,15 @@ def large_blocks_off_the_heap(threshold_bytes: int = 1 << 20) -> bool:
     if mallopt is None:
         return False
     return mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
+
+
+def available_mb() -> float:
+    """Memory the system can still give without swapping (Linux's MemAvailable), in MiB; elsewhere the
+    free physical pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -261,7 +261,9 @@ def _tune_plan(variant, tcfg, meta, params, per_epoch, train_stats, default_targ
     if tcfg.max_steps and not tcfg.epochs:
         # tokens per example (input + target) times the examples the steps will see
         per_example = per_epoch / max(1, train_stats.get("input", {}).get("count", 1))
-        tokens = int(tcfg.max_steps * tcfg.batch_size * tcfg.grad_accum * per_example)
+        # batch_size auto is found when tuning starts; the plan counts the default 8 until then
+        batch = 8 if tcfg.batch_size == "auto" else tcfg.batch_size
+        tokens = int(tcfg.max_steps * batch * tcfg.grad_accum * per_example)
     else:
         tokens = int(per_epoch * (tcfg.epochs or 1))
     if tcfg.method == "lora":

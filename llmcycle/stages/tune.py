@@ -80,7 +80,8 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
                                 progress)
     summary = {**metrics, **summary}
     # training and evaluation of this variant (merging below loads another copy: not counted)
-    summary["peak_memory_mb"] = round(peak_mb(trained.device), 1)
+    # the training loop starts a new peak at every log line and keeps the highest
+    summary["peak_memory_mb"] = round(max(peak_mb(trained.device), summary.get("train_peak_memory_mb") or 0.0), 1)
     if cfg.merge:
         summary["merged_dir"] = str(_merge(model_dir, run.artifacts / "merged", opts.get("dtype", "auto")))
     summary["wall_s"] = round(time.perf_counter() - t_start, 3)

@@ -63,6 +63,43 @@ def collate(features: list[dict], pad_id: int, multiple: tuple[int, int] = (1, 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def pack(features: list[dict], pad_id: int, multiple: int = 1) -> dict:
+    """Causal features concatenated into one row with no padding between them (padding-free packing):
+    input_ids, labels and position_ids of shape (1, total), position ids restarting at 0 per example.
+
+    There is no attention_mask: given position_ids, no mask and no cache, transformers (5.x,
+    masking_utils.create_causal_mask -> find_packed_sequence_indices) starts a new sequence wherever a
+    position does not follow the previous one plus 1, and builds a block-diagonal causal mask for sdpa,
+    eager and flex attention; flash attention takes the boundaries from position_ids (cu_seqlens). The
+    forward must pass position_ids AND use_cache=False: with a cache (created by default when
+    config.use_cache is on) transformers skips the detection and examples attend to each other.
+    Models that ignore position_ids (prompt tuning prepends its tokens) do not see the boundaries:
+    packing.packing_supported checks a model before it is trusted with packed batches.
+
+    Each example's first label is -100: the causal loss scores position t's logits against label t + 1,
+    so the last token of one example would otherwise predict the first of the next, a target that a
+    padded row never scores (its label 0 has no position before it). `multiple` rounds the width up
+    with a trailing segment of pad_id tokens (its own sequence, positions from 0, labels -100), which no
+    example attends to, as collate's `multiple` does for padded batches."""
+    import torch
+
+    ids, labels, positions = [], [], []
+    for f in features:
+        n = len(f["input_ids"])
+        if len(f["labels"]) != n:
+            raise ValueError("pack takes causal features, whose labels align with the input ids")
+        ids += f["input_ids"]
+        labels += [IGNORE] + list(f["labels"][1:])
+        positions += range(n)
+    tail = -len(ids) % multiple
+    ids, labels, positions = ids + [pad_id] * tail, labels + [IGNORE] * tail, positions + list(range(tail))
+
+    def row(values):
+        return torch.tensor([values], dtype=torch.long)
+
+    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
+
+
 def useful_tokens(features: list[dict], kind: str) -> int:
     """Tokens that carry data: the inputs, plus the labels for seq2seq (a separate decoder pass)."""
     n = sum(len(f["input_ids"]) for f in features)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -40,7 +40,12 @@ class TuneConfig(Section):
     num_virtual_tokens: int = Field(20, ge=1, description="prompt tuning: length of the learned soft prompt")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["linear", "cosine"] = Field("linear", description="decay after warmup, to 0 at the end")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch, over all processes together")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="examples per micro-batch, over all processes together; auto: the largest that fits "
+        "in memory (one process; measured on the longest examples before training, kept on resume)")
+    max_memory_mb: float | None = Field(
+        None, gt=0, description="batch_size auto: the memory a step may take above the model (default: the "
+        "GPU's out-of-memory error; on a CPU 80% of the memory available)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     epochs: float | None = Field(None, gt=0, description="passes over the training set (may be fractional)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; with epochs, the lower bound wins")
@@ -66,6 +71,14 @@ class TuneConfig(Section):
         False, description="recompute activations in the backward pass instead of keeping them: less "
         "memory (activations dominate at long sequences), about a third more compute")
     merge: bool = Field(False, description="LoRA: also save the adapter merged into the base in artifacts/merged")
+    packing: bool | None = Field(
+        None, description="causal models: each micro-batch's examples in one row without padding (position "
+        "ids mark where each starts), once a check on the first examples gives the padded loss; default: on "
+        "where attention runs per sequence (flash_attention_2), off where it would span the whole row (sdpa, "
+        "eager: slower than padding)")
+    compile: bool | None = Field(
+        None, description="run the training step's forward and loss through torch.compile (the same losses "
+        "within 1e-3; off by default until measured on a GPU; on a CPU the first steps compile)")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training arithmetic: auto = bf16 autocast on GPUs with bf16, float32 on CPUs; "
         "bfloat16 = bf16 autocast on a CPU too (about 1.5x faster steps on CPUs with native bf16)")

@@ -29,6 +29,7 @@ from typing import Callable
 from llmcycle.core.errors import UserError
 from llmcycle.core.files import fsync_dir, fsync_tree, quiet_saves
 from llmcycle.core import memory  # called through the module: tests replace its functions
+from llmcycle.core.progress import notice
 from llmcycle.data.prompting import build_prompt, encode_prompt, uses_chat_template
 from llmcycle.data.records import assistant_turns
 from llmcycle.evaluation import harness
@@ -40,7 +41,7 @@ from llmcycle.training.batches import (
     collate,
     encode_examples,
     length_grouped_batches,
-    padded_tokens,
+    pack,
     useful_tokens,
 )
 from llmcycle.training.checkpoints import (
@@ -57,7 +58,11 @@ from llmcycle.training.checkpoints import (
     training_bar,
 )
 from llmcycle.training.finetune import load_base, parameter_counts, wrap
+from llmcycle.training import batch_finder
+from llmcycle.training.packing import packing_supported
+from llmcycle.training.prefetch import Prefetcher
 
+AUTO_CEILING = 512  # batch_size auto never tries more examples per micro-batch than this
 # Fields that do not change the trained weights: they may differ when resuming.
 NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge"}
 BEST = "best"
@@ -79,7 +84,11 @@ def answer_logits(model, batch: dict, kind: str):
     (padding, and the prompt for causal models). Shared by tuning, distillation and DPO."""
     labels = batch["labels"]
     if kind == "causal":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # a packed batch (batches.pack) has position_ids and no attention_mask; transformers keeps its
+        # examples apart only with the cache off (a cache, made by default, skips that detection)
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                       **extra).logits
         # prompt tuning puts the virtual tokens first: the text's logits are the last ones
         return logits[:, -labels.shape[1]:-1], labels[:, 1:]  # position t predicts t + 1
     # Decoder inputs are the labels shifted right behind the decoder prefix (the start token, and a forced
@@ -96,14 +105,15 @@ def answer_logits(model, batch: dict, kind: str):
     return logits[:, len(prefix) - 1:], labels
 
 
-def sum_loss(model, batch: dict, kind: str):
-    """(summed token cross-entropy over the labels, number of scored tokens), in float32."""
+def sum_loss(model, batch: dict, kind: str, count: bool = True):
+    """(summed token cross-entropy over the labels, number of scored tokens), in float32. The training
+    step passes count=False (the count is None): reading it would make the host wait for the device."""
     import torch.nn.functional as F
 
     logits, targets = answer_logits(model, batch, kind)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
+    return loss, int((targets != -100).sum()) if count else None
 
 
 # Logits per chunk of the chunked loss: 2**23 floats (32 MiB) whatever the vocabulary.
@@ -118,7 +128,7 @@ def _head_cross_entropy(weight, bias, hidden, targets):
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
 
 
-def sum_loss_chunked(model, batch: dict, kind: str, head):
+def sum_loss_chunked(model, batch: dict, kind: str, head, count: bool = True):
     """sum_loss without ever holding the whole batch's logits: the model runs with its output head
     `head` bypassed (so it returns the hidden states the head would read, after any model-specific
     scaling), then the head and the cross-entropy run on the scored positions only, a chunk at a time,
@@ -144,7 +154,7 @@ def sum_loss_chunked(model, batch: dict, kind: str, head):
     for i in range(0, targets.numel(), step):
         total = total + checkpoint(_head_cross_entropy, head.weight, getattr(head, "bias", None),
                                    hidden[i:i + step], targets[i:i + step], use_reentrant=False)
-    return total, int(scored.sum())
+    return total, int(scored.sum()) if count else None
 
 
 def _identity(x, *args, **kwargs):
@@ -215,6 +225,27 @@ def save_best(root: Path, model, state: dict) -> Path:
     return final
 
 
+# Handing freed heap memory back to the system (malloc_trim) costs about 0.25 ms a call, twice or three
+# times a step: worth it when a step's activations pile up hundreds of MB, not for a small model whose
+# whole step lives in a few MB (there it was a twentieth of a step's time)
+RELEASE_MIN_ACTIVATION_MB = 32.0
+
+
+def worth_releasing(config, kind: str, features: list[dict], batch_size: int) -> bool:
+    """Whether the largest micro-batch's activations (a rough count: 16 floats per token, hidden unit
+    and layer, plus the logits and their gradient) reach RELEASE_MIN_ACTIVATION_MB."""
+    parts = [getattr(config, "encoder", None), getattr(config, "decoder", None)]
+    parts = [p for p in parts if p is not None] or [config]
+    width = sum(getattr(p, "hidden_size", None) or getattr(p, "d_model", None) or getattr(p, "n_embd", 0) or 0
+                for p in parts) // len(parts)
+    layers = sum((getattr(p, "num_hidden_layers", None) or getattr(p, "n_layer", None) or getattr(p, "num_layers", 0)
+                  or 0) + (getattr(p, "num_decoder_layers", None) or 0) for p in parts)
+    vocab = max(getattr(p, "vocab_size", 0) or 0 for p in parts)
+    longest = max(len(f["input_ids"]) + (len(f["labels"]) if kind == "seq2seq" else 0) for f in features)
+    floats = longest * batch_size * (16 * width * max(layers, 1) + 3 * vocab)
+    return floats * 4 / 2**20 >= RELEASE_MIN_ACTIVATION_MB
+
+
 def release_between_backward_phases(model, release: Callable[[], object]) -> list:
     """Hooks that call `release` (llmcycle.core.memory.release_free_memory) where a backward pass finishes
     one large phase and begins the next: when the gradient reaches the output head's input (the loss
@@ -269,6 +300,9 @@ class TuneData:
     data_hash: str
     end_why: str = ""  # which token targets end with, and why (models.generation.target_end_id)
     records: int = 0  # training examples before overlong ones were skipped
+    # per feature, counted once rather than at every step: tokens the loss scores, tokens carrying data
+    scored: list[int] = field(default_factory=list)
+    useful: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -302,6 +336,10 @@ class TuneRun:
     saved: dict  # its state.json ({} for a fresh run)
     task: str
     gen_cfg: object
+    loss: Callable  # batch -> summed loss (sum_loss, chunked or compiled: step_loss)
+    compiled: bool = False
+    packed: bool = False  # micro-batches packed into one row (batches.pack) instead of padded
+    auto_batch: dict | None = None  # batch_size auto: the size found and how (auto_batch_size)
 
     @property
     def rank(self) -> int:
@@ -314,6 +352,14 @@ class TuneRun:
     @property
     def main(self) -> bool:
         return self.accel.is_main_process
+
+    @property
+    def direct(self) -> bool:
+        """Whether backward, clipping and the optimizer step may skip accelerate's wrappers: no loss
+        scaler (fp16) and no DeepSpeed, FSDP or XLA to route through; the wrappers then only add host
+        work (accelerate checks which packages are installed on every backward)."""
+        kind = str(self.accel.distributed_type).rsplit(".", 1)[-1]
+        return self.accel.scaler is None and kind in ("NO", "MULTI_CPU", "MULTI_GPU")
 
 
 @dataclass
@@ -339,6 +385,12 @@ class TrainState:
     step_time: float = 0.0
     window_tokens: int = 0  # since the last log line
     window_time: float = 0.0
+    # Training time is measured per window (close_window) rather than per step: timing a step would need
+    # the device to finish it, a host-device synchronisation every step; validation and checkpoint
+    # writing inside a window are `paused` out of it.
+    window_started: float = 0.0
+    paused: float = 0.0
+    peak_mb: float = 0.0  # the highest per-window peak memory of this session (report_losses)
 
     @classmethod
     def resumed(cls, saved: dict, started: float) -> TrainState:
@@ -357,19 +409,48 @@ class TrainState:
                 "wall_s": self.done["wall_s"] + time.perf_counter() - self.started}
 
     def settle_last_loss(self) -> None:
-        """last_loss becomes the mean loss of the steps since the last log line, if there were any."""
+        """last_loss becomes the mean loss of the steps since the last log line, if there were any (the
+        window's device tensors read as floats here, in one copy)."""
         if self.loss_window:
+            self.loss_window = as_floats(self.loss_window)
             self.last_loss = sum(self.loss_window) / len(self.loss_window)
 
-    def record_step(self, micro_batches: int, n_batches: int, tokens: int, useful: int, seconds: float,
-                    loss: float) -> None:
+    def record_step(self, micro_batches: int, n_batches: int, tokens: int, useful: int, loss) -> None:
+        """`loss`: the step's mean token loss, a 0-dim tensor still on the device (or a float)."""
         self.step, self.position = self.step + 1, self.position + micro_batches
         if self.position >= n_batches:  # the saved position is where the *next* step starts
             self.epoch, self.position = self.epoch + 1, 0
         self.session_tokens, self.session_useful = self.session_tokens + tokens, self.session_useful + useful
-        self.step_time += seconds
-        self.window_tokens, self.window_time = self.window_tokens + tokens, self.window_time + seconds
+        self.window_tokens += tokens
         self.loss_window.append(loss)
+
+    def close_window(self, device) -> None:
+        """Add the training time since the window opened to step_time and window_time, once the device
+        has finished the work queued so far (a GPU runs behind the host that issues its kernels)."""
+        synchronize(device)
+        now = time.perf_counter()
+        seconds = max(now - self.window_started - self.paused, 0.0)
+        self.step_time, self.window_time = self.step_time + seconds, self.window_time + seconds
+        self.window_started, self.paused = now, 0.0
+
+
+def as_floats(values: list) -> list[float]:
+    """Losses as floats: the device tensors among them copied to the host together (one synchronisation)."""
+    import torch
+
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return [float(v) for v in values]
+    copied = iter(torch.stack([t.detach().double() for t in tensors]).cpu().tolist())
+    return [next(copied) if torch.is_tensor(v) else float(v) for v in values]
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU, whose work is done when its call returns)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def checkpoint_state(run: TuneRun, state: TrainState) -> dict:
@@ -377,8 +458,10 @@ def checkpoint_state(run: TuneRun, state: TrainState) -> dict:
     return {"step": state.step, "epoch": state.epoch, "position": state.position, "config": run.relevant,
             "base": run.base_key, "config_hash": config_hash(run.relevant), "data_hash": run.data.data_hash,
             "best": state.best, "best_step": state.best_step, "bad_evals": state.bad_evals,
-            "stopped_early": state.stopped_early, "loss_window": state.loss_window, "last_loss": state.last_loss,
-            "total_steps": run.total_steps, "done": state.so_far(), "time": time.time()}
+            "stopped_early": state.stopped_early, "loss_window": as_floats(state.loss_window),
+            "last_loss": state.last_loss,
+            "total_steps": run.total_steps, "done": state.so_far(), "time": time.time(),
+            "batch_size": run.cfg.batch_size}
 
 
 def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_dir: Path, *,
@@ -398,30 +481,48 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
                       device=device, context_window=context_window, trust_remote_code=trust_remote_code,
                       base_key=base_key or base_path, on_resume=on_resume)
     state = TrainState.resumed(run.saved, started)
-    with training_bar(progress and run.main) as bar:
+    cfg = run.cfg  # batch_size auto resolved to a number
+    feeder = None
+    with training_bar(progress and run.main) as bar, contextlib.ExitStack() as open_feeders:
         bar_task = bar.add_task(f"tune {cfg.method}", total=run.total_steps, completed=state.step, loss="-", tps="-")
         order_epoch, batches = None, []
+        state.window_started = time.perf_counter()
         while state.step < run.total_steps and not state.stopped_early:
             if order_epoch != state.epoch:
                 lengths = [len(f["input_ids"]) for f in run.data.features]
                 order_epoch = state.epoch
                 batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
-            lr = optimizer_step(run, state, batches[state.position:state.position + cfg.grad_accum])
-            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
-                report_losses(run, state, lr, log, bar, bar_task)
-            if cfg.eval_every and state.step % cfg.eval_every == 0:
-                validate_and_track_best(run, state, log)
-            bar.update(bar_task, completed=state.step)
-            if run.main and (state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps
-                             or state.stopped_early):
-                state.settle_last_loss()  # the loss of steps since the last log line
-                save_checkpoint(run.ckpt_root, state.step, run.inner, run.optimizer, run.scheduler,
-                                checkpoint_state(run, state))
+                if feeder is not None:
+                    feeder.close()
+                feeder = open_feeders.enter_context(micro_batches(run, batches[state.position:]))
+            lr = optimizer_step(run, state, batches[state.position:state.position + cfg.grad_accum], feeder)
+            after_step(run, state, lr, log, bar, bar_task)
+        state.close_window(run.accel.device)
     run.accel.wait_for_everyone()
     for handle in run.release_hooks:
         handle.remove()
     state.settle_last_loss()
     return Trained(run.inner, run.tok, run.kind, run.window, run.accel.device, run.main, run_summary(run, state))
+
+
+def after_step(run: TuneRun, state: TrainState, lr: float, log, bar, bar_task) -> None:
+    """Log, validate and checkpoint when their step comes; validating and saving are not training time."""
+    cfg = run.cfg
+    if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+        report_losses(run, state, lr, log, bar, bar_task)
+    if cfg.eval_every and state.step % cfg.eval_every == 0:
+        started = time.perf_counter()
+        validate_and_track_best(run, state, log)
+        state.paused += time.perf_counter() - started
+    bar.update(bar_task, completed=state.step)
+    if run.main and (state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps
+                     or state.stopped_early):
+        state.close_window(run.accel.device)  # the checkpoint records the time trained so far
+        started = time.perf_counter()
+        state.settle_last_loss()  # the loss of steps since the last log line
+        save_checkpoint(run.ckpt_root, state.step, run.inner, run.optimizer, run.scheduler,
+                        checkpoint_state(run, state))
+        state.paused += time.perf_counter() - started
 
 
 def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: str, ckpt_root: Path, *,
@@ -436,13 +537,25 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
     # Causal labels mirror the inputs position by position, so both take the same width.
     pad_multiple = (1, 1) if on_cpu else (64, 16) if kind == "seq2seq" else (64, 64)
     data = _encode_data(cfg, model, tok, kind, window, template, system, train_examples, eval_examples, gen_cfg)
+    data.scored = [scored_tokens(f, kind) for f in data.features]
+    data.useful = [useful_tokens([f], kind) for f in data.features]
     relevant = {k: v for k, v in cfg.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
     ckpt, saved = _open_checkpoints(accel, ckpt_root, resume, relevant, data.data_hash, base_path, base_key,
                                     on_resume)
-    model, release_hooks = _ready_model(cfg, model, tok, kind, base_path, ckpt, data.features, on_cpu)
+    # batch_size auto is not known yet: judged at the largest batch the search may choose
+    largest = min(len(data.features), AUTO_CEILING) if cfg.batch_size == "auto" else cfg.batch_size
+    release = on_cpu and worth_releasing(model.config, kind, data.features, largest)
+    model, release_hooks = _ready_model(cfg, model, tok, kind, base_path, ckpt, data.features, release)
     trainable, total = parameter_counts(model)
+    auto = None
+    if cfg.batch_size == "auto":  # one process (checked): the model goes to its device first, to be measured
+        model = accel.prepare(model)
+        cfg, auto = auto_batch_size(cfg, model, kind, data.features, tok.pad_token_id, accel.device, saved)
     params, optimizer, scheduler, n_batches, steps_per_epoch, total_steps = _optimizer(cfg, model, data.features)
-    model, optimizer = accel.prepare(model, optimizer)
+    if auto is None:
+        model, optimizer = accel.prepare(model, optimizer)
+    else:
+        optimizer = accel.prepare(optimizer)
     if ckpt is not None:
         restore_training_state(load_trainer_state(ckpt), optimizer, scheduler)
     inner = accel.unwrap_model(model)
@@ -452,7 +565,7 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
     # own beside them. Not after the optimizer step: the next forward reuses that memory as it is, and
     # handing it back would only make it fault in again. Peak RSS of a LoRA step drops by hundreds of
     # MB; the computation is untouched. Not on GPUs, whose activations are not on this heap.
-    trim = memory.release_free_memory if on_cpu else (lambda: None)
+    trim = memory.release_free_memory if release else (lambda: None)
     # With gradient checkpointing the vocabulary logits are recomputed too, a chunk at a time
     # (sum_loss_chunked), once a check on the first examples shows it gives the same loss.
     head = None
@@ -462,12 +575,92 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
             head = chunkable_head(inner, model, probe, kind)
         del probe
     trim()
+    compiled = compile_step(cfg, head)
+    packed = use_packing(cfg, inner, kind, data.features, tok.pad_token_id)
     return TuneRun(cfg=cfg, accel=accel, model=model, inner=inner, tok=tok, kind=kind, window=window,
                    pad_multiple=pad_multiple, data=data, params=params, optimizer=optimizer, scheduler=scheduler,
                    n_batches=n_batches, steps_per_epoch=steps_per_epoch, total_steps=total_steps, head=head,
                    trim=trim, release_hooks=release_hooks, trainable_params=trainable, total_params=total,
                    base_path=base_path, base_key=base_key, relevant=relevant, ckpt_root=ckpt_root, ckpt=ckpt,
-                   saved=saved, task=task, gen_cfg=gen_cfg)
+                   saved=saved, task=task, gen_cfg=gen_cfg, loss=step_loss(model, kind, head, accel, compiled),
+                   compiled=compiled, packed=packed, auto_batch=auto)
+
+
+def auto_batch_size(cfg, model, kind: str, features: list[dict], pad_id: int, device, saved: dict):
+    """(cfg with batch_size auto replaced by the largest micro-batch of the longest examples whose
+    forward and backward fit in memory, the search's facts). A resumed run keeps the size its
+    checkpoint records: a new search could find another, and the data order depends on it."""
+    if saved.get("batch_size"):
+        return cfg.model_copy(update={"batch_size": saved["batch_size"]}), {"chosen": saved["batch_size"],
+                                                                             "from": "checkpoint"}
+    longest = sorted(features, key=lambda f: -(len(f["input_ids"]) + len(f["labels"])))
+    base = {"mb": 0.0}
+
+    def try_batch(n: int) -> None:
+        batch = {k: v.to(device) for k, v in collate(longest[:n], pad_id).items()}
+        batch_finder.reset_peak_memory(device)  # the peak restarts at what the model alone takes now
+        base["mb"] = batch_finder.peak_memory_mb(device) or 0.0
+        try:
+            with rng_preserved():
+                sum_loss(model, batch, kind, count=False)[0].backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    limit = cfg.max_memory_mb or (None if getattr(device, "type", "") == "cuda" else 0.8 * memory.available_mb())
+    measure = (lambda: batch_finder.peak_memory_mb(device) - base["mb"]) if limit else None
+    chosen, trials = batch_finder.find_batch_size(try_batch, start=1, ceiling=min(len(features), AUTO_CEILING),
+                                                  limit_mb=limit, measure=measure)
+    notice(f"tune: batch_size auto: {chosen} (tried {', '.join(str(t['batch_size']) for t in trials)} of the "
+           f"longest examples" + (f" against {limit:,.0f} MB above the model)" if limit else " until out of memory)"))
+    return cfg.model_copy(update={"batch_size": chosen}), {"chosen": chosen, "limit_mb": limit, "trials": trials}
+
+
+def use_packing(cfg, inner, kind: str, features: list[dict], pad_id: int) -> bool:
+    """Whether to pack: `packing` when set, else where attention is computed per packed sequence
+    (flash_attention_2's varlen kernels); and only once the first examples give the padded loss."""
+    if kind != "causal" or cfg.packing is False:
+        return False
+    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if cfg.packing is None and attention != "flash_attention_2":
+        return False
+    if packing_supported(inner, features, pad_id, sum_loss):
+        return True
+    notice(f"tune: packing is off: on the first examples this model ({attention} attention) gives another loss "
+           "packed than padded (it does not keep packed examples apart); training pads instead")
+    return False
+
+
+def compile_step(cfg, head) -> bool:
+    """Whether the step's forward and loss run through torch.compile (fewer, fused kernels; the host
+    issues one graph instead of every op): `compile` when set. Off by default everywhere for now: on a
+    CPU short runs would spend their first steps compiling, and on a GPU it is to become the default
+    once it has been measured there (no GPU has run it yet). Not with the chunked loss, whose per-chunk
+    checkpoints and data-dependent chunk count compile badly."""
+    wanted = bool(cfg.compile)
+    if wanted and head is not None:
+        notice("tune: compile is off with gradient_checkpointing's chunked loss (its chunks compile badly)")
+        return False
+    return wanted
+
+
+def step_loss(model, kind: str, head, accel, compiled: bool = False) -> Callable:
+    """batch -> the summed token loss of the training step: sum_loss, or sum_loss_chunked under
+    autocast when the head is chunked; compiled once when asked (recompiled only for new shapes, which
+    collate's GPU padding multiples keep to a few)."""
+    if head is not None:
+        def chunked(batch):
+            with accel.autocast():
+                return sum_loss_chunked(model, batch, kind, head, count=False)[0]
+        return chunked
+
+    def plain(batch):
+        return sum_loss(model, batch, kind, count=False)[0]
+
+    if not compiled:
+        return plain
+    import torch
+
+    return torch.compile(plain)
 
 
 def _accelerator(cfg, device: str):
@@ -482,7 +675,10 @@ def _accelerator(cfg, device: str):
     precision = getattr(cfg, "precision", "auto")
     bf16 = precision == "bfloat16" or (precision == "auto" and not on_cpu and torch.cuda.is_bf16_supported())
     accel = Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 else "no")
-    if cfg.batch_size < accel.num_processes:
+    if cfg.batch_size == "auto" and accel.num_processes > 1:
+        raise UserError(f"tune: batch_size auto measures one process's memory; under {accel.num_processes} "
+                        "processes give a number (the micro-batch over all processes together)")
+    if cfg.batch_size != "auto" and cfg.batch_size < accel.num_processes:
         raise UserError(f"tune: batch_size {cfg.batch_size} is smaller than the {accel.num_processes} processes "
                         "sharing each batch; raise batch_size")
     return accel, on_cpu
@@ -557,7 +753,7 @@ def _open_checkpoints(accel, ckpt_root: Path, resume: bool, relevant: dict, data
 
 
 def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, features: list[dict],
-                 on_cpu: bool):
+                 release: bool):
     """(the model seeded, wrapped for the method and in train mode with the checkpoint's weights if any,
     the release hooks on CPU)."""
     import numpy as np
@@ -574,7 +770,7 @@ def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, 
     if ckpt is not None:
         model = _load_weights(model, ckpt, cfg.method, torch.float32)
     # see `trim` in prepare_run; removed before fit returns, so the trained model carries no hooks
-    release_hooks = release_between_backward_phases(model, memory.release_free_memory) if on_cpu else []
+    release_hooks = release_between_backward_phases(model, memory.release_free_memory) if release else []
     if cfg.method == "prompt_tuning":  # peft accepts some models it cannot run; find out now
         try:
             model.eval()
@@ -604,9 +800,9 @@ def _optimizer(cfg, model, features: list[dict]):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = adamw(groups, cfg.lr)
     n_batches = len(length_grouped_batches([len(f["input_ids"]) for f in features], cfg.batch_size, cfg.seed, 0))
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs else cfg.max_steps
@@ -616,67 +812,120 @@ def _optimizer(cfg, model, features: list[dict]):
     return params, optimizer, scheduler, n_batches, steps_per_epoch, total_steps
 
 
-def optimizer_step(run: TuneRun, state: TrainState, micro: list[list[int]]) -> float:
-    """One optimizer step over the micro-batches `micro` (rows of run.data.features), recorded in `state`;
-    returns the learning rate it used."""
+def optimizer_step(run: TuneRun, state: TrainState, micro: list[list[int]], feeder) -> float:
+    """One optimizer step over the micro-batches `micro` (rows of run.data.features, collated ahead by
+    `feeder`: micro_batches), recorded in `state`; returns the learning rate it used. Nothing in it
+    waits for the device: the loss stays a device tensor until a log line reads it."""
     import torch.distributed as dist
 
-    t0 = time.perf_counter()
-    features = run.data.features
-    n_scored = sum(scored_tokens(features[i], run.kind) for b in micro for i in b)  # the whole step's
-    local = _accumulate_gradients(run, micro, n_scored)
+    import torch
+
+    rows = [i for b in micro for i in b]
+    n_scored = sum(run.data.scored[i] for i in rows)  # the whole step's, over all processes
+    loss, tokens = _accumulate_gradients(run, micro, n_scored, feeder)
     if run.world > 1:
-        dist.all_reduce(local)
+        dist.all_reduce(loss)
+    optimizer = run.optimizer.optimizer if run.direct else run.optimizer  # the torch optimizer inside
     if run.cfg.grad_clip > 0:
-        run.accel.clip_grad_norm_(run.params, run.cfg.grad_clip)
+        clip = torch.nn.utils.clip_grad_norm_ if run.direct else run.accel.clip_grad_norm_
+        clip(run.params, run.cfg.grad_clip)
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
+    optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    dt = time.perf_counter() - t0
-    useful = useful_tokens([features[i] for b in micro for i in b], run.kind)
-    state.record_step(len(micro), run.n_batches, int(local[1]), useful, dt, float(local[0]) / max(n_scored, 1))
+    optimizer.zero_grad(set_to_none=True)
+    useful = sum(run.data.useful[i] for i in rows)
+    state.record_step(len(micro), run.n_batches, tokens, useful, loss / max(n_scored, 1))
     return lr
 
 
-def _accumulate_gradients(run: TuneRun, micro: list[list[int]], n_scored: int):
+def _accumulate_gradients(run: TuneRun, micro: list[list[int]], n_scored: int, feeder):
     """Forward and backward over this process's rows of each micro-batch, the gradient scaled so that the
-    all-reduced one is the token-weighted mean's over the whole step; returns this process's
-    (summed loss, padded tokens) as a float64 tensor."""
+    all-reduced one is the token-weighted mean's over the whole step; returns (this process's summed
+    loss as a float64 device tensor, the padded tokens all processes computed on)."""
     import torch
 
     accel, world = run.accel, run.world
-    local = torch.zeros(2, dtype=torch.float64)  # summed loss, padded tokens: this process's share
-    for j, rows in enumerate(micro):
-        mine, weight = rows[run.rank::world], 1.0
-        if not mine:  # a short last batch: join the gradient all-reduce with a zero-weight row
-            mine, weight = rows[:1], 0.0
-        batch = {k: v.to(accel.device) for k, v in collate([run.data.features[i] for i in mine],
-                                                         run.tok.pad_token_id, run.pad_multiple).items()}
+    loss = torch.zeros((), dtype=torch.float64, device=accel.device)
+    tokens = 0
+    for j in range(len(micro)):
+        host_batch, weight, padded = feeder.next()
+        batch = {k: v.to(accel.device, non_blocking=True) for k, v in host_batch.items()}
         sync = accel.no_sync(run.model) if j < len(micro) - 1 else contextlib.nullcontext()
         with sync:
-            if run.head is not None:
-                with accel.autocast():
-                    s, _ = sum_loss_chunked(run.model, batch, run.kind, run.head)
-            else:
-                s, _ = sum_loss(run.model, batch, run.kind)
+            s = run.loss(batch)
             run.trim()  # the forward's temporaries are freed; what backward needs is saved
             # DDP averages gradients over processes; times world, the sum over them remains
-            accel.backward(s * (weight * world / max(n_scored, 1)))
-        local += torch.tensor([float(s.detach()) * weight, padded_tokens(batch, run.kind) * weight],
-                              dtype=torch.float64)
-    return local
+            scaled = s * (weight * world / max(n_scored, 1))
+            scaled.backward() if run.direct else accel.backward(scaled)
+        loss += s.detach().double() * weight
+        tokens += padded
+    return loss, tokens
+
+
+def adamw(groups: list[dict], lr: float):
+    """AdamW with one fused kernel per step for all parameters (CPU and GPU, torch >= 2.4) instead of a
+    few per tensor; the unfused implementation for parameters the fused kernel does not take."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr)
+
+
+def micro_batches(run: TuneRun, batches: list[list[int]]) -> Prefetcher:
+    """This process's share of each micro-batch of `batches`, collated (and pinned, for a GPU) ahead:
+    (the batch on the host, its weight: 0 for a zero-weight row that joins the all-reduce of a short last
+    batch, the padded tokens of every process's share)."""
+    pin = run.accel.device.type == "cuda"
+
+    def make(i: int):
+        rows = batches[i]
+        mine, weight = rows[run.rank::run.world], 1.0
+        if not mine:  # a short last batch: join the gradient all-reduce with a zero-weight row
+            mine, weight = rows[:1], 0.0
+        share = [run.data.features[k] for k in mine]
+        batch = (pack(share, run.tok.pad_token_id, run.pad_multiple[0]) if run.packed
+                 else collate(share, run.tok.pad_token_id, run.pad_multiple))
+        if pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch, weight, padded_size(run, rows)
+
+    return Prefetcher(make, len(batches))
+
+
+def padded_size(run: TuneRun, rows: list[int]) -> int:
+    """Tokens all processes compute on for a micro-batch (each pads its share: collate), from the
+    lengths alone: no process needs to be told the others' counts."""
+    def up(n: int, m: int) -> int:
+        return -(-n // m) * m
+
+    total = 0
+    for rank in range(run.world):
+        share = [run.data.features[i] for i in rows[rank::run.world]]
+        if share and run.packed:  # one row, padded only at its end
+            total += up(sum(len(f["input_ids"]) for f in share), run.pad_multiple[0])
+        elif share:
+            total += len(share) * up(max(len(f["input_ids"]) for f in share), run.pad_multiple[0])
+            if run.kind == "seq2seq":
+                total += len(share) * up(max(len(f["labels"]) for f in share), run.pad_multiple[1])
+    return total
 
 
 def report_losses(run: TuneRun, state: TrainState, lr: float, log: Callable[[dict], None] | None,
                   bar, bar_task) -> None:
     """The mean loss and token rate since the last log line, to the progress bar and `log`."""
+    state.close_window(run.accel.device)
     state.settle_last_loss()
-    tokens_per_s = state.window_tokens / state.window_time
+    tokens_per_s = state.window_tokens / state.window_time if state.window_time else 0.0
+    # the peak of this window's steps (GPU: torch's allocations; CPU: resident memory), then a new window
+    peak = memory.peak_mb(run.accel.device)
+    state.peak_mb = max(state.peak_mb, peak)
+    memory.reset_peak(run.accel.device)
     bar.update(bar_task, loss=f"{state.last_loss:.4f}", tps=f"{tokens_per_s:,.0f}")
     if run.main and log is not None:
         log({"step": state.step, "epoch": round(state.epoch + state.position / run.n_batches, 4),
-             "loss": state.last_loss, "lr": lr, "tokens_per_s": tokens_per_s})
+             "loss": state.last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "peak_memory_mb": round(peak, 1)})
     state.loss_window, state.window_tokens, state.window_time = [], 0, 0.0
 
 
@@ -740,4 +989,7 @@ def run_summary(run: TuneRun, state: TrainState) -> dict:
                                 if whole_run["step_time"] else None),
         "world_size": run.world, "resumed_from": resumed_from(run.ckpt, run.saved),
         "chunked_loss": run.head is not None,  # the vocabulary logits recomputed chunk by chunk
+        "train_peak_memory_mb": round(state.peak_mb, 1),  # the highest logged window's peak
+        "compiled": run.compiled, "packed": run.packed, "batch_size": run.cfg.batch_size,
+        "batch_size_auto": run.auto_batch,
     }

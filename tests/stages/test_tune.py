@@ -613,6 +613,11 @@ def test_releasing_free_memory_leaves_training_unchanged(tmp_path, monkeypatch, 
     calls = []
     real = llmcycle.core.memory.release_free_memory
     monkeypatch.setattr(llmcycle.core.memory, "release_free_memory", lambda: calls.append(1) or real())
+    from llmcycle.training import loop
+
+    assert not loop.worth_releasing(load_base(str(make_t5(tmp_path / "t5")), TuneConfig(max_steps=1))[0].config,
+                                    "seq2seq", [{"input_ids": [1] * 20, "labels": [1] * 5}], 4)  # a few kB
+    monkeypatch.setattr(loop, "RELEASE_MIN_ACTIVATION_MB", 0.0)  # these tiny models: release anyway
     kw = dict(steps=4, method=method, gradient_checkpointing=checkpointing, eval_every=2)
     released, _ = train(tmp_path / "a", arch, **kw)
     assert len(calls) == 1 + 4 * per_step + 2  # two validations: once each, their no_grad passes never

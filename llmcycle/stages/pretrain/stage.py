@@ -38,6 +38,7 @@ from llmcycle.stages.pretrain.data import (
     load_corpus,
     train_tokenizer,
 )
+from llmcycle.training.loop import adamw, as_floats
 from llmcycle.training.checkpoints import (
     check_same_run,
     config_hash,
@@ -184,7 +185,8 @@ def checkpoint_state(setup: PretrainSetup, state: PretrainState) -> dict:
     relevant = _relevant(setup.cfg)
     return {"step": state.step, "epoch": state.epoch, "position": state.position, "config_hash": config_hash(relevant),
             "config": relevant, "data_hash": setup.data_hash, "tokens_seen": state.tokens_seen,
-            "useful_tokens": state.useful_tokens, "loss_window": state.loss_window, "last_loss": state.last_loss,
+            "useful_tokens": state.useful_tokens, "loss_window": as_floats(state.loss_window),
+            "last_loss": state.last_loss,
             "total_steps": setup.total_steps, "time": time.time(), "done": state.so_far()}
 
 
@@ -291,9 +293,8 @@ def _model_and_optimizer(cfg: PretrainConfig, tokenizer, ckpt: Path | None, tota
 
     # no weight decay on biases and norm scales (1-d), the usual AdamW practice
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = adamw([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, "cosine"))
     if trainer_state is not None:
@@ -320,13 +321,15 @@ def optimizer_step(setup: PretrainSetup, state: PretrainState, order) -> float:
     setup.optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
     useful, total = batch_token_counts(batch, cfg.architecture)
-    state.record_step(setup.batches_per_epoch, total, useful, dt, float(loss.detach()))
+    # the loss stays a tensor until the log line reads the window's losses together (no wait per step)
+    state.record_step(setup.batches_per_epoch, total, useful, dt, loss.detach())
     return lr
 
 
 def report_losses(setup: PretrainSetup, state: PretrainState, lr: float, log: Callable[[dict], None] | None,
                   bar, bar_task) -> None:
     """The mean loss and token rates since the last log line, to the progress bar and `log`."""
+    state.loss_window = as_floats(state.loss_window)
     state.last_loss = sum(state.loss_window) / len(state.loss_window)
     metrics = {"step": state.step, "epoch": state.epoch, "loss": state.last_loss, "lr": lr,
                "tokens_per_s": state.window_tokens / state.window_time,
