@@ -71,6 +71,9 @@ class TuneConfig(Section):
         False, description="recompute activations in the backward pass instead of keeping them: less "
         "memory (activations dominate at long sequences), about a third more compute")
     merge: bool = Field(False, description="LoRA: also save the adapter merged into the base in artifacts/merged")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="the attention kernels to train with (default: the model's own, sdpa in transformers 5); "
+        "flash_attention_2 (CUDA, pip install flash-attn) computes packed examples apart and turns packing on")
     packing: bool | None = Field(
         None, description="causal models: each micro-batch's examples in one row without padding (position "
         "ids mark where each starts), once a check on the first examples gives the padded loss; default: on "
@@ -208,14 +211,32 @@ def load_base(path: str, cfg: TuneConfig, *, dtype: str = "auto", device: str = 
     never touched). An adapter folder as base is merged first, so tuning a tuned model works.
     Full fine-tuning keeps float32 master weights (half-precision AdamW updates underflow); mixed
     precision comes from autocast. Adapters leave the frozen base in the project's dtype."""
-    import torch
-
     if (Path(path) / ADAPTER_CONFIG).is_file():
         model, tok = load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device)
-        return model.merge_and_unload(), tok
+        return with_attention(model.merge_and_unload(), cfg.attention), tok
     if cfg.bits is None:
-        return load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device,
-                                 trust_remote_code=trust_remote_code)
+        model, tok = load_model(path, dtype="float32" if cfg.method == "full" else dtype, device=device,
+                                trust_remote_code=trust_remote_code)
+        return with_attention(model, cfg.attention), tok
+    return _load_quantized(path, cfg, trust_remote_code)
+
+
+def with_attention(model, attention: str | None):
+    """The model switched to `attention`'s kernels (transformers' set_attn_implementation), when asked."""
+    if attention is None:
+        return model
+    try:
+        model.set_attn_implementation(attention)
+    except (ImportError, ValueError) as exc:
+        hint = " (pip install flash-attn, on a CUDA GPU)" if attention == "flash_attention_2" else ""
+        raise UserError(f"tune attention: {attention} cannot be used with this model{hint}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return model
+
+
+def _load_quantized(path: str, cfg: TuneConfig, trust_remote_code: bool):
+    """QLoRA's base: 4-bit NF4 (or 8-bit) weights on this process's GPU, prepared for adapter training."""
+    import torch
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -230,7 +251,7 @@ def load_base(path: str, cfg: TuneConfig, *, dtype: str = "auto", device: str = 
         trust_remote_code=trust_remote_code)
     # casts norms to fp32 and enables input grads, as QLoRA needs
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model, models.load_tokenizer(path, trust_remote_code)
+    return with_attention(model, cfg.attention), models.load_tokenizer(path, trust_remote_code)
 
 
 def wrap(cfg: TuneConfig, model, kind: str, new_modules: list[str] = (), new_tokens: list[int] = ()):

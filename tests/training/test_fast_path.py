@@ -198,3 +198,16 @@ def test_batch_size_auto_says_what_to_do_when_not_even_one_example_fits(tmp_path
 
     with pytest.raises(UserError, match="not even a batch of 1 .* gradient_checkpointing"):
         logged_fit(tmp_path, base, steps=2, batch_size="auto", max_memory_mb=10)
+
+
+def test_attention_kernels_are_chosen_in_the_tune_config_and_a_missing_one_is_a_one_line_error(base):
+    from llmcycle.core.errors import UserError
+
+    model, _ = load_base(base, TuneConfig(max_steps=1, attention="eager"), device="cpu")
+    assert model.config._attn_implementation == "eager"
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here: the error for a missing kernel cannot be shown")
+    with pytest.raises(UserError, match=r"attention: flash_attention_2 cannot be used .*pip install flash-attn"):
+        load_base(base, TuneConfig(max_steps=1, attention="flash_attention_2"), device="cpu")
