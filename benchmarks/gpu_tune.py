@@ -129,7 +129,7 @@ def main() -> int:
             cfg = TuneConfig(method="full" if method == "full" else "lora", bits=4 if method == "qlora" else None,
                              lr=1e-4 if method == "full" else 1e-3, batch_size=args.batch_size,
                              max_steps=args.steps, log_every=10, checkpoint_every=10**9,
-                             seed=args.seed, compile=args.compile or None, **extra)
+                             seed=args.seed, compile=args.compile, **extra)
             logs: list[dict] = []
             torch.cuda.reset_peak_memory_stats()
             trained = fit(cfg, str(model_dir), examples, examples[:8], TEMPLATE, Path(tmp) / method,

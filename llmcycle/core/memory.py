@@ -28,9 +28,14 @@ _LIBC: list = []  # [the C library or None], resolved once
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
+def _on_cuda(device) -> bool:
+    """torch.device('cuda', 1), 'cuda:1' and 'cuda' alike."""
+    return str(getattr(device, "type", device) or "").split(":")[0] == "cuda"
+
+
 def reset_peak(device=None) -> bool:
     """Start measuring a new peak; False where the platform cannot (then the process peak is used)."""
-    if getattr(device, "type", device) == "cuda":
+    if _on_cuda(device):
         import torch
 
         torch.cuda.reset_peak_memory_stats()
@@ -43,8 +48,10 @@ def reset_peak(device=None) -> bool:
 
 
 def peak_mb(device=None) -> float:
-    """Peak memory since the last reset_peak: GPU memory allocated by torch, or resident set size."""
-    if getattr(device, "type", device) == "cuda":
+    """Peak memory since the last reset_peak: GPU memory allocated by torch (its tensors, not the
+    allocator's reserve nor the CUDA context), or the process's peak resident set size (VmHWM, which
+    reset_peak sets back; elsewhere ru_maxrss, which never goes down)."""
+    if _on_cuda(device):
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20

@@ -1,5 +1,4 @@
-"""`batch_size: auto` for tune: the largest micro-batch whose training step fits in memory, and the
-peak memory of one step.
+"""`batch_size: auto` for tune: the largest micro-batch whose training step fits in memory.
 
 find_batch_size doubles the batch from `start` until a step does not fit, then bisects between the
 last size that fitted and the first that did not. The caller's try_batch runs one real step (forward,
@@ -8,8 +7,7 @@ on shorter ones needs less, so a size that fits them fits every batch of the run
 an out-of-memory error, or a measured peak above a configured limit (which also makes the search
 testable on a CPU without exhausting its memory).
 
-The peak figures come from llmcycle.core.memory (reused, not repeated here); this module only maps a
-device to them and says which devices have no figure at all.
+The peak figures come from llmcycle.core.memory (reset_peak, peak_mb); the loop measures with them.
 """
 from __future__ import annotations
 
@@ -27,36 +25,6 @@ log = logging.getLogger(__name__)
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
 SHRINK_HINT = ("set gradient_checkpointing: true, use method: lora, or shorten the context window "
                "(model.context_window)")
-
-
-def _kind(device) -> str:
-    """'cuda' for torch.device('cuda:1'), 'cuda:1' or 'cuda'; likewise 'cpu', 'mps', ..."""
-    return str(getattr(device, "type", device) or "cpu").split(":")[0]
-
-
-def reset_peak_memory(device) -> bool:
-    """Start a new peak for peak_memory_mb(device), e.g. before each training step. True when the
-    peak was reset: always on CUDA, on a Linux CPU (the process's VmHWM is set back to its current
-    RSS); False on other CPUs, whose peak then stays the process's lifetime peak, and on devices
-    peak_memory_mb has no figure for."""
-    kind = _kind(device)
-    if kind not in ("cuda", "cpu"):
-        return False
-    return memory.reset_peak(kind)
-
-
-def peak_memory_mb(device) -> float | None:
-    """MiB at the peak since the last reset_peak_memory(device), or None where there is no figure.
-
-    CUDA: torch.cuda.max_memory_allocated, the tensors torch allocated on the current device (not the
-    caching allocator's reserve, nor the CUDA context: nvidia-smi shows more). CPU: the process's
-    peak resident set size, everything it holds, model and Python included: VmHWM on Linux, which
-    reset_peak_memory resets; elsewhere ru_maxrss, the lifetime high-water mark, which never goes
-    down. Other devices (mps, xpu, ...): None, since the process's RSS would not count their memory."""
-    kind = _kind(device)
-    if kind not in ("cuda", "cpu"):
-        return None
-    return memory.peak_mb(kind)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -105,7 +73,7 @@ def find_batch_size(try_batch: Callable[[int], None], *, start: int, ceiling: in
     try_batch(n): one training step on a batch of the n longest examples; it fails by raising an
     out-of-memory error (see is_out_of_memory; other errors propagate). If it steps an optimizer, the
     caller restores the weights afterwards. measure(): the peak MiB of the try just run (typically
-    try_batch starts with reset_peak_memory(device) and measure is peak_memory_mb(device)); with
+    try_batch starts with memory.reset_peak(device) and measure reads memory.peak_mb(device)); with
     limit_mb, a peak above it also means "does not fit". ceiling: the number of training examples,
     since a bigger batch than that never occurs. Trials: {"batch_size", "fits", "peak_mb"} in the
     order run (peak_mb None without measure or after an out-of-memory error).

@@ -48,11 +48,8 @@ def collate(features: list[dict], pad_id: int, multiple: tuple[int, int] = (1, 1
     and the allocator reuse what they built, instead of rebuilding for every batch length."""
     import torch
 
-    def up(n: int, m: int) -> int:
-        return -(-n // m) * m
-
-    width = up(max(len(f["input_ids"]) for f in features), multiple[0])
-    label_width = up(max(len(f["labels"]) for f in features), multiple[1])
+    width = round_up(max(len(f["input_ids"]) for f in features), multiple[0])
+    label_width = round_up(max(len(f["labels"]) for f in features), multiple[1])
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)
     labels = torch.full((len(features), label_width), IGNORE, dtype=torch.long)
@@ -91,7 +88,7 @@ def pack(features: list[dict], pad_id: int, multiple: int = 1) -> dict:
         ids += f["input_ids"]
         labels += [IGNORE] + list(f["labels"][1:])
         positions += range(n)
-    tail = -len(ids) % multiple
+    tail = round_up(len(ids), multiple) - len(ids)
     ids, labels, positions = ids + [pad_id] * tail, labels + [IGNORE] * tail, positions + list(range(tail))
 
     def row(values):
@@ -106,10 +103,21 @@ def useful_tokens(features: list[dict], kind: str) -> int:
     return n + sum(len(f["labels"]) for f in features) if kind == "seq2seq" else n
 
 
-def padded_tokens(batch: dict, kind: str) -> int:
-    """Tokens the model actually processes in a padded batch."""
-    n = batch["input_ids"].numel()
-    return n + batch["labels"].numel() if kind == "seq2seq" else n
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_size(features: list[dict], kind: str, multiple: tuple[int, int] = (1, 1), packed: bool = False) -> int:
+    """Tokens the model processes for these features as one batch: collate's padded shape (inputs, and
+    labels for seq2seq), or pack's single row; from the lengths alone, without building the tensors."""
+    if not features:
+        return 0
+    if packed:
+        return round_up(sum(len(f["input_ids"]) for f in features), multiple[0])
+    n = len(features) * round_up(max(len(f["input_ids"]) for f in features), multiple[0])
+    if kind == "seq2seq":
+        n += len(features) * round_up(max(len(f["labels"]) for f in features), multiple[1])
+    return n
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,

@@ -79,8 +79,8 @@ class TuneConfig(Section):
         "ids mark where each starts), once a check on the first examples gives the padded loss; default: on "
         "where attention runs per sequence (flash_attention_2), off where it would span the whole row (sdpa, "
         "eager: slower than padding)")
-    compile: bool | None = Field(
-        None, description="run the training step's forward and loss through torch.compile (the same losses "
+    compile: bool = Field(
+        False, description="run the training step's forward and loss through torch.compile (the same losses "
         "within 1e-3; off by default until measured on a GPU; on a CPU the first steps compile)")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training arithmetic: auto = bf16 autocast on GPUs with bf16, float32 on CPUs; "

@@ -42,6 +42,7 @@ from llmcycle.training.batches import (
     encode_examples,
     length_grouped_batches,
     pack,
+    padded_size,
     useful_tokens,
 )
 from llmcycle.training.checkpoints import (
@@ -236,10 +237,12 @@ def worth_releasing(config, kind: str, features: list[dict], batch_size: int) ->
     and layer, plus the logits and their gradient) reach RELEASE_MIN_ACTIVATION_MB."""
     parts = [getattr(config, "encoder", None), getattr(config, "decoder", None)]
     parts = [p for p in parts if p is not None] or [config]
-    width = sum(getattr(p, "hidden_size", None) or getattr(p, "d_model", None) or getattr(p, "n_embd", 0) or 0
-                for p in parts) // len(parts)
-    layers = sum((getattr(p, "num_hidden_layers", None) or getattr(p, "n_layer", None) or getattr(p, "num_layers", 0)
-                  or 0) + (getattr(p, "num_decoder_layers", None) or 0) for p in parts)
+    def first(p, *names) -> int:  # the size under whichever name this model family uses
+        return next((getattr(p, n) for n in names if getattr(p, n, None)), 0)
+
+    width = sum(first(p, "hidden_size", "d_model", "n_embd") for p in parts) // len(parts)
+    layers = sum(first(p, "num_hidden_layers", "n_layer", "num_layers") + first(p, "num_decoder_layers")
+                 for p in parts)
     vocab = max(getattr(p, "vocab_size", 0) or 0 for p in parts)
     longest = max(len(f["input_ids"]) + (len(f["labels"]) if kind == "seq2seq" else 0) for f in features)
     floats = longest * batch_size * (16 * width * max(layers, 1) + 3 * vocab)
@@ -598,8 +601,8 @@ def auto_batch_size(cfg, model, kind: str, features: list[dict], pad_id: int, de
 
     def try_batch(n: int) -> None:
         batch = {k: v.to(device) for k, v in collate(longest[:n], pad_id).items()}
-        batch_finder.reset_peak_memory(device)  # the peak restarts at what the model alone takes now
-        base["mb"] = batch_finder.peak_memory_mb(device) or 0.0
+        memory.reset_peak(device)  # the peak restarts at what the model alone takes now
+        base["mb"] = memory.peak_mb(device)
         try:
             with rng_preserved():
                 sum_loss(model, batch, kind, count=False)[0].backward()
@@ -607,7 +610,7 @@ def auto_batch_size(cfg, model, kind: str, features: list[dict], pad_id: int, de
             model.zero_grad(set_to_none=True)
 
     limit = cfg.max_memory_mb or (None if getattr(device, "type", "") == "cuda" else 0.8 * memory.available_mb())
-    measure = (lambda: batch_finder.peak_memory_mb(device) - base["mb"]) if limit else None
+    measure = (lambda: memory.peak_mb(device) - base["mb"]) if limit else None
     chosen, trials = batch_finder.find_batch_size(try_batch, start=1, ceiling=min(len(features), AUTO_CEILING),
                                                   limit_mb=limit, measure=measure)
     notice(f"tune: batch_size auto: {chosen} (tried {', '.join(str(t['batch_size']) for t in trials)} of the "
@@ -636,11 +639,10 @@ def compile_step(cfg, head) -> bool:
     CPU short runs would spend their first steps compiling, and on a GPU it is to become the default
     once it has been measured there (no GPU has run it yet). Not with the chunked loss, whose per-chunk
     checkpoints and data-dependent chunk count compile badly."""
-    wanted = bool(cfg.compile)
-    if wanted and head is not None:
+    if cfg.compile and head is not None:
         notice("tune: compile is off with gradient_checkpointing's chunked loss (its chunks compile badly)")
         return False
-    return wanted
+    return cfg.compile
 
 
 def step_loss(model, kind: str, head, accel, compiled: bool = False) -> Callable:
@@ -889,27 +891,16 @@ def micro_batches(run: TuneRun, batches: list[list[int]]) -> Prefetcher:
                  else collate(share, run.tok.pad_token_id, run.pad_multiple))
         if pin:
             batch = {k: v.pin_memory() for k, v in batch.items()}
-        return batch, weight, padded_size(run, rows)
+        return batch, weight, padded_global(run, rows)
 
     return Prefetcher(make, len(batches))
 
 
-def padded_size(run: TuneRun, rows: list[int]) -> int:
-    """Tokens all processes compute on for a micro-batch (each pads its share: collate), from the
-    lengths alone: no process needs to be told the others' counts."""
-    def up(n: int, m: int) -> int:
-        return -(-n // m) * m
-
-    total = 0
-    for rank in range(run.world):
-        share = [run.data.features[i] for i in rows[rank::run.world]]
-        if share and run.packed:  # one row, padded only at its end
-            total += up(sum(len(f["input_ids"]) for f in share), run.pad_multiple[0])
-        elif share:
-            total += len(share) * up(max(len(f["input_ids"]) for f in share), run.pad_multiple[0])
-            if run.kind == "seq2seq":
-                total += len(share) * up(max(len(f["labels"]) for f in share), run.pad_multiple[1])
-    return total
+def padded_global(run: TuneRun, rows: list[int]) -> int:
+    """Tokens all processes compute on for a micro-batch, each padding (or packing) its own share of the
+    rows: known to every process from the lengths, so none needs to be told the others' counts."""
+    return sum(padded_size([run.data.features[i] for i in rows[rank::run.world]], run.kind, run.pad_multiple,
+                           run.packed) for rank in range(run.world))
 
 
 def report_losses(run: TuneRun, state: TrainState, lr: float, log: Callable[[dict], None] | None,

@@ -171,7 +171,7 @@ def test_batch_size_auto_takes_the_largest_batch_under_the_memory_limit_and_keep
 def fake_memory(monkeypatch):
     """A step's memory above the model: 30 MB per example of the batch (a CPU's resident memory barely
     moves for a tiny model, so the finder is tested against a memory it can be sure of)."""
-    from llmcycle.training import batch_finder
+    from llmcycle.core import memory
 
     rows = {"n": 0}
     real = loop.sum_loss
@@ -181,8 +181,8 @@ def fake_memory(monkeypatch):
         return real(model, batch, kind, count)
 
     monkeypatch.setattr(loop, "sum_loss", counting)
-    monkeypatch.setattr(batch_finder, "reset_peak_memory", lambda device: rows.update(n=0) or True)
-    monkeypatch.setattr(batch_finder, "peak_memory_mb", lambda device: 100.0 + 30.0 * rows["n"])
+    monkeypatch.setattr(memory, "reset_peak", lambda device=None: rows.update(n=0) or True)
+    monkeypatch.setattr(memory, "peak_mb", lambda device=None: 100.0 + 30.0 * rows["n"])
 
 
 def test_batch_size_auto_finds_the_largest_batch_under_a_fake_memory_limit(tmp_path, base, fake_memory):
