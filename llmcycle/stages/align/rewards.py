@@ -71,7 +71,9 @@ def program(completions: list[str], references: list[str], timeout_s: float = 5.
     golds = [reference_number(r, i) for i, r in enumerate(references)]
     values, failures = [], {}
     for completion, gold in zip(completions, golds):
-        result = run_program(extract_program(completion), timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)))
+        # The CPU limit sits a second above the wall-clock one so a busy loop is always counted as a
+        # timeout (with equal limits the two raced, and which one fired depended on the machine's load).
+        result = run_program(extract_program(completion), timeout_s=timeout_s, cpu_s=math.ceil(timeout_s) + 1)
         if not result.ok:
             failures[result.failure or "error"] = failures.get(result.failure or "error", 0) + 1
             values.append(0.0)
