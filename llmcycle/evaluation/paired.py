@@ -100,8 +100,9 @@ def mcnemar_p(a, b) -> float:
 
 
 def outcome_counts(a, b, metric: str) -> dict:
-    """Examples B does better / worse / the same on than A, in the metric's direction."""
-    sign = -1 if higher_is_better(metric) is False else 1
+    """Examples B does better / worse / the same on than A, in the metric's direction (a score that is no
+    registered metric, such as an alignment reward, is better higher)."""
+    sign = -1 if metric in METRIC_NAMES and higher_is_better(metric) is False else 1
     gains = [sign * (y - x) for x, y in zip(a, b)]
     return {"better": int(sum(g > 0 for g in gains)), "worse": int(sum(g < 0 for g in gains)),
             "tied": int(sum(g == 0 for g in gains))}

@@ -81,14 +81,14 @@ def test_toxicity_label_is_the_other_label_of_a_binary_classifier():
      r"unknown key 'align\.v\.betta' \(did you mean 'beta'\?\)"),
     # a key of another method is refused, naming whose it is
     ({"method": "ppo", "reward": "rm", "max_steps": 2, "beta": 0.2},
-     r"key 'align\.v\.beta': 'beta' applies to method dpo / orpo, not ppo"),
+     r"key 'align\.v\.beta': 'beta' applies to method dpo / orpo / grpo / rloo / kto, not ppo"),
     ({"method": "dpo", "data": "x.jsonl", "max_steps": 2, "init_kl_coef": 0.2},
      r"key 'align\.v\.init_kl_coef': 'init_kl_coef' applies to method ppo, not dpo"),
     ({"method": "reward_classifier", "data": "x.jsonl", "max_steps": 2, "policy": "base"},
-     r"'policy' applies to method ppo / dpo / orpo, not reward_classifier"),
+     r"'policy' applies to method ppo / dpo / orpo / grpo / rloo / kto, not reward_classifier"),
     # a wrong or missing method lists the methods; a value error names the key without the method tag
     ({"method": "reinforce"}, r"llmcycle\.yaml:\d+: key 'align\.v\.method': expected one of "
-     r"'reward_classifier', 'reward_pairwise', 'ppo', 'dpo' or 'orpo', got 'reinforce'"),
+     r"'reward_classifier', 'reward_pairwise', 'ppo', 'dpo', 'orpo', 'grpo', 'rloo' or 'kto', got 'reinforce'"),
     ({"max_steps": 2}, r"key 'align\.v\.method': is required but missing"),
     ({"method": "ppo", "reward": "rm", "max_steps": 2, "kl_horizon": 0},
      r"key 'align\.v\.kl_horizon': expected a value >= 1, got 0"),
@@ -273,3 +273,21 @@ def test_dpo_says_which_pairs_it_skipped_and_on_how_few_it_measured(tmp_path, ca
     printed = " ".join(capfd.readouterr().out.split())
     assert (f"dpo reward accuracy: {trained['reward_accuracy']:.3f} on {trained['measured_pairs']} held-out pairs; "
             "trained on 18 pairs; skipped: 1 identical, 1 empty, 1 over_max_prompt_length") in printed
+
+
+def test_kto_variant_on_labelled_completions_end_to_end(tmp_path):
+    """KTO from the labelled text as unpaired feedback (not_toxic desirable) on a tiny GPT-2, evaluated
+    before and after like every policy variant; a seq2seq policy is refused before any training."""
+    from llmcycle.project import lifecycle
+
+    kto = {"method": "kto", "data": "labelled.jsonl", "prompt_field": "text", "completion_field": "label",
+           "label_field": "label", "desirable": ["not_toxic"], "max_steps": 2, "batch_size": 4, "lr": 1e-3,
+           "r": 4, "alpha": 8, "eval_limit": 6}
+    project = load_project(make_project(tmp_path / "gpt2", {"k": kto}, arch="gpt2"))
+    s = lifecycle.execute(project, "align", "k", progress=False).summary
+    assert s["training"]["desirable"] == 30 and s["training"]["undesirable"] == 30
+    assert s["training"]["steps"] == 2 and s["paired"]["n_common"] == 6
+    assert 0 <= s["headline_before"] <= 1 and 0 <= s[s["headline"]] <= 1
+    project = load_project(make_project(tmp_path / "t5", {"k": kto}))
+    with pytest.raises(UserError, match="KTOTrainer trains causal models only"):
+        lifecycle.execute(project, "align", "k", progress=False)

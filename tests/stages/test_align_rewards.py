@@ -71,7 +71,7 @@ def test_rewards_combine_with_weights_and_report_each_ones_mean_and_std():
              "short": {"kind": "length", "target": 2, "weight": 0.5}}
     total, stats = rw.combine(specs, ["q"] * 2, ["#### 72", "well well well then 70"], [GSM] * 2)
     assert total == [2.0, 0.5 * -1.0]
-    assert stats["answer"] == {"mean": 0.5, "std": 0.5, "weight": 2.0, "failures": {}}
+    assert stats["answer"] == {"mean": 0.5, "std": 0.5, "weight": 2.0, "failures": {}, "values": [1.0, 0.0]}
     assert stats["short"]["mean"] == -0.5
     with pytest.raises(UserError, match="no rewards configured"):
         rw.combine({}, [], [], [])
@@ -103,3 +103,15 @@ def test_the_k3_kl_estimator_by_hand():
     expected = [math.exp(d) - d - 1 for d in (0.0, 1.0, -1.0)]
     assert rw.kl_k3(logp, ref).tolist() == pytest.approx(expected)
     assert (rw.kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_a_reward_model_scores_each_completion():
+    class LengthModel:  # stands in for a loaded RewardModel: one score per text
+        def score(self, texts):
+            return [float(len(t)) for t in texts]
+
+    total, stats = rw.combine({"rm": {"kind": "reward_model", "weight": 0.5}}, ["p", "p"], ["ab", "abcd"], ["", ""],
+                              {"rm": LengthModel()})
+    assert total == [1.0, 2.0] and stats["rm"]["values"] == [2.0, 4.0]
+    with pytest.raises(UserError, match="no reward model loaded"):
+        rw.combine({"rm": {"kind": "reward_model"}}, ["p"], ["a"], [""])

@@ -269,29 +269,46 @@ class _CheckpointWeights:
             t.policy.save_pretrained(path, save_embedding_layers=False)
         else:  # save_model handles tied weights (T5's shared embeddings) and load_model restores them
             save_model(t.policy, str(Path(path) / FULL_POLICY_FILE))
-        save_file({k: v.contiguous() for k, v in t.value_head.state_dict().items()}, str(Path(path) / VALUE_HEAD_FILE))
+        if t.value_head is not None:
+            save_file({k: v.contiguous() for k, v in t.value_head.state_dict().items()},
+                      str(Path(path) / VALUE_HEAD_FILE))
 
 
 class PPOTrainer:
     """PPO on one policy. `reward_fn(prompts, responses)` returns one float per response (higher = better).
 
     For a full policy the reference is a frozen copy taken here, so construct the trainer with the
-    initial policy, also when resuming (load_checkpoint then puts the trained weights in)."""
+    initial policy, also when resuming (load_checkpoint then puts the trained weights in).
+
+    Group-relative methods (grpo.GroupTrainer) derive from this class: they share the rollout, the
+    log-prob forward passes, the reference, the training loop and the checkpoints, and replace `step`."""
+
+    label = "ppo"  # names the method in messages and the progress bar
+    uses_value_head = True  # the critic; GRPO / RLOO have none
+
+    def check(self, settings) -> None:
+        check_settings(settings)
+
+    def kl_controller(self, settings):
+        """The KL coefficient's schedule (checkpoints keep it)."""
+        if settings.adaptive_kl:
+            return AdaptiveKLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
+        return FixedKLController(settings.init_kl_coef)
 
     def __init__(self, policy, tokenizer, kind: str | None, reward_fn: Callable[[list[str], list[str]], list[float]],
                  settings: PPOSettings, *, prompt_encoder: Callable[[str], list[int]] | None = None,
                  window: int | None = None):
         import torch
 
-        check_settings(settings)
+        self.check(settings)
         if tokenizer is None:
-            raise UserError("ppo: the policy has no tokenizer (save one with the model, or pass it)")
+            raise UserError(f"{self.label}: the policy has no tokenizer (save one with the model, or pass it)")
         actual = model_kind(policy.config)
         if kind is not None and kind != actual:
-            raise UserError(f"ppo: kind '{kind}' given, but the policy is a {actual} model")
+            raise UserError(f"{self.label}: kind '{kind}' given, but the policy is a {actual} model")
         self.eos_ids = stop_ids(policy, tokenizer, actual)  # what generation stops on, as when served
         if not self.eos_ids:
-            raise UserError("ppo: the model has no eos token (config.json, generation_config.json or the "
+            raise UserError(f"{self.label}: the model has no eos token (config.json, generation_config.json or the "
                             "tokenizer's eos_token); responses could never end")
         self.policy, self.tokenizer, self.kind, self.reward_fn, self.s = policy, tokenizer, actual, reward_fn, settings
         self.encode = prompt_encoder or (lambda text: encode_prompt(tokenizer, text, actual))
@@ -311,14 +328,15 @@ class PPOTrainer:
         policy.eval()  # no dropout: see the module docstring
         trainable = [p for p in policy.parameters() if p.requires_grad]
         if not trainable:
-            raise UserError("ppo: the policy has no trainable parameters")
-        self.value_head = value_head(policy.config.get_text_config().hidden_size, settings.seed).to(self.device)
+            raise UserError(f"{self.label}: the policy has no trainable parameters")
+        self.value_head = (value_head(policy.config.get_text_config().hidden_size, settings.seed).to(self.device)
+                           if self.uses_value_head else None)
+        heads = list(self.value_head.parameters()) if self.value_head is not None else []
         # fused: one kernel for all tensors; on CPU the per-tensor loop takes several times longer
         fused = self.device.type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in trainable)
-        self.optimizer = torch.optim.Adam(trainable + list(self.value_head.parameters()), lr=settings.lr,
+        self.optimizer = torch.optim.Adam(trainable + heads, lr=settings.lr,
                                           fused=fused or None)
-        self.kl_ctl = (AdaptiveKLController(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
-                       if settings.adaptive_kl else FixedKLController(settings.init_kl_coef))
+        self.kl_ctl = self.kl_controller(settings)
         self.steps_done = 0
         self._encoded: dict[str, list[int]] = {}
 
@@ -330,11 +348,11 @@ class PPOTrainer:
             if text not in self._encoded:
                 ids = list(self.encode(text))
                 if not ids:
-                    raise UserError(f"ppo: prompt {i} encodes to no tokens")
+                    raise UserError(f"{self.label}: prompt {i} encodes to no tokens")
                 room = self.s.max_new_tokens if self.kind == "causal" else 0
                 if len(ids) + room > self.window:
-                    raise UserError(f"ppo: prompt {i} has {len(ids)} tokens; with {room} new tokens that is over "
-                                    f"the context window of {self.window} (prompts are not truncated)")
+                    raise UserError(f"{self.label}: prompt {i} has {len(ids)} tokens; with {room} new tokens that is "
+                                    f"over the context window of {self.window} (prompts are not truncated)")
                 self._encoded[text] = ids
             out.append(self._encoded[text])
         return out
@@ -521,6 +539,10 @@ class PPOTrainer:
             out.append(orders[epoch][i])
         return out
 
+    def step_on(self, prompts: list[str], indices: list[int]) -> dict:
+        """One step on the prompts at `indices` (a subclass may hand the step more than the prompts)."""
+        return self.step([prompts[i] for i in indices])
+
     def _run_identity(self, prompts: list[str]) -> tuple[dict, str, dict]:
         config = {k: v for k, v in self.s.model_dump().items() if k not in NOT_TRAINING_RELEVANT}
         return config, config_hash(prompts), {"kind": self.kind, "policy": "adapter" if self.is_peft else "full"}
@@ -534,7 +556,7 @@ class PPOTrainer:
         called once a resume is accepted."""
 
         if not prompts:
-            raise UserError("ppo: no prompts to train on")
+            raise UserError(f"{self.label}: no prompts to train on")
         self.encode_prompts(prompts)  # every prompt checked before the first step
         config, data_hash, extra = self._run_identity(prompts)
         root = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -551,10 +573,10 @@ class PPOTrainer:
             return {"config": config, "data_hash": data_hash, **extra, "history": history,
                     "seconds": seconds_before + time.perf_counter() - t0, "time": time.time()}
 
-        with bar(self.s.steps, "ppo", enabled=progress, unit="step") as advance:
+        with bar(self.s.steps, self.label, enabled=progress, unit="step") as advance:
             advance(self.steps_done)
             while self.steps_done < self.s.steps:
-                stats = self.step([prompts[i] for i in self.batch_for(len(prompts), self.steps_done)])
+                stats = self.step_on(prompts, self.batch_for(len(prompts), self.steps_done))
                 history.append(stats)
                 last = self.steps_done == self.s.steps
                 if log is not None and (self.steps_done % self.s.log_every == 0 or last):
@@ -580,7 +602,7 @@ class PPOTrainer:
         if not (path / "state.json").is_file():
             found = latest_checkpoint(path)
             if found is None:
-                raise UserError(f"ppo: no checkpoint in {path}")
+                raise UserError(f"{self.label}: no checkpoint in {path}")
             path = found
         state, trainer_state = read_state(path), load_trainer_state(path)
         weights = path / "model"
@@ -593,7 +615,8 @@ class PPOTrainer:
                     raise ValueError(f"unexpected adapter weights {result.unexpected_keys[:3]}")
             else:
                 load_model(self.policy, str(weights / FULL_POLICY_FILE))
-            self.value_head.load_state_dict(load_file(str(weights / VALUE_HEAD_FILE)))
+            if self.value_head is not None:
+                self.value_head.load_state_dict(load_file(str(weights / VALUE_HEAD_FILE)))
             restore_training_state(trainer_state, self.optimizer, self.kl_ctl)
         except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
             raise unusable(path, exc) from None

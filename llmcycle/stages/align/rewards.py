@@ -11,7 +11,9 @@ step's log line. The verifiable ones check an answer rather than judge it:
   with the reference's. A program that fails or times out scores 0 and is counted;
 - format: 1 where a regular expression matches the completion (re.search; anchor it with ^ and $);
 - length: 0 up to a target number of words, then minus the excess as a share of the target (-1 at most);
-- python: the user's own `module:function`, called with prompts=, completions=, references=.
+- python: the user's own `module:function`, called with prompts=, completions=, references=;
+- reward_model: a trained reward model (run:align/NAME: a classifier with its label, or a pairwise
+  model) scores each completion's text, as PPO's reward does.
 
 Group statistics: GRPO's advantage is a completion's reward minus its group's mean (divided by the
 group's std when asked); RLOO's is its reward minus the mean of the group's other completions. A group
@@ -31,7 +33,7 @@ from llmcycle.augment.pal import extract_program, gsm8k_gold, numbers_match, par
 from llmcycle.augment.sandbox import run_program
 from llmcycle.core.errors import UserError
 
-KINDS = ("exact_answer", "program", "format", "length", "python")
+KINDS = ("exact_answer", "program", "format", "length", "python", "reward_model")
 
 
 @dataclass
@@ -128,9 +130,14 @@ def python_reward(spec: str, prompts: list[str], completions: list[str], referen
     return Scored([float(v) for v in values])
 
 
-def score(spec: dict, prompts: list[str], completions: list[str], references: list[str]) -> Scored:
-    """One reward as the project file gives it: {kind, weight, and the kind's own keys}."""
+def score(spec: dict, prompts: list[str], completions: list[str], references: list[str], model=None) -> Scored:
+    """One reward as the project file gives it: {kind, weight, and the kind's own keys}; `model` is the
+    loaded reward model of a reward_model reward."""
     kind = spec.get("kind")
+    if kind == "reward_model":
+        if model is None:
+            raise UserError("reward reward_model: no reward model loaded (set model: run:align/NAME)")
+        return Scored([float(v) for v in model.score(completions)])
     if kind == "exact_answer":
         return exact_answer(completions, references)
     if kind == "program":
@@ -144,19 +151,22 @@ def score(spec: dict, prompts: list[str], completions: list[str], references: li
     raise UserError(f"reward kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
-def combine(specs: dict[str, dict], prompts: list[str], completions: list[str], references: list[str]):
-    """(the weighted sum per completion, {name: {mean, std, weight, failures}}) of the named rewards."""
+def combine(specs: dict[str, dict], prompts: list[str], completions: list[str], references: list[str],
+            models: dict | None = None):
+    """(the weighted sum per completion, {name: {mean, std, weight, failures, values}}) of the named rewards;
+    `models` holds the loaded model of each reward_model reward by name."""
     if not specs:
         raise UserError("align grpo/rloo: no rewards configured (e.g. rewards: {answer: {kind: exact_answer}})")
     total = [0.0] * len(completions)
     stats = {}
     for name, spec in specs.items():
-        scored = score(spec, prompts, completions, references)
+        scored = score(spec, prompts, completions, references, (models or {}).get(name))
         weight = spec.get("weight", 1.0)
         total = [t + weight * v for t, v in zip(total, scored.values)]
         mean = sum(scored.values) / len(scored.values)
         std = math.sqrt(sum((v - mean) ** 2 for v in scored.values) / len(scored.values))
-        stats[name] = {"mean": mean, "std": std, "weight": weight, "failures": scored.failures}
+        stats[name] = {"mean": mean, "std": std, "weight": weight, "failures": scored.failures,
+                       "values": scored.values}
     return total, stats
 
 

