@@ -651,7 +651,27 @@ def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
             out.print(f"  {pref['method']} reward accuracy: {pref['reward_accuracy']:.3f} on "
                       f"{pref['measured_pairs']} "
                       f"{pool} pairs; trained on {pref['pairs']} pairs; skipped: {skipped}")
+        for line in _group_lines(o.summary.get("training") if o.stage == "align" else None):
+            out.print(f"  {line}")
+        if o.stage == "align" and isinstance(o.summary.get("paired"), dict):
+            from llmcycle.evaluation.paired import paired_table
+
+            table = paired_table(o.summary["paired"])
+            table.title = f"{o.variant}: after - before alignment on {o.summary['paired']['n_common']} held-out examples"
+            out.print(table)
     _compare_evaluated(outcomes, proj)
+
+
+def _group_lines(training) -> list[str]:
+    """grpo / rloo: where the training reward, the KL and the share of flat groups started and ended."""
+    if not isinstance(training, dict) or "flat_group_share_first" not in training:
+        return []
+    from llmcycle.core.numbers import number
+
+    parts = [f"{name} {number(training[f'{key}_first'], 3)} -> {number(training[f'{key}_last'], 3)}"
+             for key, name in (("reward_mean", "reward"), ("kl", "KL"), ("flat_group_share", "flat groups"))
+             if f"{key}_first" in training]
+    return [f"{training['steps']} steps (first -> last fifth): " + ", ".join(parts)]
 
 
 def _compare_evaluated(outcomes, proj) -> None:

@@ -73,13 +73,24 @@ def loss_curves(runs) -> Plot:
     return Plot("loss", title, _png(fig))
 
 
+def _reward_keys(rows) -> list[str]:
+    """The per-reward means a GRPO / RLOO step logs (reward_<name>_mean), in first-seen order."""
+    keys = {}
+    for row in rows:
+        for key in row:
+            if key.startswith("reward_") and key.endswith("_mean") and key != "reward_mean":
+                keys[key] = True
+    return list(keys)
+
+
 def ppo_curves(runs) -> Plot:
-    """PPO's mean reward (score minus the KL penalty) and the score alone, and the KL to the reference."""
-    title = "PPO reward and KL"
+    """The mean reward per step (PPO: score minus the KL penalty, and the score alone; GRPO / RLOO: the
+    weighted sum, and each reward), and the KL to the reference."""
+    title = "Policy reward and KL (PPO, GRPO, RLOO)"
     curves = [(label, rows) for label, _, rows in runs
               if _series(rows, "reward_mean")[0] or _series(rows, "kl")[0]]
     if not curves:
-        return Plot("ppo", title, None, "no align run logged PPO steps (reward_mean / kl in metrics.jsonl)")
+        return Plot("ppo", title, None, "no align run logged PPO / GRPO steps (reward_mean / kl in metrics.jsonl)")
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (label, rows) in enumerate(curves):
@@ -88,9 +99,11 @@ def ppo_curves(runs) -> Plot:
         steps, score = _series(rows, "score_mean")
         if steps:
             left.plot(steps, score, "--", color=colour, label=f"{label} score")
+        for style, key in zip(("--", ":", "-.") * 3, _reward_keys(rows)):
+            left.plot(*_series(rows, key), style, color=colour, label=f"{label} {key[7:-5]}")
         right.plot(*_series(rows, "kl"), color=colour, label=label)
-    left.set(title="reward per response", xlabel="PPO step", ylabel="reward")
-    right.set(title="KL to the reference policy", xlabel="PPO step", ylabel="KL (nats)")
+    left.set(title="reward per response", xlabel="step", ylabel="reward")
+    right.set(title="KL to the reference policy", xlabel="step", ylabel="KL (PPO: per response; GRPO: per token)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -97,7 +97,7 @@ def test_html_has_every_variant_its_numbers_and_is_self_contained(tmp_path):
         assert png.startswith(PNG_MAGIC)
         Image.open(io.BytesIO(png)).verify()
     assert {"loss", "quality", "quality_vs_size", "quality_vs_latency"} <= set(result["plots"])
-    assert "PPO reward and KL: omitted — no align run logged PPO steps" in page
+    assert "Policy reward and KL (PPO, GRPO, RLOO): omitted — no align run logged PPO / GRPO steps" in page
     assert "output 0" in page and "ref 0" in page  # sample outputs side by side
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary file left
 
@@ -363,3 +363,14 @@ def test_report_output_folder_is_created_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert target.is_file() and (target.parent / "report_files" / "loss.png").is_file()
     assert "| tune/lora |" in target.read_text()
+
+
+def test_grpo_steps_plot_each_reward_and_a_missing_kl_is_left_out():
+    from llmcycle.report import plots
+
+    rows = [{"step": s, "reward_mean": 0.1 * s, "reward_answer_mean": 0.05 * s, "reward_fmt_mean": 0.5,
+             "reward_mean_x": 1, "kl": None if s == 1 else 0.01 * s, "flat_group_share": 0.5} for s in range(1, 4)]
+    assert plots._reward_keys(rows) == ["reward_answer_mean", "reward_fmt_mean"]
+    assert plots._series(rows, "kl") == ([2, 3], [0.02, 0.03])
+    plot = plots.ppo_curves([("align/g", "align", rows)])
+    assert plot.name == "ppo" and plot.png and plot.png.startswith(b"\x89PNG")
