@@ -23,10 +23,13 @@
    with .item() calls; llmcycle decodes and scores the same way but also counts truncated
    completions. Both run in one process and take turns: TRL's callback runs llmcycle's steps between
    TRL's, in the order T O O T T O O T ... (ABBA), so a drift in machine load falls on both alike.
-   Sampling differs between the two sides (different random streams), so completions may end at EOS
-   at different lengths: the mean completion length of each side is reported. With random weights and
-   a 320-token vocabulary EOS has a probability of about 1/320 per token, so nearly every completion
-   runs to --new-tokens on both sides and the work per step is the same (`length_ratio` shows it).
+   Sampling differs between the two sides (different random streams), so completions would end at EOS
+   at different lengths (with these random weights about 1 in 8 ends early, at a different point on
+   each side); since neither trainer has a knob for a minimum length (TRL could take min_new_tokens
+   through generation_kwargs, llmcycle's GRPO cannot), EOS is made unreachable in the weights both
+   sides load (build_gpt2), so every completion is exactly --new-tokens long on both sides and the
+   work per step is the same; the mean completion lengths are reported to show it (--natural-eos
+   keeps EOS as drawn).
 
 2. seq2seq: the tiny T5 of tests/tiny.py (make_t5, d_model 16, 2+2 layers), LoRA (r 8, alpha 16) on
    q / k / v / o / wi / wo, our GRPO step (--prompts x --group completions) vs our PPO step
@@ -34,13 +37,14 @@
    max_new_tokens = --new-tokens), ppo_epochs 1 / epochs 1, one mini-batch of all completions, same
    lr, KL weight 0.04 (PPO: fixed init_kl_coef), the same reward; steps alternate G P P G ...
 
-    .venv/bin/python benchmarks/grpo_step.py [--steps 8] [--warmup 2] [--width 128] [--layers 4] [--threads 1]
+    .venv/bin/python benchmarks/grpo_step.py [--steps 20] [--warmup 2] [--width 128] [--layers 4] [--threads 1]
 
 Prints exactly one JSON line (warnings go to stderr).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -84,12 +88,17 @@ def questions(n: int, seed: int) -> tuple[list[str], list[str]]:
     return prompts, answers
 
 
-def build_gpt2(out: Path, width: int, layers: int, heads: int, positions: int, seed: int) -> dict:
-    """tests/tiny.py's causal tokenizer and a GPT-2 of the given shape, random init from seed."""
+def build_gpt2(out: Path, width: int, layers: int, heads: int, positions: int, seed: int,
+               eos_reachable: bool) -> dict:
+    """tests/tiny.py's causal tokenizer and a GPT-2 of the given shape, random init from seed. Unless
+    eos_reachable, EOS can never be sampled: the final layer norm's coordinate 0 is pinned to 1 (weight 0,
+    bias 1) and EOS's (tied) embedding row is -100 there, 0 elsewhere, so its logit is always -100 while
+    every other token's is as drawn. LoRA (on the blocks' linear layers) cannot change either, so every
+    completion of both sides is exactly max_new_tokens long. (EOS as an input is only the left padding,
+    which attention masks out.)"""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from tiny import _vocab, make_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     make_tokenizer(out, "causal")
     size, _, eos = _vocab(out)
@@ -97,17 +106,21 @@ def build_gpt2(out: Path, width: int, layers: int, heads: int, positions: int, s
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
+    if not eos_reachable:
+        with torch.no_grad():
+            model.transformer.ln_f.weight[0], model.transformer.ln_f.bias[0] = 0.0, 1.0
+            model.transformer.wte.weight[eos] = 0.0
+            model.transformer.wte.weight[eos, 0] = -100.0
     model.save_pretrained(str(out))
     return {"arch": "gpt2", "width": width, "layers": layers, "heads": heads, "vocab": size, "positions": positions,
-            "params": sum(p.numel() for p in model.parameters()), "init": f"random, seed {seed}"}
+            "params": sum(p.numel() for p in model.parameters()), "init": f"random, seed {seed}",
+            "eos": "as drawn" if eos_reachable else "unreachable (logit -100): fixed-length completions"}
 
 
 def lora(model, kind: str, targets: list[str], seed: int):
     """The adapter both sides get (what tests/stages/test_grpo.py's policy_of builds)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-
-    from llmcycle.training.finetune import task_type
+    from peft import get_peft_model
 
     torch.manual_seed(seed)
     return get_peft_model(model, lora_config(kind, targets))
@@ -150,7 +163,7 @@ def causal(args, tmp: Path) -> tuple[dict, dict]:
     from llmcycle.stages.align.grpo import GroupSettings, GroupTrainer
 
     model_dir = tmp / "gpt2"
-    facts = build_gpt2(model_dir, args.width, args.layers, args.heads, args.positions, args.seed)
+    facts = build_gpt2(model_dir, args.width, args.layers, args.heads, args.positions, args.seed, args.natural_eos)
     total = args.warmup + args.steps
     per_step = args.prompts * args.group
     prompts, answers = questions(total * args.prompts, args.seed)
@@ -210,7 +223,8 @@ def causal(args, tmp: Path) -> tuple[dict, dict]:
         callback.trainer = trl
         same_start = all(torch.equal(a, b) for a, b in zip(
             [p for n, p in sorted(policy.named_parameters())], [p for n, p in sorted(trl.model.named_parameters())]))
-        trl.train()
+        with contextlib.redirect_stdout(sys.stderr):  # TRL prints its run's metrics at the end
+            trl.train()
     while len(our_rows) < total:  # an odd step count leaves ours one short
         our_rows.append(our_step(len(our_rows)))
     mine, theirs = summary(our_rows[args.warmup:]), summary(trl_rows[args.warmup:])
@@ -284,7 +298,7 @@ def seq2seq(args, tmp: Path) -> tuple[dict, dict]:
 # -------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per side")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per GRPO step")
     ap.add_argument("--group", type=int, default=4, help="G: completions per prompt")
@@ -293,6 +307,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="the causal model's layers")
     ap.add_argument("--heads", type=int, default=4, help="the causal model's attention heads")
     ap.add_argument("--positions", type=int, default=128, help="the causal model's n_positions")
+    ap.add_argument("--natural-eos", action="store_true", help="keep the causal model's EOS as drawn (completions "
+                    "then end at different lengths on the two sides); default: EOS unreachable, fixed lengths")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both sides share the process)")
     ap.add_argument("--only", choices=["causal", "seq2seq"], help="run one comparison")

@@ -657,7 +657,8 @@ def _report_outcomes(outcomes, as_json: bool, proj=None) -> None:
             from llmcycle.evaluation.paired import paired_table
 
             table = paired_table(o.summary["paired"])
-            table.title = f"{o.variant}: after - before alignment on {o.summary['paired']['n_common']} held-out examples"
+            n = o.summary["paired"]["n_common"]
+            table.title = f"{o.variant}: after (B) - before (A) alignment on {n} held-out examples"
             out.print(table)
     _compare_evaluated(outcomes, proj)
 

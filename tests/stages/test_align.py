@@ -291,3 +291,39 @@ def test_kto_variant_on_labelled_completions_end_to_end(tmp_path):
     project = load_project(make_project(tmp_path / "t5", {"k": kto}))
     with pytest.raises(UserError, match="KTOTrainer trains causal models only"):
         lifecycle.execute(project, "align", "k", progress=False)
+
+
+@pytest.mark.slow
+def test_grpo_with_a_reward_model_trained_here_on_a_seq2seq_policy(tmp_path):
+    """rloo on a tiny T5 with two rewards: a not_toxic classifier trained in the same project (run:align/rm)
+    and a length penalty; toxicity before / after from the same classifier; the rewards on the held-out
+    outputs agree with the classifier's own scores of them."""
+    from llmcycle.core.store import RunStore
+    from llmcycle.project import lifecycle
+    from llmcycle.stages.align.reward import load_reward_model
+
+    path = make_project(tmp_path, {
+        "rm": {"method": "reward_classifier", "encoder": "base", "data": "labelled.jsonl", "lr": 1e-2,
+               "batch_size": 16, "max_steps": 30, "max_length": 32},
+        "polite": {"method": "rloo", "max_steps": 2, "batch_size": 2, "group_size": 2, "mini_batch_size": 4,
+                   "max_new_tokens": 4, "lr": 1e-3, "r": 4, "alpha": 8, "eval_limit": 6,
+                   "toxicity_model": "run:align/rm", "toxicity_label": "toxic",
+                   "rewards": {"nice": {"kind": "reward_model", "model": "run:align/rm", "label": "not_toxic"},
+                               "short": {"kind": "length", "target": 2, "weight": 0.5}}}})
+    project = load_project(path)
+    outcomes = {name: lifecycle.execute(project, "align", name, progress=False)
+                for name in lifecycle.variants(project, "align")}
+    s = outcomes["polite"].summary
+    assert s["training"]["steps"] == 2 and 0 <= s["reward_nice"] <= 1 and -1 <= s["reward_short"] <= 0
+    store = RunStore.for_project(tmp_path)
+    rec = store.get(outcomes["polite"].run_id)
+    rows = [json.loads(line) for line in (rec.artifacts / "predictions.jsonl").read_text().splitlines()]
+    rm = load_reward_model(str(store.resolve_model("align/rm")), label="not_toxic", output="probability")
+    assert [r["reward_nice"] for r in rows] == pytest.approx(rm.score([r["prediction"] for r in rows]), abs=1e-5)
+    assert [r["reward_nice"] for r in rows] == pytest.approx([1 - r["toxicity"] for r in rows], abs=1e-5)
+    # the reward model is an input of the variant: retraining it makes the rloo run stale
+    from llmcycle.stages.align.stage import _inputs
+
+    config = project.config.align["polite"].model_dump()
+    assert _inputs(project, config, lambda ref: f"id:{ref}")["models"] == {
+        "toxicity_model": "id:run:align/rm", "rewards.nice": "id:run:align/rm"}

@@ -440,9 +440,10 @@ def _held_out(project, cfg: PolicyConfig, loaded, variant: str):
     return fitted.examples(examples), fitted, template
 
 
-def _training_prompts(project, template: str, loaded, variant: str) -> tuple[list[str], list]:
-    """(prompts, their examples): the training split rendered with the project's prompt, for PPO, GRPO and
-    RLOO; overlong ones skipped, counted."""
+def _training_prompts(project, template: str, loaded, variant: str, max_new_tokens: int):
+    """(prompts, their examples, where the skipped ones came from): the training split rendered with the
+    project's prompt, for PPO, GRPO and RLOO; the ones that leave no room for max_new_tokens (causal
+    models) skipped, counted."""
 
     if project.config.data is None:
         raise UserError(f"{project.path}: no data configured (align.{variant} draws its prompts from data.train)")
@@ -450,14 +451,14 @@ def _training_prompts(project, template: str, loaded, variant: str) -> tuple[lis
     if not examples:
         raise UserError(f"align.{variant}: no training prompts (set data.train)")
     fitted = fit_prompts(template, examples, [], [[] for _ in examples], harness.count_tokens(loaded),
-                         harness.generation_budget(loaded, 1), variant=f"align.{variant}",
+                         harness.generation_budget(loaded, max_new_tokens), variant=f"align.{variant}",
                          system=project_system(project))
     if fitted.skipped:
         notice(f"align.{variant}: skipped {len(fitted.skipped)} of {len(examples)} training prompts over the "
-               f"context window (first: {fitted.skipped[0]})")
+               f"context window with room for max_new_tokens {max_new_tokens} (first: {fitted.skipped[0]})")
     if not fitted.prompts:
         raise UserError(f"align.{variant}: every training prompt is over the context window; nothing to train on")
-    return fitted.prompts, fitted.examples(examples)
+    return fitted.prompts, fitted.examples(examples), fitted.skipped
 
 
 def _reward_fn(model):
@@ -677,14 +678,18 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
 
     start = time.perf_counter()
     if cfg.method == "ppo":
-        train_prompts, _ = _training_prompts(project, template, loaded_now(ref), variant)
+        train_prompts, _, skipped = _training_prompts(project, template, loaded_now(ref), variant,
+                                                      cfg.max_new_tokens)
         trained = _train_ppo(cfg, policy, tokenizer, kind, reward_model, window, train_prompts, run, resume,
                              progress)
+        trained["prompts_skipped"] = len(skipped)
     elif cfg.method in GROUP_METHODS:
-        train_prompts, train_examples = _training_prompts(project, template, loaded_now(ref), variant)
+        train_prompts, train_examples, skipped = _training_prompts(project, template, loaded_now(ref), variant,
+                                                                   cfg.max_new_tokens)
         refs = _references(train_examples, variant, {n: s.model_dump() for n, s in cfg.rewards.items()})
         trained = _train_group(cfg, variant, policy, tokenizer, kind, models, window, train_prompts, refs, run,
                                resume, progress)
+        trained["prompts_skipped"] = len(skipped)
     elif cfg.method == "kto":
         trained = _train_kto(project, cfg, policy, tokenizer, kind, window, run, progress)
     else:
