@@ -213,3 +213,16 @@ def test_rewards_that_cannot_work_stop_the_run_before_training(tmp_path, rewards
     project = load_project(make_project(tmp_path, {"g": {**GRPO, "rewards": rewards}}, with_answers))
     with pytest.raises(UserError, match=message):
         lifecycle.execute(project, "align", "g", progress=False)
+
+
+def test_a_program_reward_where_the_sandbox_cannot_run_is_refused_saying_why(tmp_path, monkeypatch):
+    from llmcycle.augment import sandbox
+    from llmcycle.project import lifecycle
+    from llmcycle.project.config import load_project
+
+    broken = sandbox.SandboxResult(False, "", None, "the sandbox needs a POSIX system (resource)", 0.0, "crash")
+    monkeypatch.setattr(sandbox, "run_program", lambda *a, **k: broken)
+    project = load_project(make_project(tmp_path, {"g": {**GRPO, "rewards": {"prog": {"kind": "program"}}}}))
+    with pytest.raises(UserError, match=r"align\.g\.rewards\.prog: the PAL sandbox cannot run programs here "
+                                        r"\(crash: the sandbox needs a POSIX system \(resource\)\)"):
+        lifecycle.execute(project, "align", "g", progress=False)
