@@ -46,7 +46,7 @@ from llmcycle.data.prompting import Prompt, encode_prompt
 from llmcycle.data.records import load_records
 from llmcycle.models.generation import target_end_id
 from llmcycle.models.hub import context_window
-from llmcycle.stages.align.preference import (PairList, _disable_dropout, _is_peft, _prompt_turns, _quiet,
+from llmcycle.stages.align.preference import (PairList, _callback, _disable_dropout, _is_peft, _prompt_turns, _quiet,
                                               _response, _trl_args, pair_prompt, total_steps)
 
 TRUE_LABELS, FALSE_LABELS = ("true", "1"), ("false", "0")
@@ -249,23 +249,8 @@ def _report(skipped: dict, total: int, n_desirable: int, n_undesirable: int, des
 
 
 # ------------------------------------------------------------------------------------- TRL
-def _forward_logs(on_log, on_step):
-    from transformers import TrainerCallback
-
-    class Forward(TrainerCallback):
-        """TRL's logs and steps into llmcycle's log and progress bar (instead of its printer)."""
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" in logs:
-                row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate")}
-                row.update({name: logs[key] for key, name in LOGGED.items() if key in logs})
-                on_log(row)
-
-        def on_step_end(self, args, state, control, **kw):
-            on_step(state.global_step)
-
-    return Forward()
+def _kto_figures(logs: dict) -> dict:
+    return {name: logs[key] for key, name in LOGGED.items() if key in logs}
 
 
 def _trainer_class():
@@ -299,7 +284,7 @@ def _train_trl(policy, tokenizer, features, device, *, beta, desirable_weight, u
                                        train_dataset=Dataset.from_list(features))
             for cb in (PrinterCallback, ProgressCallback):
                 trainer.remove_callback(cb)
-            trainer.add_callback(_forward_logs(on_log, on_step))
+            trainer.add_callback(_callback(on_log, on_step, _kto_figures))
             trainer.train()
         finally:
             if _is_peft(policy) and "ref" in policy.peft_config:

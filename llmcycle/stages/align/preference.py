@@ -424,7 +424,14 @@ def _trl_args(config_cls, out: str, *, lr, batch_size, grad_accum, steps, warmup
         report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, **extra)
 
 
-def _callback(on_log, on_step):
+def _preference_figures(logs: dict) -> dict:
+    """DPO's and ORPO's logged figures under llmcycle's names (rewards/chosen -> reward_chosen)."""
+    return {k.replace("rewards/", "reward_").replace("/", "_"): v for k, v in logs.items()
+            if k.startswith("rewards/") or k in ("nll_loss", "log_odds_ratio")}
+
+
+def _callback(on_log, on_step, figures: Callable[[dict], dict] = _preference_figures):
+    """A TrainerCallback passing TRL's log rows (step, loss, lr and `figures(logs)`) and steps on."""
     from transformers import TrainerCallback
 
     class Forward(TrainerCallback):
@@ -434,8 +441,7 @@ def _callback(on_log, on_step):
             logs = logs or {}
             if "loss" in logs:
                 row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate")}
-                row.update({k.replace("rewards/", "reward_").replace("/", "_"): v for k, v in logs.items()
-                            if k.startswith("rewards/") or k in ("nll_loss", "log_odds_ratio")})
+                row.update(figures(logs))
                 on_log(row)
 
         def on_step_end(self, args, state, control, **kw):
