@@ -226,3 +226,14 @@ def test_a_program_reward_where_the_sandbox_cannot_run_is_refused_saying_why(tmp
     with pytest.raises(UserError, match=r"align\.g\.rewards\.prog: the PAL sandbox cannot run programs here "
                                         r"\(crash: the sandbox needs a POSIX system \(resource\)\)"):
         lifecycle.execute(project, "align", "g", progress=False)
+
+
+def test_the_grpo_variant_through_trl(tmp_path):
+    from llmcycle.project import lifecycle
+    from llmcycle.project.config import load_project
+
+    project = load_project(make_project(tmp_path, {"g": {**GRPO, "backend": "trl"}}))
+    s = lifecycle.execute(project, "align", "g", progress=False).summary
+    assert s["training"]["backend"] == "trl" and s["training"]["steps"] == 3
+    assert "reward_fmt_mean_first" in s["training"] and 0 <= s["reward_fmt"] <= 1
+    assert s["paired"]["n_common"] == 6

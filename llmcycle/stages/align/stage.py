@@ -13,7 +13,9 @@ Each variant of the `align:` section is one of:
   grpo | rloo         sample a group of completions per training prompt, score them with verifiable
                       or model rewards (llmcycle.stages.align.rewards: exact_answer, program run in the
                       PAL sandbox, format, length, python, reward_model) and optimize the policy on each
-                      completion's advantage within its group (llmcycle.stages.align.grpo)
+                      completion's advantage within its group (llmcycle.stages.align.grpo; causal
+                      policies also through TRL's GRPOTrainer / RLOOTrainer with `backend: trl`,
+                      llmcycle.stages.align.group_trl)
   kto                 optimize the policy on unpaired completions labelled desirable or undesirable
                       (llmcycle.stages.align.kto, TRL's KTOTrainer; causal models)
 
@@ -237,6 +239,9 @@ class GroupConfig(GroupHyperparameters, _Policy):
     max_steps: int | None = Field(None, ge=1, description="steps (required)")
     rewards: dict[str, RewardSpec] = Field(default_factory=dict, description="the rewards by name, e.g. "
                                            "{answer: {kind: exact_answer}, fmt: {kind: format, pattern: '####'}}")
+    backend: Literal["llmcycle", "trl"] = Field("llmcycle", description="llmcycle: our own trainer (seq2seq and "
+                                                "causal); trl: TRL's GRPOTrainer / RLOOTrainer (causal; vLLM, "
+                                                "DeepSpeed on a GPU), see stages/align/group_trl.py")
 
     @model_validator(mode="after")
     def _group_needs(self):
@@ -550,9 +555,15 @@ def _train_group(cfg: GroupConfig, variant: str, policy, tokenizer, kind: str, m
     def reward_fn(prompts_, completions, references):
         return rewards.combine(specs, prompts_, completions, references, models)
 
-    trainer = GroupTrainer(policy, tokenizer, kind, reward_fn, cfg.settings(), window=window)
-    result = trainer.train(prompts, references=refs, checkpoint_dir=run.artifacts / "checkpoints", resume=resume,
-                           log=run.log, progress=progress, on_resume=run.rewind)
+    where = dict(checkpoint_dir=run.artifacts / "checkpoints", resume=resume, log=run.log, progress=progress,
+                 on_resume=run.rewind)
+    if cfg.backend == "trl":
+        from llmcycle.stages.align.group_trl import train_with_trl
+
+        result = train_with_trl(policy, tokenizer, cfg.settings(), specs, models, prompts, refs, **where)
+    else:
+        trainer = GroupTrainer(policy, tokenizer, kind, reward_fn, cfg.settings(), window=window)
+        result = trainer.train(prompts, references=refs, **where)
     keys = ["reward_mean", "kl", "flat_group_share", "completion_length", "clipfrac"]
     return _first_and_last(result, keys + [f"reward_{name}_mean" for name in specs])
 
@@ -663,6 +674,10 @@ def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, p
         from llmcycle.stages.align.kto import SEQ2SEQ
 
         raise UserError(SEQ2SEQ)
+    if cfg.method in GROUP_METHODS and cfg.backend == "trl" and kind != "causal":
+        from llmcycle.stages.align.group_trl import SEQ2SEQ as TRL_SEQ2SEQ
+
+        raise UserError(TRL_SEQ2SEQ)
     trainable, total = parameter_counts(policy)
 
     mcfg = project.config.model
