@@ -106,7 +106,7 @@ def trl_config(s: GroupSettings, output_dir: str, weights: list[float], device):
     return GRPOConfig(**common, loss_type="dapo", scale_rewards="group" if s.scale_rewards else "none"), per_step
 
 
-def _callback(per_step: int, history: list, failures: dict, log, advance):
+def trl_callback(per_step: int, history: list, failures: dict, log, advance):
     from transformers import TrainerCallback
 
     class Forward(TrainerCallback):
@@ -183,7 +183,7 @@ def _run(policy, tokenizer, s, specs, models, data, root: Path, found, log, prog
     from transformers import PrinterCallback, ProgressCallback
     from trl import GRPOTrainer, RLOOTrainer
 
-    from llmcycle.stages.align.preference import _is_peft, _quiet
+    from llmcycle.stages.align.preference import is_peft, quiet_trl
 
     failures: dict = {}
     config, per_step = trl_config(s, str(root), [spec.get("weight", 1.0) for spec in specs.values()],
@@ -191,7 +191,7 @@ def _run(policy, tokenizer, s, specs, models, data, root: Path, found, log, prog
     policy.config.pad_token_id = tokenizer.pad_token_id  # TRL aligns them with a message otherwise
     history: list = []
     t0 = time.perf_counter()
-    with _quiet(), bar(s.steps, f"{s.baseline} (trl)", enabled=progress, unit="step") as advance:
+    with quiet_trl(), bar(s.steps, f"{s.baseline} (trl)", enabled=progress, unit="step") as advance:
         trainer_cls = RLOOTrainer if s.baseline == "rloo" else GRPOTrainer
         try:
             trainer = trainer_cls(model=policy, reward_funcs=reward_functions(specs, models, failures), args=config,
@@ -200,13 +200,13 @@ def _run(policy, tokenizer, s, specs, models, data, root: Path, found, log, prog
             raise UserError(f"align backend trl: TRL refused the policy: {exc}") from None
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
-        trainer.add_callback(_callback(per_step, history, failures, log, advance))
+        trainer.add_callback(trl_callback(per_step, history, failures, log, advance))
         if found is not None and on_resume is not None:
             on_resume(int(Path(found).name.rsplit("-", 1)[-1]) // per_step)
         try:
             trainer.train(resume_from_checkpoint=found)
         finally:
-            if _is_peft(policy) and "ref" in policy.peft_config:
+            if is_peft(policy) and "ref" in policy.peft_config:
                 policy.delete_adapter("ref")  # TRL's reference copy must not be saved with the policy
     policy.eval()
     resumed = None if found is None else {"step": int(Path(found).name.rsplit("-", 1)[-1]) // per_step,

@@ -46,8 +46,8 @@ from llmcycle.data.prompting import Prompt, encode_prompt
 from llmcycle.data.records import load_records
 from llmcycle.models.generation import target_end_id
 from llmcycle.models.hub import context_window
-from llmcycle.stages.align.preference import (PairList, _callback, _disable_dropout, _is_peft, _prompt_turns, _quiet,
-                                              _response, _trl_args, pair_prompt, total_steps)
+from llmcycle.stages.align.preference import (PairList, trl_callback, disable_dropout, is_peft, prompt_turns, quiet_trl,
+                                              response_text, trl_args, pair_prompt, total_steps)
 
 TRUE_LABELS, FALSE_LABELS = ("true", "1"), ("false", "0")
 # TRL's logged metrics, under llmcycle's names
@@ -128,11 +128,11 @@ def load_labelled_completions(path: str, base_dir: Path, *, prompt_field: str = 
                             f"{suggest(missing[0], unused)}; set prompt_field / completion_field / label_field")
         label = _label(rec[label_field], where, label_field, wanted)
         raw = rec[completion_field]
-        completion = "" if raw is None else _response(raw, where, completion_field)
+        completion = "" if raw is None else response_text(raw, where, completion_field)
         if not completion.strip():
             empty.append(where)
             continue
-        prompt = pair_prompt(_prompt_turns(rec[prompt_field], where, prompt_field), system)
+        prompt = pair_prompt(prompt_turns(rec[prompt_field], where, prompt_field), system)
         out.append(LabelledCompletion(prompt, completion, label, where))
     out.skipped = {"empty": empty} if empty else {}
     if not out:
@@ -200,7 +200,7 @@ def _check_settings(policy, tokenizer, kind, examples, *, beta, desirable_weight
 
 
 def _lora_on_lm_head(policy) -> bool:
-    if not _is_peft(policy):
+    if not is_peft(policy):
         return False
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -273,21 +273,21 @@ def _train_trl(policy, tokenizer, features, device, *, beta, desirable_weight, u
     from transformers import PrinterCallback, ProgressCallback
     from trl import KTOConfig
 
-    with _quiet(), tempfile.TemporaryDirectory(prefix="llmcycle-trl-") as out:
-        args = _trl_args(KTOConfig, out, lr=lr, batch_size=batch_size, grad_accum=1, steps=steps, warmup_steps=0,
+    with quiet_trl(), tempfile.TemporaryDirectory(prefix="llmcycle-trl-") as out:
+        args = trl_args(KTOConfig, out, lr=lr, batch_size=batch_size, grad_accum=1, steps=steps, warmup_steps=0,
                          seed=seed, log_every=1, device=device, beta=beta, desirable_weight=desirable_weight,
                          undesirable_weight=undesirable_weight, max_length=None)
         # peft policy: TRL copies its starting adapter as "ref"; full: a frozen copy is the reference
-        ref_model = None if _is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+        ref_model = None if is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
         try:
             trainer = _trainer_class()(model=policy, ref_model=ref_model, args=args, processing_class=tokenizer,
                                        train_dataset=Dataset.from_list(features))
             for cb in (PrinterCallback, ProgressCallback):
                 trainer.remove_callback(cb)
-            trainer.add_callback(_callback(on_log, on_step, _kto_figures))
+            trainer.add_callback(trl_callback(on_log, on_step, _kto_figures))
             trainer.train()
         finally:
-            if _is_peft(policy) and "ref" in policy.peft_config:
+            if is_peft(policy) and "ref" in policy.peft_config:
                 policy.delete_adapter("ref")  # TRL's reference copy must not be saved with the policy
     policy.eval()
 
@@ -309,7 +309,7 @@ def train_kto(policy, tokenizer, kind: str, examples, *, beta: float = 0.1, desi
     _check_settings(policy, tokenizer, kind, examples, beta=beta, desirable_weight=desirable_weight,
                     undesirable_weight=undesirable_weight, lr=lr, batch_size=batch_size, epochs=epochs,
                     max_steps=max_steps)
-    _disable_dropout(policy)  # before the reference is copied, so neither has any (as TRL does too)
+    disable_dropout(policy)  # before the reference is copied, so neither has any (as TRL does too)
     features, skipped, max_length, window = _encode_all(policy, tokenizer, examples, max_length, window,
                                                         batch_size, seed)
     n_desirable = sum(f["label"] for f in features)

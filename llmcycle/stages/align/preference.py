@@ -110,7 +110,7 @@ def transcript_turns(text: str, where: str = "", field: str = "chosen") -> list[
     return turns
 
 
-def _prompt_turns(value, where: str, field: str) -> list[dict]:
+def prompt_turns(value, where: str, field: str) -> list[dict]:
     """A record's prompt as turns: a string is one user turn; a list holds {role, content} turns (an
     optional leading system turn, then user / assistant turns ending with a user turn)."""
     if isinstance(value, str):
@@ -131,7 +131,7 @@ def _prompt_turns(value, where: str, field: str) -> list[dict]:
     return [{"role": t["role"], "content": t["content"]} for t in value]
 
 
-def _response(value, where: str, field: str) -> str:
+def response_text(value, where: str, field: str) -> str:
     """A response: text, or one assistant message (alone or in a one-element list, TRL's conversational form)."""
     message = value[0] if isinstance(value, list) and len(value) == 1 else value
     if isinstance(message, dict) and message.get("role") == "assistant" and isinstance(message.get("content"), str):
@@ -192,11 +192,11 @@ def load_pairs(path: str, base_dir: Path, *, prompt_field: str | None = None, ch
             found = ", ".join(map(str, rec)) or "none"
             raise UserError(f"{where}: preference field '{missing[0]}' missing (fields found: {found})"
                             f"{suggest(missing[0], rec)}; set chosen_field / rejected_field / prompt_field")
-        chosen, rejected = _response(rec[chosen_field], where, chosen_field), _response(rec[rejected_field], where,
-                                                                                        rejected_field)
+        chosen = response_text(rec[chosen_field], where, chosen_field)
+        rejected = response_text(rec[rejected_field], where, rejected_field)
         field = prompt_field or next((f for f in PROMPT_FIELDS if f in rec), None)
         if field is not None:
-            prompt = pair_prompt(_prompt_turns(rec[field], where, field), system)
+            prompt = pair_prompt(prompt_turns(rec[field], where, field), system)
         else:
             split = _split_transcripts(chosen, rejected, where, (chosen_field, rejected_field))
             if split is None:
@@ -312,11 +312,11 @@ def _autocast(device):
     return contextlib.nullcontext()
 
 
-def _is_peft(model) -> bool:
+def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def _disable_dropout(model) -> None:
+def disable_dropout(model) -> None:
     import torch
 
     for module in model.modules():
@@ -346,7 +346,7 @@ def _choose_backend(method: str, kind: str, backend: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_trl():
     """TRL 1.16 on transformers 5 warns about renamed arguments on every step, and datasets draws
     progress bars for its maps: keep stderr to our own bar."""
     import datasets.utils.logging as ds_logging
@@ -410,7 +410,7 @@ def _train_own(policy, features, ref, kind, pad_id, device, *, beta, label_smoot
 
 
 # ------------------------------------------------------------------------------------- TRL
-def _trl_args(config_cls, out: str, *, lr, batch_size, grad_accum, steps, warmup_steps, seed, log_every,
+def trl_args(config_cls, out: str, *, lr, batch_size, grad_accum, steps, warmup_steps, seed, log_every,
               device, **extra):
     import torch
 
@@ -430,7 +430,7 @@ def _preference_figures(logs: dict) -> dict:
             if k.startswith("rewards/") or k in ("nll_loss", "log_odds_ratio")}
 
 
-def _callback(on_log, on_step, figures: Callable[[dict], dict] = _preference_figures):
+def trl_callback(on_log, on_step, figures: Callable[[dict], dict] = _preference_figures):
     """A TrainerCallback passing TRL's log rows (step, loss, lr and `figures(logs)`) and steps on."""
     from transformers import TrainerCallback
 
@@ -469,7 +469,7 @@ def _train_trl(method, policy, tokenizer, kind, features, device, *, beta, lr, b
     policy.config.pad_token_id = tokenizer.pad_token_id
     if getattr(policy, "generation_config", None) is not None:
         policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    with _quiet(), tempfile.TemporaryDirectory(prefix="llmcycle-trl-") as out:
+    with quiet_trl(), tempfile.TemporaryDirectory(prefix="llmcycle-trl-") as out:
         if method == "dpo":
             from trl import DPOConfig, DPOTrainer
 
@@ -478,9 +478,9 @@ def _train_trl(method, policy, tokenizer, kind, features, device, *, beta, lr, b
                     # TRL would tokenize text itself; ours is already encoded exactly as at inference
                     return dataset
 
-            args = _trl_args(DPOConfig, out, beta=beta, max_length=None, **common)
+            args = trl_args(DPOConfig, out, beta=beta, max_length=None, **common)
             # peft policy: TRL copies its starting adapter as "ref"; full: a frozen copy is the reference
-            ref_model = None if _is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+            ref_model = None if is_peft(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
             trainer = Trainer(model=policy, ref_model=ref_model, args=args, processing_class=tokenizer,
                               train_dataset=Dataset.from_list(features))
         else:
@@ -501,17 +501,17 @@ def _train_trl(method, policy, tokenizer, kind, features, device, *, beta, lr, b
                     return row
 
             longest = max(len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features)
-            args = _trl_args(ORPOConfig, out, beta=beta, max_length=longest, max_completion_length=longest,
+            args = trl_args(ORPOConfig, out, beta=beta, max_length=longest, max_completion_length=longest,
                              remove_unused_columns=False, **common)
             trainer = Trainer(model=policy, args=args, processing_class=tokenizer,
                               train_dataset=Dataset.from_list(features))
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
-        trainer.add_callback(_callback(record, on_step))
+        trainer.add_callback(trl_callback(record, on_step))
         try:
             trainer.train()
         finally:
-            if _is_peft(policy) and "ref" in policy.peft_config:
+            if is_peft(policy) and "ref" in policy.peft_config:
                 policy.delete_adapter("ref")  # TRL's reference copy must not be saved with the policy
     policy.eval()
     return losses
@@ -661,7 +661,7 @@ def _reference_logps(policy, features, measured, own_loop: bool, on_eval_pairs: 
     """(reference log-probs of every training pair, None unless `own_loop`; those of the measured pairs)."""
     # Reference log-probs from the policy as it starts (for a fresh adapter: the adapter-disabled base).
     # Our loop needs them for every training pair; the summary for the measured ones.
-    _disable_dropout(policy)
+    disable_dropout(policy)
     ref_all = None
     if own_loop:
         ref_all = all_logps(policy, features, kind, pad_id, batch_size, device)
