@@ -653,91 +653,107 @@ def _say_pairs(label: str, cfg, trained: dict, min_examples: int) -> None:
                f"({cfg.eval_fraction}) or add pairs")
 
 
-def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, progress: bool) -> dict:
-    """Evaluate the policy, train it (PPO or on pairs), save it and evaluate it again on the same
-    held-out examples, toxicity included."""
-    device = resolve_device(project.config.model.device if project.config.model else "auto")
-    reset_peak(device)
-    reward_model, models = None, {}
+def _scorers(project, variant: str, cfg: PolicyConfig) -> tuple:
+    """(PPO's reward model or None, grpo / rloo's loaded reward models by name): loaded, and for grpo / rloo
+    their rewards checked (importable, a working sandbox, references), before any evaluation."""
     if cfg.method == "ppo":
         reward_path, _ = resolve_ref(project, cfg.reward)
-        reward_model = load_reward_model(reward_path, label=cfg.reward_label, output=cfg.reward_output)
-    if cfg.method in GROUP_METHODS:
-        _check_rewards({name: spec.model_dump() for name, spec in cfg.rewards.items()}, variant)
-        if project.config.data is not None:  # checked before any evaluation or training
-            _references(load_splits(project.config.data, project.dir, require_target=False).train, variant,
-                        {n: spec.model_dump() for n, spec in cfg.rewards.items()})
-        models = _reward_models(project, {name: spec.model_dump() for name, spec in cfg.rewards.items()})
-    toxicity = _toxicity_model(project, variant, cfg, reward_model)
-    policy, tokenizer, kind, ref, path, source_run = load_policy(project, variant, cfg)
-    if cfg.method == "kto" and kind != "causal":  # before the first evaluation, not after it
+        return load_reward_model(reward_path, label=cfg.reward_label, output=cfg.reward_output), {}
+    if cfg.method not in GROUP_METHODS:
+        return None, {}
+    specs = {name: spec.model_dump() for name, spec in cfg.rewards.items()}
+    _check_rewards(specs, variant)
+    if project.config.data is not None:
+        _references(load_splits(project.config.data, project.dir, require_target=False).train, variant, specs)
+    return None, _reward_models(project, specs)
+
+
+def _refuse_unsupported(cfg: PolicyConfig, kind: str) -> None:
+    """The TRL-only paths take causal policies: said before the first evaluation, not after it."""
+    if kind == "causal":
+        return
+    if cfg.method == "kto":
         from llmcycle.stages.align.kto import SEQ2SEQ
 
         raise UserError(SEQ2SEQ)
-    if cfg.method in GROUP_METHODS and cfg.backend == "trl" and kind != "causal":
-        from llmcycle.stages.align.group_trl import SEQ2SEQ as TRL_SEQ2SEQ
+    if cfg.method in GROUP_METHODS and cfg.backend == "trl":
+        from llmcycle.stages.align.group_trl import SEQ2SEQ
 
-        raise UserError(TRL_SEQ2SEQ)
-    trainable, total = parameter_counts(policy)
+        raise UserError(SEQ2SEQ)
 
-    mcfg = project.config.model
-    window = context_window(policy.config, tokenizer, mcfg.context_window if mcfg is not None else None)
 
-    def loaded_now(name: str):
-        policy.eval()
-        return harness.LoadedModel(name, path, policy, tokenizer, Generator(policy, tokenizer, window), run.id)
-
-    examples, fitted, template = _held_out(project, cfg, loaded_now(ref), variant)
-    before, before_rows = evaluate_policy(project, loaded_now(ref), examples, fitted,
-                                          label=f"before align.{variant}", progress=progress, toxicity=toxicity)
-
-    start = time.perf_counter()
+def _train(project, variant: str, cfg: PolicyConfig, policy, tokenizer, kind: str, window: int, loaded, template: str,
+           scorers: tuple, run, resume: bool, progress: bool) -> dict:
+    """The method's training on its own data: the project's training prompts (ppo, grpo, rloo), labelled
+    completions (kto) or preference pairs (dpo, orpo)."""
+    reward_model, models = scorers
+    if cfg.method == "kto":
+        return _train_kto(project, cfg, policy, tokenizer, kind, window, run, progress)
+    if cfg.method not in ("ppo",) + GROUP_METHODS:
+        return _train_on_pairs(project, variant, cfg, policy, tokenizer, kind, run, progress)
+    prompts, examples, skipped = _training_prompts(project, template, loaded, variant, cfg.max_new_tokens)
     if cfg.method == "ppo":
-        train_prompts, _, skipped = _training_prompts(project, template, loaded_now(ref), variant,
-                                                      cfg.max_new_tokens)
-        trained = _train_ppo(cfg, policy, tokenizer, kind, reward_model, window, train_prompts, run, resume,
-                             progress)
-        trained["prompts_skipped"] = len(skipped)
-    elif cfg.method in GROUP_METHODS:
-        train_prompts, train_examples, skipped = _training_prompts(project, template, loaded_now(ref), variant,
-                                                                   cfg.max_new_tokens)
-        refs = _references(train_examples, variant, {n: s.model_dump() for n, s in cfg.rewards.items()})
-        trained = _train_group(cfg, variant, policy, tokenizer, kind, models, window, train_prompts, refs, run,
-                               resume, progress)
-        trained["prompts_skipped"] = len(skipped)
-    elif cfg.method == "kto":
-        trained = _train_kto(project, cfg, policy, tokenizer, kind, window, run, progress)
+        trained = _train_ppo(cfg, policy, tokenizer, kind, reward_model, window, prompts, run, resume, progress)
     else:
-        trained = _train_on_pairs(project, variant, cfg, policy, tokenizer, kind, run, progress)
-    train_s = time.perf_counter() - start
+        refs = _references(examples, variant, {n: spec.model_dump() for n, spec in cfg.rewards.items()})
+        trained = _train_group(cfg, variant, policy, tokenizer, kind, models, window, prompts, refs, run, resume,
+                               progress)
+    return {**trained, "prompts_skipped": len(skipped)}
 
-    # Saved as a plain model when the policy started from an adapter (its base is the merged
-    # fine-tuned model, which exists nowhere else); else as an adapter over the policy's base.
 
+def _save(project, cfg: PolicyConfig, policy, tokenizer, ref: str, path: str, source_run, run):
+    """(model folder, the model to evaluate after): a plain model when the policy started from an adapter
+    (its base is the merged fine-tuned model, which exists nowhere else); else an adapter over its base."""
     merge = cfg.policy_method == "lora" and (Path(path) / ADAPTER_CONFIG).is_file()
     to_save = policy.merge_and_unload() if merge else policy
     model_dir = save_model(to_save, tokenizer, run.artifacts / "model",
                            {"base": ref, "base_path": path, "base_run": source_run, "method": cfg.method},
                            project_dir=project.dir)
-    saved = loaded_now(f"align/{variant}") if not merge else harness.LoadedModel(
-        f"align/{variant}", str(model_dir), to_save.eval(), tokenizer, Generator(to_save, tokenizer, window), run.id)
-    after, rows = evaluate_policy(project, saved, examples, fitted, label=f"after align.{variant}",
-                                  progress=progress, toxicity=toxicity)
+    return model_dir, to_save.eval()
+
+
+def _align_policy(project, variant: str, cfg: PolicyConfig, run, resume: bool, progress: bool) -> dict:
+    """Evaluate the policy, train it, save it and evaluate it again on the same held-out examples (toxicity
+    and, for grpo / rloo, each reward included); the two evaluations compared example by example."""
+    device = resolve_device(project.config.model.device if project.config.model else "auto")
+    reset_peak(device)
+    scorers = _scorers(project, variant, cfg)
+    toxicity = _toxicity_model(project, variant, cfg, scorers[0])
+    policy, tokenizer, kind, ref, path, source_run = load_policy(project, variant, cfg)
+    _refuse_unsupported(cfg, kind)
+    trainable, total = parameter_counts(policy)
+    mcfg = project.config.model
+    window = context_window(policy.config, tokenizer, mcfg.context_window if mcfg is not None else None)
+
+    def loaded_now(name: str, model, where: str = path):
+        model.eval()
+        return harness.LoadedModel(name, where, model, tokenizer, Generator(model, tokenizer, window), run.id)
+
+    examples, fitted, template = _held_out(project, cfg, loaded_now(ref, policy), variant)
+    before, before_rows = evaluate_policy(project, loaded_now(ref, policy), examples, fitted,
+                                          label=f"before align.{variant}", progress=progress, toxicity=toxicity)
+    start = time.perf_counter()
+    trained = _train(project, variant, cfg, policy, tokenizer, kind, window, loaded_now(ref, policy), template,
+                     scorers, run, resume, progress)
+    train_s = time.perf_counter() - start
+    model_dir, saved = _save(project, cfg, policy, tokenizer, ref, path, source_run, run)
+    merged = saved is not policy  # an adapter policy merged into its base: the saved folder is the model
+    after, rows = evaluate_policy(project, loaded_now(f"align/{variant}", saved, str(model_dir) if merged else path),
+                                  examples, fitted,
+                                  label=f"after align.{variant}", progress=progress, toxicity=toxicity)
     reward_names = []
     if cfg.method in GROUP_METHODS:
-        before.update(_score_rewards(cfg, models, before_rows))
-        after.update(_score_rewards(cfg, models, rows))
+        before.update(_score_rewards(cfg, scorers[1], before_rows))
+        after.update(_score_rewards(cfg, scorers[1], rows))
         reward_names = ["reward"] + [f"reward_{name}" for name in cfg.rewards]
     harness.write_predictions(run, rows)
-    comparison = _before_after(before_rows, rows, after["headline"], reward_names, f"align.{variant}")
-
     headline = after["headline"]
     summary = {**after, "method": cfg.method, "policy": ref, "parent": source_run, "model_dir": str(model_dir),
                "trainable_parameters": trainable, "trainable_pct": 100.0 * trainable / total,
                "train_wall_s": round(train_s, 3), "peak_memory_mb": round(peak_mb(device), 1),
                f"{headline}_before": before["headline_value"], "headline_before": before["headline_value"],
-               "training": trained, "paired": comparison,
-               **{f"{name}_before": before[name] for name in reward_names}}
+               "training": trained, **{f"{name}_before": before[name] for name in reward_names},
+               "paired": _before_after(before_rows, rows, headline, reward_names, f"align.{variant}")}
     if toxicity is not None:
         summary.update({"toxicity_before_mean": before["toxicity_mean"], "toxicity_before_std": before["toxicity_std"],
                         "toxicity_change_pct": percent_change(before["toxicity_mean"], after["toxicity_mean"]),
