@@ -16,7 +16,10 @@ from tiny import make_gpt2, make_t5
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PROMPTS = ["say 7", "the number 7", "write 7", "answer: 7"]
-ANSWER = {"answer": {"kind": "exact_answer"}, "digits": {"kind": "format", "pattern": "[0-9]", "weight": 0.5}}
+# the length penalty varies within almost every group of a random policy's completions, so there is always
+# a gradient (exact_answer alone is flat everywhere at first)
+ANSWER = {"answer": {"kind": "exact_answer"}, "digits": {"kind": "format", "pattern": "[0-9]", "weight": 0.5},
+          "short": {"kind": "length", "target": 1, "weight": 0.5}}
 
 
 @pytest.fixture(scope="module")
