@@ -216,8 +216,9 @@ class RewardSpec(Section):
     timeout_s: float = Field(5.0, gt=0, le=60, description="program: wall-clock limit of each program")
     model: str | None = Field(None, description="reward_model: run:align/NAME, a folder or a Hub id")
     label: str | None = Field(None, description="reward_model: the classifier label whose score is the reward")
-    output: Literal["logit", "probability"] = Field("probability", description="reward_model: the label's "
-                                                    "probability (bounded, the default here) or its logit")
+    output: Literal["logit", "probability"] | None = Field(None, description="reward_model: the label's "
+                                                           "probability or its logit; default: the probability "
+                                                           "(bounded) for a classifier, the score of a pairwise model")
 
     @model_validator(mode="after")
     def _kind_needs(self):
@@ -528,7 +529,8 @@ def _reward_models(project, specs: dict) -> dict:
     for name, spec in specs.items():
         if spec["kind"] == "reward_model":
             path, _ = resolve_ref(project, spec["model"])
-            out[name] = load_reward_model(path, label=spec["label"], output=spec["output"])
+            output = spec["output"] or ("probability" if spec["label"] is not None else "logit")
+            out[name] = load_reward_model(path, label=spec["label"], output=output)
     return out
 
 
