@@ -222,8 +222,15 @@ def test_endpoint_options_need_an_endpoint_and_bad_generation_settings_are_refus
 def test_a_failed_evaluation_resumes_without_asking_again(tmp_path, capsys):
     path = make_project(tmp_path)
     stub = Stub()
-    stub.script = lambda n, body: error(500, "gone") if stub.limit and sum(stub.answered.values()) >= stub.limit else None
-    stub.limit = 5
+    admitted = []  # counted when the script lets a request through: `answered` lags while requests are in flight
+
+    def script(n, body):
+        if stub.limit and len(admitted) >= stub.limit:
+            return error(500, "gone")
+        admitted.append(n)
+        return None
+
+    stub.script, stub.limit = script, 5
     with running(stub.app()) as url:
         args = ["eval", "-p", path, "--endpoint", f"{url}/v1", "--model", "stub", "--retries", "1", "--json"]
         code, _, err = cli(capsys, *args, "--concurrency", "3")
