@@ -521,12 +521,19 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, 
             raise UserError(f"{extra} applies to an endpoint: add --endpoint URL (or leave {extra} out)")
         run_id, summary = _eval_model(proj, model, data, limit, as_json)
     else:
+        from llmcycle.core import ranks
         from llmcycle.evaluation.endpoint import endpoint as settings
+
+        if ranks.world_size() > 1:
+            raise UserError("eval --endpoint: one process sends the requests (--concurrency sets how many at once); "
+                            "run it without torchrun")
 
         ep = settings(endpoint, model, api=None if chat is None else ("chat" if chat else "completions"),
                       api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, retries=retries,
                       price_in=price_in, price_out=price_out)
         run_id, summary = _eval_endpoint(proj, ep, data, limit, served_run, resume, as_json)
+    if run_id is None:  # another torchrun rank: rank 0 prints
+        return
     if as_json:
         emit_json({"run_id": run_id, **summary})
     else:
@@ -539,11 +546,14 @@ def eval_cmd(model: Optional[str] = typer.Option(None, "--model", help="RUN id, 
 def _eval_model(proj, model: Optional[str], data, limit, as_json: bool) -> tuple[str, dict]:
     from llmcycle.evaluation import harness
     from llmcycle.evaluation.evaluate import evaluate_model
+    from llmcycle.project import lifecycle
 
     ref = model or (proj.config.model.name if proj.config.model else None)
     if ref is None:
         raise UserError(f"{proj.path}: no model to evaluate: pass --model or add a `model:` section")
     _, parent = harness.resolve(ref, proj)
+    if not lifecycle.is_main_process():  # torchrun: this rank generates its share; rank 0 records the run
+        return None, evaluate_model(proj, None, model, data_file=data, limit=limit, progress=False)
     variant = Path(ref.removeprefix("run:")).name or "model"
     config = {"model": ref, "data": data, "limit": limit,
               "evaluate": proj.config.evaluate.model_dump() if proj.config.evaluate else None}

@@ -46,7 +46,8 @@ def score_on_project(project, loaded, examples, *, label: str, progress: bool = 
 
 def evaluate_model(project, run, model_ref: str | None = None, *, data_file: str | None = None,
                    limit: int | None = None, progress: bool = True) -> dict:
-    """Evaluate a model with the project's prompt and record the result in `run`."""
+    """Evaluate a model with the project's prompt and record the result in `run` (None: a torchrun rank
+    other than 0, which generates its share and records nothing)."""
 
     cfg = settings(project)
     examples = eval_examples(project, data_file, limit if limit is not None else cfg.limit)
@@ -54,11 +55,12 @@ def evaluate_model(project, run, model_ref: str | None = None, *, data_file: str
     check_template(template, "evaluate.template", examples[0])
     loaded = harness.load_project_model(project, model_ref)
     summary, rows, _ = score_on_project(project, loaded, examples, label=f"eval {loaded.name}", progress=progress)
-    harness.write_predictions(run, rows)
     summary.update({"model": loaded.name, "model_path": loaded.path, "template": template,
                     "system": project_system(project),
                     "data": data_file or "eval split", "generation": cfg.generation.model_dump()})
-    run.finish(summary)
+    if run is not None:
+        harness.write_predictions(run, rows)
+        run.finish(summary)
     return summary
 
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmcycle.core import ranks
 from llmcycle.core.errors import UserError
 from llmcycle.core.progress import bar, notice
 from llmcycle.core.store import atomic_write_text
@@ -143,8 +144,7 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
 
     check_references(prompts, examples)
     start = time.perf_counter()
-    with bar(len(prompts), label, enabled=progress) as advance:
-        results = loaded.generator.generate(prompts, gen_cfg, progress=advance)
+    results = generate_all(loaded.generator, prompts, gen_cfg, label=label, progress=progress)
     summary, rows = score(task, examples, prompts, results, time.perf_counter() - start, tokenizer=loaded.tokenizer,
                           lexicon=lexicon, skipped=skipped, min_examples=min_examples, label=label)
     if perplexity:
@@ -152,6 +152,22 @@ def evaluate(loaded: LoadedModel, prompts: list[str], examples, task: str, gen_c
             loaded.model, loaded.tokenizer, prompts, [e.targets[0] for e in examples],
             batch_size=gen_cfg.batch_size)
     return summary, rows
+
+
+def generate_all(generator, prompts: list[str], gen_cfg, *, label: str, progress: bool) -> list:
+    """Every prompt's result, in order. Under torchrun every rank calls this together: each generates
+    every world-th batch of the one plan (the batches a single process would run, so the outputs are the
+    same), and the results are gathered on every rank."""
+    plan = generator.plan(prompts, gen_cfg)
+    world = ranks.world_size()
+    mine = range(ranks.rank(), len(plan.batches), world) if world > 1 else range(len(plan.batches))
+    share = sum(len(plan.batches[b]) for b in mine)
+    shown = label if world == 1 else f"{label} (rank {ranks.rank()} of {world}: {share} of {len(prompts)})"
+    with bar(share, shown, enabled=progress) as advance:
+        results = generator.run_plan(plan, mine, gen_cfg, progress=advance)
+    if world == 1:
+        return results
+    return ranks.gather_in_order({i: r for i, r in enumerate(results) if r is not None}, len(prompts))
 
 
 def check_references(prompts, examples) -> None:

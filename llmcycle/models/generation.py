@@ -306,23 +306,36 @@ class Generator:
         """One result per prompt, in the input order. `progress(n)` is called after each batch with the
         number of prompts done so far. With do_sample, each batch b is seeded with a seed derived from
         (cfg.seed, b), so results repeat for the same inputs and batch settings."""
-        import torch
-
         cfg = cfg or GenerationConfig()
+        plan = self.plan(prompts, cfg)
+        return self.run_plan(plan, range(len(plan.batches)), cfg, progress) if prompts else []
+
+    def plan(self, prompts: list[str], cfg: GenerationConfig) -> "Plan":
+        """The prompts encoded and checked, and their batches (generate runs them all; a data-parallel
+        evaluation gives each process every world-th batch, so each batch is the one a single process runs)."""
         if isinstance(prompts, str):  # a bare string would be generated for character by character
             raise TypeError("prompts must be a list of strings, not a string")
-        if not prompts:
-            return []
-        encoded = self.encode(prompts)
+        encoded = self.encode(prompts) if prompts else []
         lengths = [len(r) for r in encoded]
-        self.check_lengths(lengths, cfg)
+        if prompts:
+            self.check_lengths(lengths, cfg)
+        return Plan(encoded, lengths, self.plan_batches(lengths, cfg) if prompts else [])
+
+    def run_plan(self, plan: "Plan", batch_numbers, cfg: GenerationConfig,
+                 progress: Callable[[int], None] | None = None) -> list[GenerationResult | None]:
+        """The results of the batches numbered `batch_numbers` of `plan`, at their prompts' places (None
+        elsewhere)."""
+        import torch
+
+        encoded, lengths = plan.encoded, plan.lengths
         kw = self.generate_kwargs(cfg)
-        results: list[GenerationResult | None] = [None] * len(prompts)
+        results: list[GenerationResult | None] = [None] * len(encoded)
         done = 0
         devices = [self.model.device] if self.model.device.type == "cuda" else []
         with torch.inference_mode(), torch.random.fork_rng(devices=devices, enabled=cfg.do_sample):
             # fork_rng: seeding for sampling must not disturb the caller's random stream (e.g. training).
-            for b, batch in enumerate(self.plan_batches(lengths, cfg)):
+            for b in batch_numbers:
+                batch = plan.batches[b]
                 if cfg.do_sample:
                     torch.manual_seed((cfg.seed * 1_000_003 + b) % 2**63)
                 ids, mask = self._tensors([encoded[i] for i in batch])
@@ -332,7 +345,15 @@ class Generator:
                 done += len(batch)
                 if progress is not None:
                     progress(done)
-        return results  # type: ignore[return-value]
+        return results
+
+
+@dataclass
+class Plan:
+    """A generation's prompts as token ids, their lengths, and their batches (prompt indices)."""
+    encoded: list[list[int]]
+    lengths: list[int]
+    batches: list[list[int]]
 
 
 def generate_one_by_one(model, tokenizer, prompts: list[str], cfg: GenerationConfig | None = None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import llmcycle
+from llmcycle.core import ranks
 from llmcycle.core.errors import UserError, suggest
 from llmcycle.data.records import fingerprint
 from llmcycle.stages import registry
@@ -119,20 +119,16 @@ def content_hash(project, stage: str, variant: str, config: dict) -> str:
 # -- several processes (torchrun) ---------------------------------------------------------------
 def is_main_process() -> bool:
     """Rank 0 of a torchrun launch, or a plain single process: the one that writes the run store."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return ranks.is_main()
 
 
 def _distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return ranks.world_size() > 1
 
 
 def _share_from_main(value):
     """Rank 0's value on every rank (the run folder, the skip decision), so all ranks agree."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist = ranks.ensure_group()
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

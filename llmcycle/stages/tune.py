@@ -69,15 +69,16 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
         notice(f"tune.{variant}: skipped {summary['skipped_overlong']} of {summary['train_records']} training "
                f"examples longer than the context window (first: {summary['skipped'][0]})")
     summary.update({"method": cfg.method, "base": ref, "base_path": base_path, "parent": base_run})
-    if not trained.is_main:  # another data-parallel rank: rank 0 saves and evaluates
-        return summary
-
-    model_dir = save_model(trained.model, trained.tokenizer, run.artifacts / "model",
-                           {"base": ref, "base_path": base_path, "base_run": base_run, "method": cfg.method},
-                           project_dir=project.dir)
+    model_dir = run.artifacts / "model"
+    if trained.is_main:  # under torchrun every rank evaluates its share, rank 0 saves and records
+        model_dir = save_model(trained.model, trained.tokenizer, model_dir,
+                               {"base": ref, "base_path": base_path, "base_run": base_run, "method": cfg.method},
+                               project_dir=project.dir)
     summary["model_dir"] = str(model_dir)
     metrics = _final_evaluation(project, variant, cfg, run, trained, model_dir, final_examples, template,
                                 progress)
+    if not trained.is_main:
+        return summary
     summary = {**metrics, **summary}
     # training and evaluation of this variant (merging below loads another copy: not counted)
     # the training loop starts a new peak at every log line and keeps the highest
@@ -126,8 +127,9 @@ def _final_evaluation(project, variant: str, cfg: TuneConfig, run, trained, mode
     # start with the virtual tokens, so its perplexity is not computed there.
     perplexity = ev.perplexity and not (cfg.method == "prompt_tuning" and trained.kind == "causal")
     metrics, rows, _ = score_on_project(project, loaded, examples, template=template, perplexity=perplexity,
-                                        progress=progress, label=f"eval tune.{variant}")
-    harness.write_predictions(run, rows)
+                                        progress=progress and trained.is_main, label=f"eval tune.{variant}")
+    if trained.is_main:
+        harness.write_predictions(run, rows)
     return metrics
 
 

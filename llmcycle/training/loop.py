@@ -921,13 +921,9 @@ def report_losses(run: TuneRun, state: TrainState, lr: float, log: Callable[[dic
 
 
 def validate_and_track_best(run: TuneRun, state: TrainState, log: Callable[[dict], None] | None) -> None:
-    """Validate (on rank 0), keep checkpoints/best/ at the best headline score and decide early stopping."""
-    import torch.distributed as dist
-
-    result = [validate(run) if run.main else None]
-    if run.world > 1:  # every process must agree on early stopping
-        dist.broadcast_object_list(result, src=0)
-    result = result[0]
+    """Validate (every rank together: the generation is split between them and gathered, so all hold
+    the same result and agree on early stopping), keep checkpoints/best/ at the best headline score."""
+    result = validate(run)
     if state.best is None or result["headline_value"] > state.best:
         state.best, state.best_step, state.bad_evals = result["headline_value"], state.step, 0
         if run.main:

@@ -76,7 +76,9 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, method):
 
 @pytest.mark.slow
 def test_torchrun_through_the_cli_records_one_run(tmp_path):
-    """`torchrun -m llmcycle tune`: rank 0 records one run; the other rank trains without writing."""
+    """`torchrun -m llmcycle tune`: rank 0 records one run; the other rank trains without writing. Validation
+    during training and the final evaluation are split between the ranks: the run's predictions equal
+    one process's `llmcycle eval` of the saved model."""
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
@@ -84,7 +86,7 @@ def test_torchrun_through_the_cli_records_one_run(tmp_path):
     from test_evaluate import make_project
 
     path = make_project(tmp_path, extra="tune:\n  lora: {method: lora, r: 4, lr: 1e-3, batch_size: 4, "
-                                         "max_steps: 4, checkpoint_every: 2}\n")
+                                         "max_steps: 4, checkpoint_every: 2, eval_every: 2}\n")
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmcycle", "tune",
                            "-p", str(path), "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -94,3 +96,13 @@ def test_torchrun_through_the_cli_records_one_run(tmp_path):
                                      capture_output=True, text=True, check=True).stdout)
     assert [(r["stage"], r["status"]) for r in runs] == [("tune", "completed")]
     assert (tmp_path / "runs" / runs[0]["id"] / "artifacts/model/adapter_config.json").exists()
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / runs[0]["id"] / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4]
+    one = subprocess.run([sys.executable, "-m", "llmcycle", "eval", "-p", str(path), "--model", "run:tune/lora",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    read = lambda run_id: [(r["where"], r["prediction"]) for r in map(json.loads, (  # noqa: E731
+        tmp_path / "runs" / run_id / "artifacts/predictions.jsonl").read_text().splitlines())]
+    assert read(runs[0]["id"]) == read(json.loads(one.stdout)["run_id"])
+    assert outcome["summary"]["rougeL"] == json.loads(one.stdout)["rougeL"]
