@@ -679,10 +679,10 @@ def _group_lines(training) -> list[str]:
         return []
     from llmcycle.core.numbers import number
 
-    parts = [f"{name} {number(training[f'{key}_first'], 3)} -> {number(training[f'{key}_last'], 3)}"
+    parts = [f"{name} {number(training[f'{key}_first'], 3)}→{number(training[f'{key}_last'], 3)}"
              for key, name in (("reward_mean", "reward"), ("kl", "KL"), ("flat_group_share", "flat groups"))
              if f"{key}_first" in training]
-    return [f"{training['steps']} steps (first -> last fifth): " + ", ".join(parts)]
+    return [f"{training['steps']} steps, first→last fifth: " + ", ".join(parts)]
 
 
 def _compare_evaluated(outcomes, proj) -> None:
