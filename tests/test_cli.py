@@ -200,3 +200,14 @@ def test_optimize_prints_its_source_before_and_its_result_after(tmp_path, monkey
     summary.pop("source_latency_p95_ms")  # a figure that was not measured shows as n/a, never as a number
     assert main(["optimize", "-p", str(tmp_path / "llmcycle.yaml")]) == 0
     assert "p95 latency: n/a → 45.6 ms\n" in capsys.readouterr().out
+
+
+def test_the_grpo_training_line_says_where_reward_kl_and_flat_groups_went():
+    from llmcycle.cli import _group_lines
+
+    training = {"steps": 250, "reward_mean_first": 0.125, "reward_mean_last": 0.5, "kl_first": 0.0, "kl_last": 0.0312,
+                "flat_group_share_first": 0.75, "flat_group_share_last": 0.25}
+    (line,) = _group_lines(training)
+    assert line == ("250 steps, first→last fifth: reward 0.125→0.500, KL 0.000→0.031, "
+                    "flat groups 0.750→0.250") and len(line) <= 98
+    assert _group_lines({"steps": 3, "reward_mean_first": 1.0}) == []  # ppo: no groups
