@@ -116,7 +116,10 @@ def examples(task: str, name: str) -> dict[str, Any]:
             "helpful": Off({"method": "reward_pairwise", "data": "pairs.jsonl", "max_steps": 200}),
             "dpo": Off({"method": "dpo", "data": "pairs.jsonl", "beta": 0.1, "max_steps": 200,
                         "toxicity_model": "run:align/toxicity"}),
-            "orpo": Off({"method": "orpo", "data": "pairs.jsonl", "beta": 0.1, "max_steps": 200})}),
+            "orpo": Off({"method": "orpo", "data": "pairs.jsonl", "beta": 0.1, "max_steps": 200}),
+            "math": Off({"method": "grpo", "max_steps": 200, "group_size": 8, "rewards": {
+                "answer": {"kind": "exact_answer"}, "shape": {"kind": "format", "pattern": "####", "weight": 0.2}}}),
+            "feedback": Off({"method": "kto", "data": "feedback.jsonl", "desirable": ["up"], "max_steps": 200})}),
         "optimize": Off({
             "int8": {"method": "quantize", "source": "run:tune/lora", "scheme": "int8_dynamic"},
             "student": {"method": "distill", "source": "run:tune/lora", "student": {"preset": "tiny"},
