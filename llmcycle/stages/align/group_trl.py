@@ -43,10 +43,10 @@ from llmcycle.core.progress import bar
 from llmcycle.data.prompting import Prompt
 from llmcycle.stages.align import rewards
 from llmcycle.stages.align.grpo import GroupSettings, check_group_settings
+from llmcycle.stages.align.ppo import NOT_TRAINING_RELEVANT
 from llmcycle.training.checkpoints import check_same_run, config_hash
 
 IDENTITY_FILE = "llmcycle_run.json"  # the settings and data hash a resume must match
-NOT_TRAINING_RELEVANT = {"steps", "checkpoint_every", "log_every"}
 # TRL's figures under llmcycle's names
 LOGGED = {"loss": "loss", "reward": "reward_mean", "reward_std": "reward_std", "kl": "kl",
           "completions/mean_length": "completion_length", "frac_reward_zero_std": "flat_group_share",
@@ -201,15 +201,15 @@ def _run(policy, tokenizer, s, specs, models, data, root: Path, found, log, prog
         for cb in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(cb)
         trainer.add_callback(trl_callback(per_step, history, failures, log, advance))
-        if found is not None and on_resume is not None:
-            on_resume(int(Path(found).name.rsplit("-", 1)[-1]) // per_step)
+        resumed_step = int(Path(found).name.rsplit("-", 1)[-1]) // per_step if found is not None else None
+        if resumed_step is not None and on_resume is not None:
+            on_resume(resumed_step)
         try:
             trainer.train(resume_from_checkpoint=found)
         finally:
             if is_peft(policy) and "ref" in policy.peft_config:
                 policy.delete_adapter("ref")  # TRL's reference copy must not be saved with the policy
     policy.eval()
-    resumed = None if found is None else {"step": int(Path(found).name.rsplit("-", 1)[-1]) // per_step,
-                                          "checkpoint": f"{root.name}/{Path(found).name}"}
+    resumed = None if found is None else {"step": resumed_step, "checkpoint": f"{root.name}/{Path(found).name}"}
     return {"steps": s.steps, "seconds": time.perf_counter() - t0, "history": history, "resumed_from": resumed,
             "backend": "trl"}

@@ -259,6 +259,10 @@ class GroupConfig(GroupHyperparameters, _Policy):
             raise ValueError(str(exc).removeprefix(f"align {self.method}: ")) from None
         return self
 
+    def reward_specs(self) -> dict[str, dict]:
+        """The rewards as rewards.py reads them: {name: {kind, weight, and the kind's own keys}}."""
+        return {name: spec.model_dump() for name, spec in self.rewards.items()}
+
     def settings(self) -> GroupSettings:
         return GroupSettings(**{key: getattr(self, key) for key in GroupHyperparameters.model_fields},
                              baseline=self.method, steps=self.max_steps)
@@ -552,7 +556,7 @@ def _train_group(cfg: GroupConfig, variant: str, policy, tokenizer, kind: str, m
                  prompts: list[str], refs: list[str], run, resume: bool, progress: bool) -> dict:
     """GRPO / RLOO with the variant's rewards; per-step figures to metrics.jsonl, where they started and ended
     in the summary."""
-    specs = {name: spec.model_dump() for name, spec in cfg.rewards.items()}
+    specs = cfg.reward_specs()
 
     def reward_fn(prompts_, completions, references):
         return rewards.combine(specs, prompts_, completions, references, models)
@@ -572,7 +576,7 @@ def _train_group(cfg: GroupConfig, variant: str, policy, tokenizer, kind: str, m
 
 def _score_rewards(cfg: GroupConfig, models: dict, rows: list[dict]) -> dict:
     """Each reward's mean on the held-out outputs; every row gets its per-example reward_<name> values."""
-    specs = {name: spec.model_dump() for name, spec in cfg.rewards.items()}
+    specs = cfg.reward_specs()
     refs = [(r.get("references") or [""])[0] for r in rows]
     total, stats = rewards.combine(specs, [str(r.get("input", "")) for r in rows],
                                    [r.get("prediction") or "" for r in rows], refs, models)
@@ -663,7 +667,7 @@ def _scorers(project, variant: str, cfg: PolicyConfig) -> tuple:
         return load_reward_model(reward_path, label=cfg.reward_label, output=cfg.reward_output), {}
     if cfg.method not in GROUP_METHODS:
         return None, {}
-    specs = {name: spec.model_dump() for name, spec in cfg.rewards.items()}
+    specs = cfg.reward_specs()
     _check_rewards(specs, variant)
     if project.config.data is not None:
         _references(load_splits(project.config.data, project.dir, require_target=False).train, variant, specs)
@@ -697,7 +701,7 @@ def _train(project, variant: str, cfg: PolicyConfig, policy, tokenizer, kind: st
     if cfg.method == "ppo":
         trained = _train_ppo(cfg, policy, tokenizer, kind, reward_model, window, prompts, run, resume, progress)
     else:
-        refs = _references(examples, variant, {n: spec.model_dump() for n, spec in cfg.rewards.items()})
+        refs = _references(examples, variant, cfg.reward_specs())
         trained = _train_group(cfg, variant, policy, tokenizer, kind, models, window, prompts, refs, run, resume,
                                progress)
     return {**trained, "prompts_skipped": len(skipped)}
