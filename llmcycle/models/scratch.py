@@ -42,17 +42,19 @@ def _model_config(cfg, vocab_size: int, pad_id: int, eos_id: int, bos_id: int | 
     from transformers import GPT2Config, T5Config
 
     d = preset_dims(cfg)
+    dropout = getattr(cfg, "dropout", 0.1)  # both families' default
     if cfg.architecture == "t5":
         # T5 starts decoding from the pad token; other settings are T5Config defaults (relu FFN,
         # tied input/output embeddings), i.e. the original t5-small/base architecture.
         return T5Config(
             vocab_size=vocab_size, d_model=d["d_model"], d_kv=d["d_kv"], d_ff=d["d_ff"],
             num_layers=d["n_layers"], num_decoder_layers=d["n_layers"], num_heads=d["n_heads"],
-            pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
+            pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id, dropout_rate=dropout,
         )
     return GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=d["d_model"], n_layer=d["n_layers"],
         n_head=d["n_heads"], n_inner=d["d_ff"], bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )
 
 

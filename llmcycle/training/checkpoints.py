@@ -40,25 +40,63 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
     """Write checkpoints/step-<step>/ atomically (see the module docstring)."""
+    import torch
+
+    tmp = _fresh_tmp(root, step, os.getpid())
+    with quiet_saves():
+        model.save_pretrained(str(tmp / "model"))  # safetensors
+    torch.save({"optimizer": optimizer.state_dict(), **_trainer_extras(scheduler)}, tmp / "trainer_state.pt")
+    return _commit(root, tmp, step, state)
+
+
+def save_sharded_checkpoint(root: Path, step: int, write_shards, scheduler, state: dict, *, main: bool,
+                            barrier) -> Path:
+    """checkpoints/step-<step>/ of a sharded run, as atomically as save_checkpoint: every rank calls it;
+    write_shards(folder) has each rank write its shards of the weights and optimizer state (a collective)
+    into the same temporary folder, then rank 0 adds the scheduler, random streams, state.json and the
+    marker and renames it into place. The folder must be one all ranks see (a shared filesystem)."""
+    import torch
+
+    tmp = root / f".tmp-step-{step}-sharded"
+    if main:
+        _fresh_tmp(root, step, "sharded")
+    barrier()
+    write_shards(tmp / "dcp")
+    barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+    final = root / f"step-{step}"
+    if main:
+        torch.save(_trainer_extras(scheduler), tmp / "trainer_state.pt")
+        _commit(root, tmp, step, state)
+    barrier()
+    return final
+
+
+def _fresh_tmp(root: Path, step: int, tag) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}-{tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _trainer_extras(scheduler) -> dict:
+    """The scheduler and every random stream: what a checkpoint holds beside weights and optimizer."""
     import numpy as np
     import torch
 
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with quiet_saves():
-        model.save_pretrained(str(tmp / "model"))  # safetensors
     np_state = np.random.get_state()
-    torch.save({
-        "optimizer": optimizer.state_dict(),
+    return {
         "scheduler": scheduler.state_dict(),
         "rng_python": random.getstate(),
         # numpy's state holds an ndarray; store it as a list so torch.load(weights_only=True) reads it
         "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "rng_torch": torch.get_rng_state(),
-    }, tmp / "trainer_state.pt")
+    }
+
+
+def _commit(root: Path, tmp: Path, step: int, state: dict) -> Path:
+    """state.json and the marker into `tmp`, fsynced, renamed to step-<step>; older ones pruned."""
+    final = root / f"step-{step}"
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
     fsync_tree(tmp)
@@ -69,6 +107,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     for _, old in step_dirs(root)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint holds DCP shards (a sharded run's) rather than a model folder."""
+    return (Path(path) / "dcp").is_dir()
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -101,7 +144,7 @@ def load_trainer_state(path: Path) -> dict:
 
     try:
         trainer_state = torch.load(path / "trainer_state.pt", weights_only=True)
-        missing = TRAINER_KEYS - set(trainer_state)
+        missing = TRAINER_KEYS - set(trainer_state) - ({"optimizer"} if is_sharded(path) else set())
         if missing:
             raise ValueError(f"trainer_state.pt lacks {sorted(missing)}")
     except Exception as exc:  # noqa: BLE001 - any load failure means the checkpoint is unusable
@@ -119,7 +162,8 @@ def restore_training_state(trainer_state: dict, optimizer, scheduler) -> None:
     import numpy as np
     import torch
 
-    optimizer.load_state_dict(trainer_state["optimizer"])
+    if "optimizer" in trainer_state:  # a sharded checkpoint's optimizer state is in its shards
+        optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     random.setstate(_tuplify(trainer_state["rng_python"]))
     np_state = trainer_state["rng_numpy"]

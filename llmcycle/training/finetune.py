@@ -15,6 +15,7 @@ from llmcycle.models import hub as models
 from llmcycle.models.adapters import DEFAULT_LORA_TARGETS
 from llmcycle.models.hub import ADAPTER_CONFIG, count_parameters
 from llmcycle.models.load import load_model
+from llmcycle.training.sharding import ParallelismConfig
 
 log = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear / Conv1D layer but the output head
@@ -85,6 +86,9 @@ class TuneConfig(Section):
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training arithmetic: auto = bf16 autocast on GPUs with bf16, float32 on CPUs; "
         "bfloat16 = bf16 autocast on a CPU too (about 1.5x faster steps on CPUs with native bf16)")
+    parallelism: ParallelismConfig = Field(
+        default_factory=ParallelismConfig, description="how torchrun's processes share training: ddp "
+        "(whole model on each) or fsdp (sharded); see llmcycle/training/sharding.py")
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -24,8 +24,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from datetime import timedelta
 from typing import Callable
 
+from llmcycle.core import ranks
 from llmcycle.core.errors import UserError
 from llmcycle.core.files import fsync_dir, fsync_tree, quiet_saves
 from llmcycle.core import memory  # called through the module: tests replace its functions
@@ -49,6 +51,7 @@ from llmcycle.training.checkpoints import (
     COMPLETE_MARKER,
     check_same_run,
     config_hash,
+    is_sharded,
     latest_checkpoint,
     load_trainer_state,
     lr_factor,
@@ -56,16 +59,19 @@ from llmcycle.training.checkpoints import (
     restore_training_state,
     resumed_from,
     save_checkpoint,
+    save_sharded_checkpoint,
     training_bar,
 )
 from llmcycle.training.finetune import load_base, parameter_counts, wrap
-from llmcycle.training import batch_finder
+from llmcycle.training import batch_finder, sharding
 from llmcycle.training.packing import packing_supported
 from llmcycle.training.prefetch import Prefetcher
 
 AUTO_CEILING = 512  # batch_size auto never tries more examples per micro-batch than this
 # Fields that do not change the trained weights: they may differ when resuming.
-NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge"}
+# How processes share the work (parallelism) does not either: a sharded checkpoint resumes unsharded and
+# the other way round, on any number of processes.
+NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "merge", "parallelism"}
 BEST = "best"
 
 
@@ -343,6 +349,16 @@ class TuneRun:
     compiled: bool = False
     packed: bool = False  # micro-batches packed into one row (batches.pack) instead of padded
     auto_batch: dict | None = None  # batch_size auto: the size found and how (auto_batch_size)
+    rebuild: Callable | None = None  # a fresh unsharded copy of the model to train (weights not loaded)
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters, gradients and optimizer state split across the processes (FSDP2)."""
+        return sharding.sharded(self.cfg)
+
+    @property
+    def torch_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
 
     @property
     def rank(self) -> int:
@@ -505,7 +521,11 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
     for handle in run.release_hooks:
         handle.remove()
     state.settle_last_loss()
-    return Trained(run.inner, run.tok, run.kind, run.window, run.accel.device, run.main, run_summary(run, state))
+    summary = run_summary(run, state)
+    # a sharded model is gathered whole on every rank: the final evaluation splits its work between them
+    model = unsharded_copy(run) if run.sharded else run.inner
+    model.train()
+    return Trained(model, run.tok, run.kind, run.window, run.accel.device, run.main, summary)
 
 
 def after_step(run: TuneRun, state: TrainState, lr: float, log, bar, bar_task) -> None:
@@ -518,14 +538,35 @@ def after_step(run: TuneRun, state: TrainState, lr: float, log, bar, bar_task) -
         validate_and_track_best(run, state, log)
         state.paused += time.perf_counter() - started
     bar.update(bar_task, completed=state.step)
-    if run.main and (state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps
-                     or state.stopped_early):
+    # every rank writes its shards of a sharded checkpoint; otherwise rank 0 writes the whole one
+    if (run.main or run.sharded) and (state.step % cfg.checkpoint_every == 0 or state.step == run.total_steps
+                                      or state.stopped_early):
         state.close_window(run.accel.device)  # the checkpoint records the time trained so far
         started = time.perf_counter()
         state.settle_last_loss()  # the loss of steps since the last log line
+        save_step(run, state)
+        state.paused += time.perf_counter() - started
+
+
+def save_step(run: TuneRun, state: TrainState) -> None:
+    if not run.sharded:
         save_checkpoint(run.ckpt_root, state.step, run.inner, run.optimizer, run.scheduler,
                         checkpoint_state(run, state))
-        state.paused += time.perf_counter() - started
+        return
+    save_sharded_checkpoint(
+        run.ckpt_root, state.step,
+        lambda folder: sharding.save_shards(folder, run.inner, run.torch_optimizer, run.cfg.method != "full"),
+        run.scheduler, checkpoint_state(run, state), main=run.main, barrier=run.accel.wait_for_everyone)
+
+
+def unsharded_copy(run: TuneRun):
+    """The sharded model whole, as an ordinary model on this rank's device (every rank must call it: the
+    weights are all-gathered). For validation, the final evaluation and saving as a Hugging Face folder."""
+    full = sharding.full_state_dict(run.inner)
+    with rng_preserved():  # building it (LoRA's initial weights) must not move training's random streams
+        model = run.rebuild()
+    model.load_state_dict(full)
+    return model.to(run.accel.device)
 
 
 def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: str, ckpt_root: Path, *,
@@ -554,14 +595,16 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
     if cfg.batch_size == "auto":  # one process (checked): the model goes to its device first, to be measured
         model = accel.prepare(model)
         cfg, auto = auto_batch_size(cfg, model, kind, data.features, tok.pad_token_id, accel.device, saved)
+    if sharding.sharded(cfg):  # before the optimizer: it must hold the shards, not the whole tensors
+        model = sharding.shard(model, cfg.parallelism, accel.device)
     params, optimizer, scheduler, n_batches, steps_per_epoch, total_steps = _optimizer(cfg, model, data.features)
-    if auto is None:
+    if auto is None and not sharding.sharded(cfg):
         model, optimizer = accel.prepare(model, optimizer)
     else:
         optimizer = accel.prepare(optimizer)
-    if ckpt is not None:
-        restore_training_state(load_trainer_state(ckpt), optimizer, scheduler)
     inner = accel.unwrap_model(model)
+    if ckpt is not None:
+        _restore(cfg, ckpt, inner, optimizer, scheduler)
     # On CPU, activations come from malloc, whose heap keeps freed memory resident (llmcycle/core/memory.py):
     # hand it back where one phase's temporaries are dead (loading, a forward pass, the loss and the
     # decoder inside backward via release_hooks, a validation) so the next phase does not pile its
@@ -572,7 +615,7 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
     # With gradient checkpointing the vocabulary logits are recomputed too, a chunk at a time
     # (sum_loss_chunked), once a check on the first examples shows it gives the same loss.
     head = None
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not sharding.sharded(cfg):  # (the chunks would bypass FSDP's gathers)
         probe = {k: v.to(accel.device) for k, v in collate(data.features[:2], tok.pad_token_id, pad_multiple).items()}
         with rng_preserved(), accel.autocast():
             head = chunkable_head(inner, model, probe, kind)
@@ -586,7 +629,28 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
                    trim=trim, release_hooks=release_hooks, trainable_params=trainable, total_params=total,
                    base_path=base_path, base_key=base_key, relevant=relevant, ckpt_root=ckpt_root, ckpt=ckpt,
                    saved=saved, task=task, gen_cfg=gen_cfg, loss=step_loss(model, kind, head, accel, compiled),
-                   compiled=compiled, packed=packed, auto_batch=auto)
+                   compiled=compiled, packed=packed, auto_batch=auto,
+                   rebuild=lambda: _fresh_model(cfg, base_path, tok, kind, dtype, trust_remote_code))
+
+
+def _fresh_model(cfg, base_path: str, tok, kind: str, dtype: str, trust_remote_code: bool):
+    """The base loaded and wrapped for the method again, as fit first set it up (no checkpoint weights)."""
+    model, _ = load_base(base_path, cfg, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    warm = warm_start_facts(base_path) or {}
+    return wrap(cfg, model, kind, new_modules=warm.get("new_modules", []),
+                new_tokens=[tok.convert_tokens_to_ids(t) for t in warm.get("added_tokens", [])])
+
+
+def _restore(cfg, ckpt: Path, inner, optimizer, scheduler) -> None:
+    """The checkpoint's optimizer state, scheduler and random streams (and a sharded checkpoint's weights:
+    an unsharded one's were loaded before wrapping) into this run, sharded or not, on any world size."""
+    trainer_state = load_trainer_state(ckpt)
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)
+    if is_sharded(ckpt):
+        sharding.load_shards(ckpt / sharding.SHARDS, inner, torch_optimizer, cfg.method != "full", ckpt)
+    elif sharding.sharded(cfg):
+        sharding.load_plain_optimizer(inner, torch_optimizer, trainer_state.pop("optimizer"))
+    restore_training_state(trainer_state, optimizer, scheduler)
 
 
 def auto_batch_size(cfg, model, kind: str, features: list[dict], pad_id: int, device, saved: dict):
@@ -668,7 +732,7 @@ def step_loss(model, kind: str, head, accel, compiled: bool = False) -> Callable
 def _accelerator(cfg, device: str):
     """(the Accelerator, whether training runs on the CPU)."""
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     on_cpu = device == "cpu" or not torch.cuda.is_available()
     # bf16 autocast (float32 master weights for full fine-tuning) on GPUs that have bf16, and on a CPU when
@@ -676,7 +740,14 @@ def _accelerator(cfg, device: str):
     # warm-started model in 0.81 s instead of 1.27 s; by default a CPU trains in exact float32
     precision = getattr(cfg, "precision", "auto")
     bf16 = precision == "bfloat16" or (precision == "auto" and not on_cpu and torch.cuda.is_bf16_supported())
-    accel = Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 else "no")
+    sharding.check_launch(cfg, "tune", cfg.method)
+    # FSDP brings its own mixed precision (parallelism.mixed_precision); a rank that dies makes the others
+    # fail after GATHER_TIMEOUT_S instead of waiting forever
+    accel = Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 and not sharding.sharded(cfg) else "no",
+                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=ranks.GATHER_TIMEOUT_S))])
+    if cfg.batch_size == "auto" and sharding.sharded(cfg):
+        raise UserError("tune: batch_size auto measures an unsharded model's memory; with parallelism.strategy "
+                        "fsdp give a number (the micro-batch over all processes together)")
     if cfg.batch_size == "auto" and accel.num_processes > 1:
         raise UserError(f"tune: batch_size auto measures one process's memory; under {accel.num_processes} "
                         "processes give a number (the micro-batch over all processes together)")
@@ -769,7 +840,7 @@ def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, 
     warm = warm_start_facts(base_path) or {}
     model = wrap(cfg, model, kind, new_modules=warm.get("new_modules", []),
                  new_tokens=[tok.convert_tokens_to_ids(t) for t in warm.get("added_tokens", [])])
-    if ckpt is not None:
+    if ckpt is not None and not is_sharded(ckpt):  # a sharded one's weights load with its optimizer state
         model = _load_weights(model, ckpt, cfg.method, torch.float32)
     # see `trim` in prepare_run; removed before fit returns, so the trained model carries no hooks
     release_hooks = release_between_backward_phases(model, memory.release_free_memory) if release else []
@@ -852,7 +923,10 @@ def _accumulate_gradients(run: TuneRun, micro: list[list[int]], n_scored: int, f
     for j in range(len(micro)):
         host_batch, weight, padded = feeder.next()
         batch = {k: v.to(accel.device, non_blocking=True) for k, v in host_batch.items()}
-        sync = accel.no_sync(run.model) if j < len(micro) - 1 else contextlib.nullcontext()
+        last = j == len(micro) - 1
+        if run.sharded:  # FSDP reduce-scatters the gradients only after the step's last micro-batch
+            run.model.set_requires_gradient_sync(last)
+        sync = accel.no_sync(run.model) if not last and not run.sharded else contextlib.nullcontext()
         with sync:
             s = run.loss(batch)
             run.trim()  # the forward's temporaries are freed; what backward needs is saved
@@ -923,11 +997,12 @@ def report_losses(run: TuneRun, state: TrainState, lr: float, log: Callable[[dic
 def validate_and_track_best(run: TuneRun, state: TrainState, log: Callable[[dict], None] | None) -> None:
     """Validate (every rank together: the generation is split between them and gathered, so all hold
     the same result and agree on early stopping), keep checkpoints/best/ at the best headline score."""
-    result = validate(run)
+    model = unsharded_copy(run) if run.sharded else run.inner
+    result = validate(run, model)
     if state.best is None or result["headline_value"] > state.best:
         state.best, state.best_step, state.bad_evals = result["headline_value"], state.step, 0
         if run.main:
-            save_best(run.ckpt_root, run.inner, checkpoint_state(run, state))
+            save_best(run.ckpt_root, model, checkpoint_state(run, state))
     else:
         state.bad_evals += 1
     patience = run.cfg.early_stopping_patience
@@ -937,11 +1012,12 @@ def validate_and_track_best(run: TuneRun, state: TrainState, log: Callable[[dict
              result["headline"]: result["headline_value"]})
 
 
-def validate(run: TuneRun) -> dict:
-    """Token-weighted loss and the task's headline metric (through the harness) on the sample."""
+def validate(run: TuneRun, inner) -> dict:
+    """Token-weighted loss and the task's headline metric (through the harness) on the sample, of `inner`
+    (the model being trained, or a sharded one's unsharded copy)."""
     import torch
 
-    inner, val, size, tok = run.inner, run.data.val, run.cfg.batch_size, run.tok
+    val, size, tok = run.data.val, run.cfg.batch_size, run.tok
     inner.eval()
     with rng_preserved(), torch.no_grad():
         nll, n = 0.0, 0
@@ -979,4 +1055,6 @@ def run_summary(run: TuneRun, state: TrainState) -> dict:
         "train_peak_memory_mb": round(state.peak_mb, 1),  # the highest logged window's peak
         "compiled": run.compiled, "packed": run.packed, "batch_size": run.cfg.batch_size,
         "batch_size_auto": run.auto_batch,
+        "parallelism": (sharding.sharding_facts(run.inner, run.torch_optimizer, run.cfg.parallelism)
+                        if run.sharded else {"strategy": "ddp", "world_size": run.world}),
     }

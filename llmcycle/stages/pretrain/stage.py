@@ -26,6 +26,7 @@ from typing import Callable, Literal
 
 from pydantic import Field, model_validator
 
+from llmcycle.core import ranks
 from llmcycle.core.configbase import Section
 from llmcycle.core.errors import UserError
 from llmcycle.core.files import fsync_tree, quiet_saves
@@ -38,10 +39,12 @@ from llmcycle.stages.pretrain.data import (
     load_corpus,
     train_tokenizer,
 )
+from llmcycle.training import sharding
 from llmcycle.training.loop import adamw, as_floats
 from llmcycle.training.checkpoints import (
     check_same_run,
     config_hash,
+    is_sharded,
     latest_checkpoint,
     load_trainer_state,
     lr_factor,
@@ -49,12 +52,15 @@ from llmcycle.training.checkpoints import (
     restore_training_state,
     resumed_from,
     save_checkpoint,
+    save_sharded_checkpoint,
     training_bar,
     unusable,
 )
+from llmcycle.training.sharding import ParallelismConfig
 
 # Fields that do not change the trained weights: they may differ when resuming.
-NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every"}
+# How processes share the work does not either (a checkpoint resumes on any number of processes).
+NOT_TRAINING_RELEVANT = {"checkpoint_every", "log_every", "parallelism"}
 
 
 class PretrainConfig(Section):
@@ -69,6 +75,8 @@ class PretrainConfig(Section):
     n_heads: int | None = Field(None, ge=1, description="attention heads; overrides the preset")
     d_ff: int | None = Field(None, ge=1, description="feed-forward inner size; overrides the preset")
     vocab_size: int = Field(4000, ge=100, description="tokenizer vocabulary size to train (may end up smaller on tiny corpora)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout probability in every layer (0.1: t5's and "
+                           "gpt2's default)")
     seq_len: int = Field(256, ge=16, description="tokens per example (t5: encoder input length)")
     batch_size: int = Field(16, ge=1, description="examples per optimizer step")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
@@ -92,6 +100,9 @@ class PretrainConfig(Section):
     corpus: list[str] | None = Field(
         None, description="extra text files (.txt: one document per line; .jsonl: a 'text' field), relative to the "
         "project dir, used in addition to the project's training texts")
+    parallelism: ParallelismConfig = Field(
+        default_factory=ParallelismConfig, description="how torchrun's processes share training: ddp "
+        "(whole model on each) or fsdp (sharded); each process takes its rows of every batch")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -129,11 +140,16 @@ class PretrainSetup:
     data_hash: str
     tokenizer: object
     data: object  # PretrainDataset
-    model: object
+    model: object  # unwrapped (FSDP shards it in place)
     optimizer: object
     scheduler: object
     batches_per_epoch: int
     total_steps: int
+    engine: object = None  # what the step calls: the model, or its DDP wrapper under torchrun
+
+    @property
+    def sharded(self) -> bool:
+        return sharding.sharded(self.cfg)
 
 
 @dataclass
@@ -206,7 +222,8 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
     setup = prepare(cfg, texts, Path(work_dir), resume=resume, project_dir=project_dir, tokenizer=tokenizer,
                     on_resume=on_resume)
     state = PretrainState.resumed(setup.saved, started)
-    with training_bar(progress) as bar:
+    main = ranks.is_main()
+    with training_bar(progress and main) as bar:
         bar_task = bar.add_task(f"pretrain {cfg.architecture}", total=setup.total_steps, completed=state.step,
                                 loss="-", tps="-")
         order_epoch, order = None, None
@@ -215,12 +232,26 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
                 order_epoch, order = state.epoch, setup.data.order(state.epoch)
             lr = optimizer_step(setup, state, order)
             if state.step % cfg.log_every == 0 or state.step == setup.total_steps:
-                report_losses(setup, state, lr, log, bar, bar_task)
+                report_losses(setup, state, lr, log if main else None, bar, bar_task)
             bar.update(bar_task, completed=state.step)
             if state.step % cfg.checkpoint_every == 0 or state.step == setup.total_steps:
-                save_checkpoint(setup.ckpt_root, state.step, setup.model, setup.optimizer, setup.scheduler,
-                                checkpoint_state(setup, state))
-    return summarize(setup, state, save_model(setup))
+                save_step(setup, state, main)
+    summary = summarize(setup, state, save_model(setup, main))
+    if setup.sharded:
+        summary["parallelism"] = sharding.sharding_facts(setup.model, setup.optimizer, cfg.parallelism)
+    return summary
+
+
+def save_step(setup: PretrainSetup, state: PretrainState, main: bool) -> None:
+    """A checkpoint: rank 0 writes a whole one; every rank writes its shards of a sharded one."""
+    if setup.sharded:
+        save_sharded_checkpoint(setup.ckpt_root, state.step,
+                                lambda folder: sharding.save_shards(folder, setup.model, setup.optimizer, False),
+                                setup.scheduler, checkpoint_state(setup, state), main=main,
+                                barrier=ranks.ensure_group().barrier)
+    elif main:
+        save_checkpoint(setup.ckpt_root, state.step, setup.model, setup.optimizer, setup.scheduler,
+                        checkpoint_state(setup, state))
 
 
 def prepare(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool,
@@ -228,6 +259,7 @@ def prepare(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bo
     """The texts, the tokenizer (trained, given or the checkpoint's), the dataset and the model with its
     optimizer, resumed from the newest checkpoint when `resume`."""
 
+    sharding.check_launch(cfg, "pretrain")
     work_dir.mkdir(parents=True, exist_ok=True)
     if cfg.corpus:
         texts = load_corpus(cfg.corpus, Path(project_dir or Path.cwd())) + list(texts)
@@ -241,10 +273,20 @@ def prepare(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bo
     data = PretrainDataset(cfg, tokenizer, texts)
     batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * batches_per_epoch))
+    if cfg.batch_size < ranks.world_size():
+        raise UserError(f"pretrain: batch_size {cfg.batch_size} is smaller than the {ranks.world_size()} processes "
+                        "sharing each batch; raise batch_size")
     model, optimizer, scheduler = _model_and_optimizer(cfg, tokenizer, ckpt, total_steps)
+    engine = model
+    if ranks.world_size() > 1 and not sharding.sharded(cfg):
+        from torch.nn.parallel import DistributedDataParallel
+
+        ranks.ensure_group()
+        engine = DistributedDataParallel(model)
     return PretrainSetup(cfg=cfg, work_dir=work_dir, ckpt_root=ckpt_root, ckpt=ckpt, saved=saved,
                          data_hash=data_hash, tokenizer=tokenizer, data=data, model=model, optimizer=optimizer,
-                         scheduler=scheduler, batches_per_epoch=batches_per_epoch, total_steps=total_steps)
+                         scheduler=scheduler, batches_per_epoch=batches_per_epoch, total_steps=total_steps,
+                         engine=engine)
 
 
 def _open_checkpoints(cfg: PretrainConfig, texts: list[str], ckpt_root: Path, tok_dir: Path, resume: bool,
@@ -253,6 +295,7 @@ def _open_checkpoints(cfg: PretrainConfig, texts: list[str], ckpt_root: Path, to
     checkpoint is known to match this run; a fresh run clears older checkpoints and saves its tokenizer."""
     from transformers import AutoTokenizer
 
+    main = ranks.is_main()
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     saved: dict = {}
     if ckpt is not None:
@@ -262,16 +305,20 @@ def _open_checkpoints(cfg: PretrainConfig, texts: list[str], ckpt_root: Path, to
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"cannot resume: tokenizer in {tok_dir} does not load ({exc})") from None
-        if on_resume is not None:
+        if on_resume is not None and main:
             on_resume(saved["step"])
-    else:
+    elif main:
         shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run must not mix with an older one's checkpoints
         if tokenizer is None:
             tokenizer = train_tokenizer(texts, cfg, tok_dir)
         else:
             tokenizer.save_pretrained(str(tok_dir))
-    for stale in ckpt_root.glob(".tmp-*") if ckpt_root.is_dir() else []:  # saves cut short by a crash
+    for stale in ckpt_root.glob(".tmp-*") if main and ckpt_root.is_dir() else []:  # saves cut short by a crash
         shutil.rmtree(stale, ignore_errors=True)
+    if ranks.world_size() > 1:  # the other ranks take the tokenizer rank 0 trained
+        ranks.ensure_group().barrier()
+        if not main and ckpt is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     return ckpt, saved, tokenizer
 
 
@@ -283,13 +330,16 @@ def _model_and_optimizer(cfg: PretrainConfig, tokenizer, ckpt: Path | None, tota
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if ckpt is not None:
+    if ckpt is not None and not is_sharded(ckpt):
         model, trainer_state = _load_checkpoint(ckpt, cfg)
-    else:
-        model, trainer_state = model_class(cfg.architecture)(build_model_config(cfg, tokenizer)), None
+    else:  # a sharded checkpoint's weights load into the sharded model, with the optimizer state
+        model = model_class(cfg.architecture)(build_model_config(cfg, tokenizer))
+        trainer_state = load_trainer_state(ckpt) if ckpt is not None else None
     if cfg.architecture == "gpt":
         model.loss_type = "ForCausalLM"  # GPT2LMHeadModel leaves it unset and warns on first use
     model.train()  # from_pretrained returns eval mode; dropout must match the uninterrupted run
+    if sharding.sharded(cfg):
+        model = sharding.shard(model, cfg.parallelism, "cpu")
 
     # no weight decay on biases and norm scales (1-d), the usual AdamW practice
     params = [p for p in model.parameters() if p.requires_grad]
@@ -298,6 +348,10 @@ def _model_and_optimizer(cfg: PretrainConfig, tokenizer, ckpt: Path | None, tota
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, "cosine"))
     if trainer_state is not None:
+        if is_sharded(ckpt):
+            sharding.load_shards(ckpt / sharding.SHARDS, model, optimizer, False, ckpt)
+        elif sharding.sharded(cfg):
+            sharding.load_plain_optimizer(model, optimizer, trainer_state.pop("optimizer"))
         restore_training_state(trainer_state, optimizer, scheduler)
     return model, optimizer, scheduler
 
@@ -311,8 +365,11 @@ def optimizer_step(setup: PretrainSetup, state: PretrainState, order) -> float:
     t0 = time.perf_counter()
     rows = order[state.position * cfg.batch_size:(state.position + 1) * cfg.batch_size]
     batch = setup.data.batch(rows, state.epoch)
-    loss = setup.model(**batch).loss
-    loss.backward()
+    if ranks.world_size() == 1:
+        loss = setup.engine(**batch).loss
+        loss.backward()
+    else:
+        loss = _shared_backward(setup, batch)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(setup.model.parameters(), cfg.grad_clip)
     lr = setup.scheduler.get_last_lr()[0]
@@ -324,6 +381,29 @@ def optimizer_step(setup: PretrainSetup, state: PretrainState, order) -> float:
     # the loss stays a tensor until the log line reads the window's losses together (no wait per step)
     state.record_step(setup.batches_per_epoch, total, useful, dt, loss.detach())
     return lr
+
+
+def _shared_backward(setup: PretrainSetup, batch: dict):
+    """Forward and backward over this process's rows of `batch`, weighted so that the gradient DDP or FSDP
+    averages over the processes is the token mean's over the whole batch, as one process computes it;
+    returns that mean loss (all-reduced). Every rank collates the whole batch: its token count is the
+    denominator. A rank whose share is empty (a short last batch) joins with a zero-weight row."""
+    dist = ranks.ensure_group()
+    rank, world = ranks.rank(), ranks.world_size()
+    n_total = _scored(batch["labels"], setup.cfg.architecture)
+    mine, weight = {k: v[rank::world].contiguous() for k, v in batch.items()}, 1.0
+    if len(mine["input_ids"]) == 0:
+        mine, weight = {k: v[:1].contiguous() for k, v in batch.items()}, 0.0
+    local = setup.engine(**mine).loss * _scored(mine["labels"], setup.cfg.architecture)
+    (local * (weight * world / max(n_total, 1))).backward()
+    total = local.detach().double() * weight
+    dist.all_reduce(total)
+    return total / max(n_total, 1)
+
+
+def _scored(labels, architecture: str) -> int:
+    """The label tokens the model's mean loss divides by (GPT shifts its labels by one inside)."""
+    return int(((labels[:, 1:] if architecture == "gpt" else labels) != -100).sum())
 
 
 def report_losses(setup: PretrainSetup, state: PretrainState, lr: float, log: Callable[[dict], None] | None,
@@ -341,13 +421,24 @@ def report_losses(setup: PretrainSetup, state: PretrainState, lr: float, log: Ca
         log(metrics)
 
 
-def save_model(setup: PretrainSetup) -> Path:
-    """work_dir/model/ with the tokenizer, replaced atomically; returns its path."""
+def save_model(setup: PretrainSetup, main: bool = True) -> Path:
+    """work_dir/model/ with the tokenizer, replaced atomically, by rank 0 (a sharded model is gathered whole
+    first, by every rank); returns its path."""
     model_dir = setup.work_dir / "model"
+    model = setup.model
+    if setup.sharded:
+        full = sharding.full_state_dict(setup.model)
+        if main:
+            model = model_class(setup.cfg.architecture)(build_model_config(setup.cfg, setup.tokenizer))
+            model.load_state_dict(full)
+    if ranks.world_size() > 1:
+        ranks.ensure_group().barrier()
+    if not main:
+        return model_dir
     tmp = setup.work_dir / f".tmp-model-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with quiet_saves():
-        setup.model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp))
     setup.tokenizer.save_pretrained(str(tmp))
     fsync_tree(tmp)
     shutil.rmtree(model_dir, ignore_errors=True)
