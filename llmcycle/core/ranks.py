@@ -8,6 +8,7 @@ clear error instead of hanging (torch raises when the timeout passes).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -58,3 +59,29 @@ def gather_in_order(local: dict[int, object], n: int) -> list:
     if missing:
         raise UserError(f"rank {rank()}: {len(missing)} of {n} results came back from no process (first: {missing[0]})")
     return merged
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(w in text for w in ("gloo", "nccl", "timed out", "closed by peer",
+                                                                        "connection reset", "broken pipe"))
+
+
+@contextlib.contextmanager
+def peers_watched(what: str):
+    """Work that talks to the other processes (training steps, checkpoints): a collective that fails
+    because another rank died, or did not answer within GATHER_TIMEOUT_S, becomes one clear line
+    instead of a traceback (or a hang: torch raises once the process group's timeout passes)."""
+    from llmcycle.core.errors import UserError
+
+    try:
+        yield
+    except RuntimeError as exc:
+        if world_size() == 1 or not _collective_failure(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"rank {rank()}: {what} stopped: another of the {world_size()} processes died or did not "
+                        f"answer within {GATHER_TIMEOUT_S} s (LLMCYCLE_GATHER_TIMEOUT_S) ({first}); see that "
+                        "rank's error, then rerun with --resume") from None

@@ -350,6 +350,7 @@ class TuneRun:
     packed: bool = False  # micro-batches packed into one row (batches.pack) instead of padded
     auto_batch: dict | None = None  # batch_size auto: the size found and how (auto_batch_size)
     rebuild: Callable | None = None  # a fresh unsharded copy of the model to train (weights not loaded)
+    held: dict | None = None  # bytes of parameters, gradients and optimizer state this rank holds (1st step)
 
     @property
     def sharded(self) -> bool:
@@ -514,8 +515,9 @@ def fit(cfg, base_path: str, train_examples, eval_examples, template: str, work_
                 if feeder is not None:
                     feeder.close()
                 feeder = open_feeders.enter_context(micro_batches(run, batches[state.position:]))
-            lr = optimizer_step(run, state, batches[state.position:state.position + cfg.grad_accum], feeder)
-            after_step(run, state, lr, log, bar, bar_task)
+            with ranks.peers_watched(f"tune step {state.step + 1}"):
+                lr = optimizer_step(run, state, batches[state.position:state.position + cfg.grad_accum], feeder)
+                after_step(run, state, lr, log, bar, bar_task)
         state.close_window(run.accel.device)
     run.accel.wait_for_everyone()
     for handle in run.release_hooks:
@@ -905,6 +907,8 @@ def optimizer_step(run: TuneRun, state: TrainState, micro: list[list[int]], feed
     lr = run.scheduler.get_last_lr()[0]
     optimizer.step()
     run.scheduler.step()
+    if run.held is None:  # once, while gradients and AdamW's moments all exist
+        run.held = sharding.local_bytes(run.inner, run.torch_optimizer)
     optimizer.zero_grad(set_to_none=True)
     useful = sum(run.data.useful[i] for i in rows)
     state.record_step(len(micro), run.n_batches, tokens, useful, loss / max(n_scored, 1))
@@ -1055,6 +1059,8 @@ def run_summary(run: TuneRun, state: TrainState) -> dict:
         "train_peak_memory_mb": round(state.peak_mb, 1),  # the highest logged window's peak
         "compiled": run.compiled, "packed": run.packed, "batch_size": run.cfg.batch_size,
         "batch_size_auto": run.auto_batch,
+        # what this rank holds for training (rank 0's figures), in MB: FSDP divides all three by the world size
+        "held_mb": {k: round(v / 2**20, 3) for k, v in (run.held or {}).items()},
         "parallelism": (sharding.sharding_facts(run.inner, run.torch_optimizer, run.cfg.parallelism)
                         if run.sharded else {"strategy": "ddp", "world_size": run.world}),
     }

@@ -204,11 +204,16 @@ def load_shards(folder: Path, model, optimizer, trainable_only: bool, where: Pat
         set_optimizer_state_dict,
     )
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     states = _states(model, optimizer, trainable_only)
     try:
         dcp.load(states, checkpoint_id=str(folder))
-    except Exception as exc:  # noqa: BLE001 - DCP raises CheckpointException wrapping each rank's error
-        reason = " ".join(str(exc).split())[:300]
+    # DCP wraps each rank's error in a CheckpointException, a BaseException (not an Exception)
+    except (CheckpointException, Exception) as exc:  # noqa: BLE001 - any failure: the shards do not fit
+        failures = getattr(exc, "failures", None)
+        first = next(iter(failures.values()), None) if failures else None
+        reason = " ".join(str(first[0] if first else exc).split())[:300]  # (exception, traceback) pairs
         raise UserError(f"cannot resume from {where}: its sharded weights do not fit this model ({reason}); "
                         "resume with the model config it was saved with, or start a fresh run") from None
     set_model_state_dict(model, states["model"], options=StateDictOptions(strict=not trainable_only))

@@ -230,15 +230,16 @@ def train(cfg: PretrainConfig, texts: list[str], work_dir: Path, *, resume: bool
         while state.step < setup.total_steps:
             if order_epoch != state.epoch:  # data order is a function of (seed, epoch): replayable on resume
                 order_epoch, order = state.epoch, setup.data.order(state.epoch)
-            lr = optimizer_step(setup, state, order)
-            if state.step % cfg.log_every == 0 or state.step == setup.total_steps:
-                report_losses(setup, state, lr, log if main else None, bar, bar_task)
-            bar.update(bar_task, completed=state.step)
-            if state.step % cfg.checkpoint_every == 0 or state.step == setup.total_steps:
-                save_step(setup, state, main)
+            with ranks.peers_watched(f"pretrain step {state.step + 1}"):
+                lr = optimizer_step(setup, state, order)
+                if state.step % cfg.log_every == 0 or state.step == setup.total_steps:
+                    report_losses(setup, state, lr, log if main else None, bar, bar_task)
+                bar.update(bar_task, completed=state.step)
+                if state.step % cfg.checkpoint_every == 0 or state.step == setup.total_steps:
+                    save_step(setup, state, main)
     summary = summarize(setup, state, save_model(setup, main))
-    if setup.sharded:
-        summary["parallelism"] = sharding.sharding_facts(setup.model, setup.optimizer, cfg.parallelism)
+    summary["parallelism"] = (sharding.sharding_facts(setup.model, setup.optimizer, cfg.parallelism)
+                              if setup.sharded else {"strategy": "ddp", "world_size": ranks.world_size()})
     return summary
 
 
