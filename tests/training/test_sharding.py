@@ -32,7 +32,8 @@ words = ["red", "blue", "green", "grey", "cat", "dog", "sun", "sea", "sky"]
 examples = [Example(f"{w} is number {i} " + "x " * (i % 4), [w], {}, f"row {i}") for i, w in enumerate(words)]
 logged = []
 cfg = TuneConfig(method=method, max_steps=6, lr=1e-2, batch_size=4, grad_accum=2, log_every=1, dropout=0.0,
-                 checkpoint_every=3, r=4, parallelism={"strategy": strategy})
+                 checkpoint_every=3, r=4,
+                 parallelism={"strategy": strategy, "shard_size": int(os.environ.get("SHARD_SIZE", 0)) or None})
 trained = fit(cfg, base, examples, examples[:2], "{input} ->", out / "work", log=logged.append, progress=False,
               resume=resume)
 tag = f"{strategy}-w{trained.summary['world_size']}-r{os.environ.get('RANK', 0)}"
@@ -70,12 +71,13 @@ def torchrun() -> str:
     return str(path)
 
 
-def launch(tmp_path, driver: str, args: list[str], procs: int | None) -> subprocess.CompletedProcess:
+def launch(tmp_path, driver: str, args: list[str], procs: int | None, **env) -> subprocess.CompletedProcess:
     """The driver under torchrun with `procs` processes, or as one plain process (procs None)."""
     script = tmp_path / "driver.py"
     script.write_text(driver)
     head = [torchrun(), "--standalone", "--nproc_per_node", str(procs)] if procs else [sys.executable]
-    proc = subprocess.run([*head, str(script), *args], env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*head, str(script), *args], env={**ENV, **env}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -101,22 +103,26 @@ def test_launch_checks_refuse_what_sharding_cannot_do(monkeypatch):
     check_launch(TuneConfig(method="full", max_steps=1), "tune", "full")  # ddp needs nothing
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    fsdp = lambda method, **extra: TuneConfig(method=method, max_steps=1,  # noqa: E731
+                                              parallelism={"strategy": "fsdp", **extra})
     with pytest.raises(UserError, match="shard_size: 3 does not divide the 2 processes"):
-        check_launch(TuneConfig(method="full", max_steps=1, parallelism={"strategy": "fsdp", "shard_size": 3}), "tune", "full")
+        check_launch(fsdp("full", shard_size=3), "tune", "full")
     with pytest.raises(UserError, match="not method prompt_tuning"):
-        check_launch(TuneConfig(method="prompt_tuning", max_steps=1, parallelism={"strategy": "fsdp"}), "tune", "prompt_tuning")
-    check_launch(TuneConfig(method="lora", max_steps=1, parallelism={"strategy": "fsdp", "shard_size": 1}), "tune", "lora")
+        check_launch(fsdp("prompt_tuning"), "tune", "prompt_tuning")
+    check_launch(fsdp("lora", shard_size=1), "tune", "lora")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,method", [("t5", "full"), ("llama", "full"), ("llama", "lora")])
-def test_fsdp_tune_gives_one_process_losses_with_half_of_everything_per_rank(tmp_path, model, method):
+@pytest.mark.parametrize("model,method,shard_size", [("t5", "full", 2), ("llama", "full", 2), ("llama", "lora", 2),
+                                                     ("t5", "lora", 1)])
+def test_fsdp_tune_gives_one_process_losses_with_half_of_everything_per_rank(tmp_path, model, method, shard_size):
+    """shard_size 1 of 2 processes: HSDP's replicated groups of one, each rank holding everything."""
     import torch
 
     from tiny import make_chat_model, make_t5
 
     base = make_t5(tmp_path / "base") if model == "t5" else make_chat_model(tmp_path / "base", "llama3")
-    launch(tmp_path, TUNE_DRIVER, [str(tmp_path), str(base), method, "fsdp", "0"], 2)
+    launch(tmp_path, TUNE_DRIVER, [str(tmp_path), str(base), method, "fsdp", "0"], 2, SHARD_SIZE=str(shard_size))
     launch(tmp_path, TUNE_DRIVER, [str(tmp_path), str(base), method, "ddp", "0"], None)
 
     same_losses(read(tmp_path, "log", "fsdp-w2-r0"), read(tmp_path, "log", "ddp-w1-r0"))
@@ -129,11 +135,12 @@ def test_fsdp_tune_gives_one_process_losses_with_half_of_everything_per_rank(tmp
         assert torch.allclose(sharded[name], single[name], atol=1e-4), name
     facts = read(tmp_path, "summary", "fsdp-w2-r0")["parallelism"]
     trainable = read(tmp_path, "summary", "fsdp-w2-r0")["trainable_params"]
-    assert facts["strategy"] == "fsdp" and facts["world_size"] == 2
-    # each rank holds half of every weight (dim 0 split in two, padded by at most a row per tensor)
-    assert facts["params"] / 2 <= facts["rank0_params"] <= facts["params"] * 0.52
-    # AdamW's two moments of the trainable weights, also halved
-    assert trainable <= facts["rank0_optimizer_state"] <= trainable * 1.04
+    assert facts["strategy"] == "fsdp" and facts["world_size"] == 2 and facts["shard_size"] == shard_size
+    # each rank holds 1/shard_size of every weight (dim 0 split, padded by at most a row per tensor)
+    share = facts["params"] / shard_size
+    assert share <= facts["rank0_params"] <= share * 1.04
+    # AdamW's two moments of the trainable weights, split the same way
+    assert 2 * trainable / shard_size <= facts["rank0_optimizer_state"] <= 2 * trainable / shard_size * 1.04
 
 
 @pytest.mark.slow
