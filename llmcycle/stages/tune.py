@@ -68,6 +68,10 @@ def run(project, variant: str, run, *, resume: bool = False, progress: bool = Tr
     if summary["skipped_overlong"]:
         notice(f"tune.{variant}: skipped {summary['skipped_overlong']} of {summary['train_records']} training "
                f"examples longer than the context window (first: {summary['skipped'][0]})")
+    facts = summary.get("parallelism") or {}
+    if facts.get("strategy") == "fsdp" and trained.is_main:
+        notice(f"tune.{variant}: FSDP2 on {facts['world_size']} processes; rank 0 held {facts['rank0_params']:,} "
+               f"of {facts['params']:,} weights, {sum(summary['held_mb'].values()):,.1f} MB with grads and Adam state")
     summary.update({"method": cfg.method, "base": ref, "base_path": base_path, "parent": base_run})
     model_dir = run.artifacts / "model"
     if trained.is_main:  # under torchrun every rank evaluates its share, rank 0 saves and records

@@ -6,6 +6,10 @@ shaped the weights) and a COMPLETE marker. It is written into a temporary folder
 into place, so a crash at any moment leaves either no step-N folder or a whole one; the last
 KEEP_CHECKPOINTS are kept. Restoring the random streams with the weights is what lets a resumed run
 end exactly where an uninterrupted one does.
+
+A sharded run's checkpoint (training/sharding.py) has `dcp/` instead of `model/` and the optimizer in
+trainer_state.pt: every rank writes its shards of both there (torch.distributed.checkpoint) into the
+same temporary folder, and rank 0 renames it into place once all are written.
 """
 from __future__ import annotations
 

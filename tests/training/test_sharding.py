@@ -256,6 +256,7 @@ def test_two_nodes_through_the_cli_record_one_sharded_run(tmp_path):
     outs = [a.communicate(timeout=300) for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     outcome = next(json.loads(o)[0] for o, _ in outs if o.strip())
+    assert sum("FSDP2 on 2 processes; rank 0 held" in err for _, err in outs) == 1  # said once, by rank 0
     assert outcome["status"] == "completed" and outcome["summary"]["world_size"] == 2
     facts = outcome["summary"]["parallelism"]
     assert facts["strategy"] == "fsdp" and facts["params"] / 2 <= facts["rank0_params"] <= facts["params"] * 0.52
