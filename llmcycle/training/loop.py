@@ -638,6 +638,11 @@ def prepare_run(cfg, base_path: str, train_examples, eval_examples, template: st
 def _fresh_model(cfg, base_path: str, tok, kind: str, dtype: str, trust_remote_code: bool):
     """The base loaded and wrapped for the method again, as fit first set it up (no checkpoint weights)."""
     model, _ = load_base(base_path, cfg, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    return _wrap_for_method(cfg, model, tok, kind, base_path)
+
+
+def _wrap_for_method(cfg, model, tok, kind: str, base_path: str):
+    """wrap, told what a warm-started base added without pretrained weights."""
     warm = warm_start_facts(base_path) or {}
     return wrap(cfg, model, kind, new_modules=warm.get("new_modules", []),
                 new_tokens=[tok.convert_tokens_to_ids(t) for t in warm.get("added_tokens", [])])
@@ -841,9 +846,7 @@ def _ready_model(cfg, model, tok, kind: str, base_path: str, ckpt: Path | None, 
     torch.manual_seed(cfg.seed)  # before wrapping: LoRA A and the soft prompt are drawn from it
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model, cfg.method)
-    warm = warm_start_facts(base_path) or {}
-    model = wrap(cfg, model, kind, new_modules=warm.get("new_modules", []),
-                 new_tokens=[tok.convert_tokens_to_ids(t) for t in warm.get("added_tokens", [])])
+    model = _wrap_for_method(cfg, model, tok, kind, base_path)
     if ckpt is not None and not is_sharded(ckpt):  # a sharded one's weights load with its optimizer state
         model = _load_weights(model, ckpt, cfg.method, torch.float32)
     # see `trim` in prepare_run; removed before fit returns, so the trained model carries no hooks
