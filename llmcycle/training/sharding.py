@@ -139,27 +139,29 @@ def local_numel(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).numel() for t in tensors)
 
 
-def local_bytes(model, optimizer) -> dict:
-    """What this rank holds of parameters, gradients and optimizer state, in bytes."""
+def _optimizer_tensors(optimizer) -> list:
+    """The optimizer's per-parameter state tensors (AdamW's moments; not its scalar step counters)."""
     import torch
 
+    return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
+
+
+def local_bytes(model, optimizer) -> dict:
+    """What this rank holds of parameters, gradients and optimizer state, in bytes."""
     def size(ts):
         return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in ts)
 
     params = list(model.parameters())
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
     return {"params": size(params), "grads": size([p.grad for p in params if p.grad is not None]),
-            "optimizer": size(state)}
+            "optimizer": size(_optimizer_tensors(optimizer))}
 
 
 def sharding_facts(model, optimizer, par: ParallelismConfig) -> dict:
     """What a run's summary says of its sharding: this rank's share of the parameters and the optimizer
     state (counted after the first step, when AdamW's moments exist)."""
-    import torch
-
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
+    state = _optimizer_tensors(optimizer)
     return {"strategy": par.strategy, "world_size": ranks.world_size(), "shard_size": par.shard_size
             or ranks.world_size(), "params": total, "rank0_params": local_numel(params),
             "rank0_optimizer_state": local_numel(state), "reshard_after_forward": par.reshard_after_forward,

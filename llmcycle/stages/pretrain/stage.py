@@ -432,8 +432,6 @@ def save_model(setup: PretrainSetup, main: bool = True) -> Path:
         if main:
             model = model_class(setup.cfg.architecture)(build_model_config(setup.cfg, setup.tokenizer))
             model.load_state_dict(full)
-    if ranks.world_size() > 1:
-        ranks.ensure_group().barrier()
     if not main:
         return model_dir
     tmp = setup.work_dir / f".tmp-model-{os.getpid()}"
